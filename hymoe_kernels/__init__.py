@@ -1,0 +1,10 @@
+"""HyMoE: a hybrid mixture-of-experts feed-forward layer (dense shared FFN + top-k experts).
+
+Data flow: tokens -> router (top-k softmax) -> permutation by expert -> grouped expert
+FFNs -> combine with the dense FFN, y = y_dense + alpha * y_moe.
+"""
+from .layer import HyMoEFFN
+from .reference import hymoe_reference
+
+__all__ = ["HyMoEFFN", "hymoe_reference"]
+__version__ = "0.1.0"
