@@ -53,13 +53,15 @@ def hymoe_reference(
     alpha_param () and ramp () float tensors.
 
     Returns ``(y, prob_sum, load)``: y (N, D) in the compute dtype of x; prob_sum (E,)
-    float32, the sum over real tokens of softmax(logits) (all E experts, differentiable);
+    float32 (float64 for float64 inputs), the sum over real tokens of softmax(logits) (all E experts, differentiable);
     load (E,) int64, the number of (real token, slot) pairs routed to each expert.
     """
     num_experts = expert_w1.shape[0]
-    logits = router_logits(x, router_w1, router_b1, router_w2, router_b2).float()
+    logits = router_logits(x, router_w1, router_b1, router_w2, router_b2)
+    acc_dtype = torch.promote_types(logits.dtype, torch.float32)       # routing math in >= fp32
+    logits = logits.to(acc_dtype)
     top_logits, top_ids = logits.topk(top_k, dim=-1)                  # (N, k)
-    gates = top_logits.softmax(dim=-1)                                 # (N, k) float32
+    gates = top_logits.softmax(dim=-1)                                 # (N, k) acc_dtype
 
     y_dense = ffn(x, dense_w1, dense_b1, dense_w2, dense_b2)
     y_moe = torch.zeros_like(y_dense)
@@ -69,7 +71,7 @@ def hymoe_reference(
         gate = gates[token_idx, slot].unsqueeze(-1)
         y_moe = y_moe.index_add(0, token_idx, (gate * f_e).to(y_moe.dtype))
 
-    alpha = torch.sigmoid(alpha_param.float()) * ramp
+    alpha = torch.sigmoid(alpha_param.to(acc_dtype)) * ramp
     y = y_dense + alpha.to(y_dense.dtype) * y_moe
 
     real = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
