@@ -46,7 +46,11 @@ def hymoe_forward_op(
     needs: router_hidden (N, H), logits (N, E) f32, ids (N, k) i32, gates (N, k) f32,
     dense_hidden (N, F), expert_hidden (P, F), expert_out (P, D), and the Routing tensors
     row_slot (P,), slot_row (N*k,), group_start (E+1,), group_count (E,) (int32)."""
+    # Dispatch point for the fused small-D "token tile" path (kernels/fused_tile.py): when
+    # fused_tile_supported(D, F, E, H, top_k), the lead wires fused_tile_forward in here and
+    # fused_tile_backward at the same place in hymoe_backward_op.
     num_experts = expert_w1.shape[0]
+    mask = None if mask is None else mask.contiguous()
     alpha = _alpha(alpha_param, ramp)
     router_hidden = row_gemm(x, router_w1, router_b1)
     logits, ids, gates, prob_sum, load = router_topk(router_hidden, router_w2, router_b2,
@@ -91,6 +95,7 @@ def hymoe_backward_op(
     """Triton backward. dy (N, D), dprob_sum (E,) f32; the rest as saved by the forward.
     Returns (dx, the 12 weight gradients in WEIGHT_NAMES order, dalpha_param)."""
     num_experts, top_k = expert_w1.shape[0], ids.shape[1]
+    mask = None if mask is None else mask.contiguous()
     routing = Routing(row_slot, slot_row, group_start, group_count, top_k)
     alpha = _alpha(alpha_param, ramp)
     sig = torch.sigmoid(alpha_param.float())
@@ -98,7 +103,7 @@ def hymoe_backward_op(
     dgates, dalpha = gate_grads(dy, expert_out, slot_row, gates, alpha)
     dalpha_param = (dalpha * ramp.float() * sig * (1 - sig)).reshape(())
 
-    dlogits = router_backward(logits, ids, gates, dgates, dprob_sum.float(), mask)
+    dlogits = router_backward(logits, ids, gates, dgates, dprob_sum.float().contiguous(), mask)
     d_router_hidden = row_gemm(dlogits, router_w2.t(), gelu_grad_of=router_hidden)
     d_router_w2, d_router_b2 = weight_grad(router_hidden, dlogits, a_gelu=True)
     d_router_w1, d_router_b1 = weight_grad(x, d_router_hidden)

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import INTERPRETING
+
 # (BLOCK_T tokens, BLOCK_D columns, num_warps)
 GATE_GRAD_CONFIGS = (
     (64, 64, 4),
@@ -81,20 +83,23 @@ def _gate_grad_kernel(
 
 def pick_gate_grad_config(num_tokens: int, D: int) -> tuple[int, int, int]:
     """Config from :data:`GATE_GRAD_CONFIGS` for ``num_tokens`` tokens of width ``D``."""
-    return GATE_GRAD_CONFIGS[0] if num_tokens >= 1024 and D >= 64 else GATE_GRAD_CONFIGS[1]
+    big = INTERPRETING or (num_tokens >= 1024 and D >= 64)
+    return GATE_GRAD_CONFIGS[0] if big else GATE_GRAD_CONFIGS[1]
 
 
 def gate_grads(dy: Tensor, expert_out: Tensor, slot_row: Tensor, gates: Tensor,
-               alpha: Tensor) -> tuple[Tensor, Tensor]:
+               alpha: Tensor, config: tuple[int, int, int] | None = None
+               ) -> tuple[Tensor, Tensor]:
     """Backward of the combine w.r.t. the gates and alpha.
 
     dy (N, D); expert_out (P, D) expert-sorted rows f; slot_row (N*k,) int32; gates (N, k)
     f32; alpha (1,) f32. Returns dgates (N, k) f32 = alpha * <dy_n, f_nj> and dalpha (1,) f32
     = sum_nj gates_nj <dy_n, f_nj> (per-block partials summed in a fixed order).
+    config: one of :data:`GATE_GRAD_CONFIGS` (default :func:`pick_gate_grad_config`).
     """
     num_tokens, top_k = gates.shape
     D = dy.shape[1]
-    block_t, block_d, num_warps = pick_gate_grad_config(num_tokens, D)
+    block_t, block_d, num_warps = config or pick_gate_grad_config(num_tokens, D)
     num_blocks = triton.cdiv(num_tokens, block_t)
     dgates = torch.empty(num_tokens, top_k, device=dy.device, dtype=torch.float32)
     dalpha_part = torch.zeros(max(num_blocks, 1), device=dy.device, dtype=torch.float32)

@@ -8,7 +8,7 @@ Two kernel templates cover every matrix product of the layer, forward and backwa
   A rows may be *gathered* from token rows through the permutation (no permuted copy of x is
   ever written) and scaled by ``alpha * gate``. Prologue: optional exact GELU on A.
   Epilogue: bias, GELU'(pre) multiply (backward), residual add, and the combine gather of
-  :mod:`.combine`. One launch covers all experts.
+  :mod:`.combine`. One launch covers all experts; padding rows are written as zeros.
 * :func:`weight_grad` -- ``dW[g] = prologue(A_g)^T @ prologue(B_g)`` and ``db[g] = sum_rows B_g``
   reduced over the rows of each group, split into a shape-determined number of row chunks
   whose fp32 partials are summed afterwards (deterministic: no atomics).
@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import INTERPRETING
 from .combine import combine_gathered_rows
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -63,6 +64,20 @@ class Routing(NamedTuple):
     group_start: Tensor
     group_count: Tensor
     top_k: int
+
+
+# Triton's interpreter (3.9) keeps bf16 as uint16 and multiplies the raw bits in tl.dot, so
+# under TRITON_INTERPRET=1 bf16 dots are done in fp32 (the branch is compiled away on a GPU).
+_UPCAST_BF16_DOTS = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; a and b share a dtype."""
+    if _UPCAST_BF16_DOTS:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -103,12 +118,18 @@ def _row_gemm_kernel(
         groups = tl.arange(0, E_POW2)
         ends = tl.load(group_start_ptr + 1 + groups, mask=groups < num_groups, other=2147483647)
         group = tl.sum((ends <= row0).to(tl.int32), axis=0)
-        if group >= num_groups:
+        if group >= num_groups:  # past the last group: rows are padding, written as zeros
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
+                     tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                     mask=(rows < M)[:, None] & (cols < N)[None, :])
             return
         row_ok = rows < tl.load(group_start_ptr + group) + tl.load(group_count_ptr + group)
+        store_ok = rows < M
     else:
         group = 0
         row_ok = rows < M
+        store_ok = row_ok
     if A_GATHER:
         slots = tl.load(row_slot_ptr + rows, mask=row_ok, other=0)
         a_rows = (slots // TOP_K).to(tl.int64)
@@ -131,7 +152,7 @@ def _row_gemm_kernel(
             a = a.to(tl.float32) * scale[:, None]
         w = tl.load(w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        acc = mma(a.to(w.dtype), w, acc, DOT_PRECISION)
     out_rows = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
@@ -148,8 +169,10 @@ def _row_gemm_kernel(
         acc = combine_gathered_rows(acc, out_rows, row_ok, cols, col_ok, src_ptr, stride_sm,
                                     stride_sn, slot_row_ptr, gates_ptr, alpha_ptr, TOP_K,
                                     COMBINE == 1)
+    if GROUPED:
+        acc = tl.where(row_ok[:, None], acc, 0.0)
     tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+             acc.to(out_ptr.dtype.element_ty), mask=store_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -210,7 +233,7 @@ def _weight_grad_kernel(
         b = b.to(a_ptr.dtype.element_ty)
         if HAS_DBIAS:
             db_acc += tl.sum(b.to(tl.float32), axis=0)
-        acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
+        acc = mma(a_t, b, acc, DOT_PRECISION)
     out = pid.to(tl.int64) * K * N
     tl.store(dw_ptr + out + ks[:, None].to(tl.int64) * N + cols[None, :], acc,
              mask=k_ok[:, None] & col_ok[None, :])
@@ -226,7 +249,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def pick_row_gemm_config(rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """Config from :data:`ROW_GEMM_CONFIGS` for ``rows`` x ``n`` outputs reducing over ``k``."""
-    if rows >= 4096 and n >= 128 and k >= 64:
+    if INTERPRETING or rows >= 4096 and n >= 128 and k >= 64:
         return ROW_GEMM_CONFIGS[0]
     if rows >= 1024 and n >= 64:
         return ROW_GEMM_CONFIGS[1]
@@ -237,7 +260,7 @@ def pick_row_gemm_config(rows: int, n: int, k: int) -> tuple[int, int, int, int,
 
 def pick_weight_grad_config(k: int, n: int) -> tuple[int, int, int, int, int]:
     """Config from :data:`WEIGHT_GRAD_CONFIGS` for a (k, n) weight gradient."""
-    if k >= 64 and n >= 64:
+    if INTERPRETING or k >= 64 and n >= 64:
         return WEIGHT_GRAD_CONFIGS[0]
     if k >= 32 and n >= 64:
         return WEIGHT_GRAD_CONFIGS[1]
@@ -252,7 +275,8 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
              gather: bool = False, gates: Tensor | None = None, alpha: Tensor | None = None,
              a_gelu: bool = False, gelu_grad_of: Tensor | None = None,
              residual: Tensor | None = None, combine_src: Tensor | None = None,
-             combine_gated: bool = False, out_dtype: torch.dtype | None = None) -> Tensor:
+             combine_gated: bool = False, out_dtype: torch.dtype | None = None,
+             config: tuple[int, int, int, int, int] | None = None) -> Tensor:
     """``out = epilogue(prologue(A) @ W)`` row by row; see the module docstring.
 
     w: (K, N) for a plain GEMM over the M rows of a, or (E, K, N) for a grouped GEMM over the
@@ -263,8 +287,9 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
     Epilogue, in order: + bias; * GELU'(gelu_grad_of) (rows, N); + residual (rows, N);
     with ``combine_src`` (P, N): + sum_j c_j combine_src[slot_row[m*top_k + j]] for token row
     m, c_j = alpha * gates[m*top_k + j] if ``combine_gated`` else 1.
+    config: one of :data:`ROW_GEMM_CONFIGS` (default :func:`pick_row_gemm_config`).
     Returns out (rows, N) in ``out_dtype`` (default w's dtype); with a grouped GEMM the rows
-    of groups' padding are left unwritten.
+    of groups' padding are zeros.
     """
     grouped = w.dim() == 3
     if (grouped or gather or combine_src is not None) and routing is None:
@@ -281,7 +306,7 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or w.dtype)
     if M == 0 or N == 0:
         return out
-    block_m, block_n, block_k, num_warps, num_stages = pick_row_gemm_config(M, N, K)
+    block_m, block_n, block_k, num_warps, num_stages = config or pick_row_gemm_config(M, N, K)
     unused = out  # placeholder pointer for operands a variant does not read
     layout = routing or Routing(unused, unused, unused, unused, 1)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
@@ -311,19 +336,22 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
 def weight_grad(a: Tensor, b: Tensor, *, num_groups: int = 1, routing: Routing | None = None,
                 a_gather: bool = False, a_gelu: bool = False, b_gather: bool = False,
                 gates: Tensor | None = None, alpha: Tensor | None = None,
-                with_bias: bool = True) -> tuple[Tensor, Tensor | None]:
+                with_bias: bool = True, config: tuple[int, int, int, int, int] | None = None
+                ) -> tuple[Tensor, Tensor | None]:
     """Weight and bias gradients ``dW = A^T @ B``, ``db = sum_rows B``, per group.
 
     a: (M, K), b: (M, N) row-aligned, or with ``routing`` the padded expert-sorted rows (P, .);
     a_gather / b_gather: read token row row_slot[r] // top_k of a (N_tok, K) / b (N_tok, N)
     instead of row r; with ``gates`` (N_tok*top_k,) f32 and ``alpha`` (1,) f32 the B rows are
-    scaled by alpha * gates[slot]. a_gelu: use GELU(A). Returns dW (K, N) or (E, K, N) and db
-    (N,) or (E, N) (None unless ``with_bias``) as float32; the dot runs in a's dtype.
+    scaled by alpha * gates[slot]. a_gelu: use GELU(A). config: one of
+    :data:`WEIGHT_GRAD_CONFIGS` (default :func:`pick_weight_grad_config`). Returns dW (K, N)
+    or (E, K, N) and db (N,) or (E, N) (None unless ``with_bias``) as float32; the dot runs
+    in a's dtype.
     """
     grouped = routing is not None
     K, N = a.shape[1], b.shape[1]
     M = routing.row_slot.shape[0] if grouped else a.shape[0]
-    block_k, block_n, block_r, num_warps, num_stages = pick_weight_grad_config(K, N)
+    block_k, block_n, block_r, num_warps, num_stages = config or pick_weight_grad_config(K, N)
     tiles = num_groups * triton.cdiv(K, block_k) * triton.cdiv(N, block_n)
     rows_per_group = (routing.slot_row.shape[0] // num_groups) if grouped else M
     num_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), rows_per_group // (4 * block_r),

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import INTERPRETING
 from .grouped_gemm import GROUP_PAD, Routing
 
 # (BLOCK_S slots per block, num_warps) for the histogram and scatter passes
@@ -92,26 +93,28 @@ def padded_rows(num_slots: int, num_experts: int) -> int:
 
 def pick_permute_config(num_slots: int) -> tuple[int, int]:
     """Config from :data:`PERMUTE_CONFIGS` for ``num_slots`` slots."""
-    return PERMUTE_CONFIGS[0] if num_slots >= 4096 else PERMUTE_CONFIGS[1]
+    return PERMUTE_CONFIGS[0] if INTERPRETING or num_slots >= 4096 else PERMUTE_CONFIGS[1]
 
 
-def sort_slots_by_expert(ids: Tensor, num_experts: int) -> Routing:
+def sort_slots_by_expert(ids: Tensor, num_experts: int,
+                         config: tuple[int, int] | None = None) -> Routing:
     """Expert-sorted slot layout of ``ids`` (N, top_k) int32 contiguous (values in [0, E)).
 
-    Returns a :class:`Routing` with row_slot of length :func:`padded_rows` (rows beyond a
-    group's count are unused and unwritten); groups start at multiples of ``GROUP_PAD``.
+    Returns a :class:`Routing` with row_slot of length :func:`padded_rows` (-1 on padding
+    rows, i.e. rows beyond a group's count); groups start at multiples of ``GROUP_PAD``.
+    config: one of :data:`PERMUTE_CONFIGS` (default :func:`pick_permute_config`).
     """
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
     e_pow2 = triton.next_power_of_2(num_experts)
-    block_s, num_warps = pick_permute_config(num_slots)
+    block_s, num_warps = config or pick_permute_config(num_slots)
     num_blocks = triton.cdiv(num_slots, block_s)
     device = ids.device
     block_counts = torch.empty(num_blocks, e_pow2, device=device, dtype=torch.int32)
     block_base = torch.empty(num_blocks, e_pow2, device=device, dtype=torch.int32)
     group_start = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
     group_count = torch.empty(num_experts, device=device, dtype=torch.int32)
-    row_slot = torch.empty(padded_rows(num_slots, num_experts), device=device, dtype=torch.int32)
+    row_slot = torch.full((padded_rows(num_slots, num_experts),), -1, device=device, dtype=torch.int32)
     slot_row = torch.empty(num_slots, device=device, dtype=torch.int32)
     if num_blocks > 0:
         _slot_histogram_kernel[(num_blocks,)](ids, block_counts, num_slots, E_POW2=e_pow2,

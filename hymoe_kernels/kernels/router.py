@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .grouped_gemm import dot_precision, gelu
+from . import INTERPRETING
+from .grouped_gemm import dot_precision, gelu, mma
 
 # (BLOCK_T tokens, BLOCK_H hidden columns per step, num_warps, num_stages)
 ROUTER_CONFIGS = (
@@ -55,8 +56,7 @@ def _router_topk_kernel(
                          mask=tok_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptr + hs[:, None] * stride_wk + experts[None, :] * stride_we,
                     mask=h_ok[:, None] & expert_ok[None, :], other=0.0)
-        acc = tl.dot(gelu(hidden.to(tl.float32)).to(w.dtype), w, acc,
-                     input_precision=DOT_PRECISION)
+        acc = mma(gelu(hidden.to(tl.float32)).to(w.dtype), w, acc, DOT_PRECISION)
     logits = acc + tl.load(b_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
     out_ok = tok_ok[:, None] & expert_ok[None, :]
@@ -130,23 +130,27 @@ def _router_backward_kernel(
 
 def pick_router_config(num_tokens: int, H: int) -> tuple[int, int, int, int]:
     """Config from :data:`ROUTER_CONFIGS` for ``num_tokens`` tokens, hidden width ``H``."""
-    return ROUTER_CONFIGS[0] if num_tokens >= 1024 and H >= 64 else ROUTER_CONFIGS[1]
+    big = INTERPRETING or (num_tokens >= 1024 and H >= 64)
+    return ROUTER_CONFIGS[0] if big else ROUTER_CONFIGS[1]
 
 
 def pick_router_backward_config(num_tokens: int) -> tuple[int, int]:
     """Config from :data:`ROUTER_BACKWARD_CONFIGS` for ``num_tokens`` tokens."""
-    return ROUTER_BACKWARD_CONFIGS[0] if num_tokens >= 1024 else ROUTER_BACKWARD_CONFIGS[1]
+    big = INTERPRETING or num_tokens >= 1024
+    return ROUTER_BACKWARD_CONFIGS[0] if big else ROUTER_BACKWARD_CONFIGS[1]
 
 
 def _experts_pow2(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))  # >= 16: the logits tile is a dot output
 
 
-def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_k: int
+def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_k: int,
+                config: tuple[int, int, int, int] | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Top-k routing of N tokens from the router's hidden pre-activation.
 
-    h_pre (N, H); w2 (H, E) and b2 (E,) in h_pre's dtype; mask (N,) bool or None (all real).
+    h_pre (N, H); w2 (H, E) and b2 (E,) in h_pre's dtype; mask (N,) contiguous bool or None
+    (all real). config: one of :data:`ROUTER_CONFIGS` (default :func:`pick_router_config`).
     Returns logits (N, E) f32, ids (N, top_k) int32, gates (N, top_k) f32,
     prob_sum (E,) f32 (sum over real tokens of softmax(logits)), load (E,) int64 (real
     token slots per expert).
@@ -154,7 +158,7 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
     num_tokens, H = h_pre.shape
     num_experts = w2.shape[1]
     e_pow2 = _experts_pow2(num_experts)
-    block_t, block_h, num_warps, num_stages = pick_router_config(num_tokens, H)
+    block_t, block_h, num_warps, num_stages = config or pick_router_config(num_tokens, H)
     num_blocks = triton.cdiv(num_tokens, block_t)
     device = h_pre.device
     logits = torch.empty(num_tokens, num_experts, device=device, dtype=torch.float32)
@@ -164,7 +168,7 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
     load_part = torch.zeros(num_blocks, e_pow2, device=device, dtype=torch.int32)
     if num_blocks > 0:
         _router_topk_kernel[(num_blocks,)](
-            h_pre, h_pre.stride(0), h_pre.stride(1), w2, w2.stride(0), w2.stride(1), b2,
+            h_pre, h_pre.stride(0), h_pre.stride(1), w2, w2.stride(0), w2.stride(1), b2.contiguous(),
             logits if mask is None else mask,
             logits, ids, gates, prob_part, load_part, num_tokens, H, num_experts,
             TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), E_POW2=e_pow2,
@@ -177,12 +181,14 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
 
 
 def router_backward(logits: Tensor, ids: Tensor, gates: Tensor, dgates: Tensor,
-                    dprob_sum: Tensor, mask: Tensor | None) -> Tensor:
+                    dprob_sum: Tensor, mask: Tensor | None,
+                    config: tuple[int, int] | None = None) -> Tensor:
     """d loss / d logits (N, E) f32 from dgates (N, top_k) f32 (through the top-k softmax)
-    and dprob_sum (E,) f32 (through the full softmax, real tokens only); the other
-    arguments as returned by :func:`router_topk`."""
+    and dprob_sum (E,) contiguous f32 (through the full softmax, real tokens only); the
+    other arguments as returned by :func:`router_topk`. config: one of
+    :data:`ROUTER_BACKWARD_CONFIGS` (default :func:`pick_router_backward_config`)."""
     num_tokens, num_experts = logits.shape
-    block_t, num_warps = pick_router_backward_config(num_tokens)
+    block_t, num_warps = config or pick_router_backward_config(num_tokens)
     dlogits = torch.empty_like(logits)
     num_blocks = triton.cdiv(num_tokens, block_t)
     if num_blocks > 0:
