@@ -3,8 +3,11 @@
 Data flow: tokens -> router (top-k softmax) -> permutation by expert -> grouped expert
 FFNs -> combine with the dense FFN, y = y_dense + alpha * y_moe.
 """
+from .function import HyMoEFunction, hymoe_triton
 from .layer import HyMoEFFN
 from .reference import hymoe_reference
 
-__all__ = ["HyMoEFFN", "hymoe_reference"]
+hymoe = hymoe_triton  # the functional layer on the Triton kernels
+
+__all__ = ["HyMoEFFN", "HyMoEFunction", "hymoe", "hymoe_reference", "hymoe_triton"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ of :func:`hymoe_kernels.reference.hymoe_reference`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -15,15 +16,26 @@ from torch import Tensor, nn
 
 from .reference import hymoe_reference
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 def resolve_backend(name: str, x: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-    """The HyMoE function for backend ``name`` on the device of ``x``."""
+    """The HyMoE function for backend ``name`` on the device of ``x``.
+
+    "auto" is "triton" for CUDA tensors and "torch" otherwise. "triton" runs on CUDA
+    tensors, or on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1).
+    """
     if name == "auto":
-        name = "torch"
+        name = "triton" if x.is_cuda else "torch"
     if name in ("torch", "reference"):
         return hymoe_reference
+    if name == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend 'triton' needs CUDA tensors (x is on {x.device}); on the "
+                             "CPU set TRITON_INTERPRET=1 before importing triton, or use "
+                             "backend 'torch'")
+        from .function import hymoe_triton
+        return hymoe_triton
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
@@ -38,7 +50,8 @@ class HyMoEFFN(nn.Module):
         warmup_steps: T_warmup; alpha = sigmoid(alpha_param) * min(1, t / T_warmup).
         lb_weight: lambda_lb of the load-balance term sum_e gbar_e log gbar_e.
         dropout: dropout on the layer's output (training only).
-        backend: "torch" (fast PyTorch), "reference" (the readable spec) or "auto".
+        backend: "triton" (the Triton kernels), "torch" (fast PyTorch), "reference" (the
+            readable spec) or "auto" ("triton" on CUDA tensors, "torch" otherwise).
         router_hidden: width of the router's hidden layer (default d_model).
 
     ``forward(x, mask=None)`` takes x of shape (..., d_model) and an optional bool mask of

@@ -1,0 +1,200 @@
+"""HyMoEFunction / hymoe_triton against hymoe_reference: forward and every gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from hymoe_kernels import HyMoEFFN, hymoe, hymoe_reference, hymoe_triton
+from hymoe_kernels.layer import resolve_backend
+from hymoe_kernels.reference import ffn
+from kernel_cases import DEVICE, TOL, make_weights, poisoned_outputs, rel_err
+
+
+def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, noncontig=False,
+                    seed=0, weights=None, mask=None):
+    """Run hymoe_triton (outputs poisoned) and the fp32 reference on the same (rounded)
+    inputs; assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param
+    agree (the loss weighs y and prob_sum with random cotangents)."""
+    gen = torch.Generator().manual_seed(seed)
+    if weights is None:
+        weights = make_weights(D, H, E, F, dtype, separated_logits=dtype != torch.float32,
+                               generator=gen)
+    x = torch.randn(N, 2 * D if noncontig else D, generator=gen).to(DEVICE, dtype)
+    x = (x[:, ::2] if noncontig else x).requires_grad_()
+    if mask is None and masked:
+        mask = (torch.rand(N, generator=gen) > 0.3).to(DEVICE)
+    alpha_param = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    ramp = torch.tensor(0.75, device=DEVICE)
+    dy = torch.randn(N, D, generator=gen).to(DEVICE)
+    dprob = torch.randn(E, generator=gen).to(DEVICE)
+    with poisoned_outputs():
+        y, prob_sum, load = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k)
+        grads = torch.autograd.grad((y.float() * dy).sum() + (prob_sum * dprob).sum(),
+                                    [x, *weights, alpha_param])
+
+    ref_leaves = [t.detach().float().requires_grad_() for t in (x, *weights, alpha_param)]
+    y_ref, prob_ref, load_ref = hymoe_reference(ref_leaves[0], mask, *ref_leaves[1:13],
+                                                ref_leaves[13], ramp, top_k)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (prob_ref * dprob).sum(), ref_leaves)
+
+    assert y.dtype == dtype and y.shape == (N, D)
+    assert prob_sum.dtype == torch.float32 and load.dtype == torch.int64
+    assert torch.equal(load.cpu(), load_ref.cpu())
+    tol = TOL[dtype]
+    names = ["y", "prob_sum", "x", "router_w1", "router_b1", "router_w2", "router_b2",
+             "expert_w1", "expert_b1", "expert_w2", "expert_b2", "dense_w1", "dense_b1",
+             "dense_w2", "dense_b2", "alpha_param"]
+    for name, out, ref in zip(names[:-1], (y, prob_sum, *grads), (y_ref, prob_ref, *grads_ref)):
+        assert out.dtype == ref.dtype or dtype != torch.float32, name
+        assert torch.isfinite(out).all(), name
+        assert rel_err(out, ref) < tol, (name, rel_err(out, ref))
+    # d/d alpha_param is one sum of N*D terms of either sign; bound its error by the sum of
+    # the terms' magnitudes (what any summation order guarantees), not by the result.
+    with torch.no_grad():
+        dense = ffn(ref_leaves[0], *ref_leaves[9:13])
+        sig = torch.sigmoid(ref_leaves[13])
+        dalpha_dparam = sig * (1 - sig) * ramp
+        y_moe = (y_ref - dense) / (sig * ramp)
+        magnitude = (dy * y_moe).abs().sum() * dalpha_dparam
+    assert (grads[-1] - grads_ref[-1]).abs() <= tol * magnitude + 1e-30, "alpha_param"
+    return load
+
+
+@settings(max_examples=12, deadline=None)
+@given(N=st.integers(0, 24), D=st.integers(1, 20), H=st.integers(1, 12), E=st.integers(1, 8),
+       F=st.integers(1, 24), k_frac=st.floats(0, 1), masked=st.booleans(),
+       seed=st.integers(0, 2 ** 31))
+def test_matches_reference_fp32(N, D, H, E, F, k_frac, masked, seed):
+    top_k = 1 + int(k_frac * (E - 1))
+    run_and_compare(N, D, H, E, F, top_k, masked=masked, seed=seed)
+
+
+@settings(max_examples=4, deadline=None)
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), N=st.integers(1, 24),
+       D=st.integers(1, 20), E=st.integers(2, 6), seed=st.integers(0, 2 ** 31))
+def test_matches_reference_low_precision(dtype, N, D, E, seed):
+    run_and_compare(N, D, 9, E, 19, 2, dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("N,D,H,E,F,top_k", [
+    (0, 8, 4, 3, 8, 2),      # no tokens
+    (1, 8, 4, 3, 8, 2),      # one token
+    (5, 6, 4, 1, 7, 1),      # a single expert
+    (6, 6, 4, 4, 7, 4),      # k = E
+    (9, 5, 3, 16, 6, 3),     # 16 experts, most of them empty
+    (70, 33, 17, 5, 70, 2),  # several row tiles per expert, D and F not powers of two
+])
+def test_edge_shapes(N, D, H, E, F, top_k):
+    run_and_compare(N, D, H, E, F, top_k)
+
+
+def test_expert_without_tokens():
+    weights = make_weights(7, 5, 4, 9)
+    with torch.no_grad():
+        weights[3][1] = -1e4  # router_b2: expert 1 is never in a top-2
+    load = run_and_compare(20, 7, 5, 4, 9, 2, weights=weights)
+    assert load[1] == 0
+
+
+@pytest.mark.parametrize("masked", ["none", "all_padding"])
+def test_masks(masked):
+    mask = torch.zeros(11, dtype=torch.bool, device=DEVICE) if masked == "all_padding" else None
+    load = run_and_compare(11, 6, 4, 3, 5, 2, masked=False, mask=mask)
+    assert load.sum() == (0 if masked == "all_padding" else 22)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noncontiguous_inputs(dtype):
+    gen = torch.Generator().manual_seed(3)
+    weights = make_weights(6, 4, 3, 10, dtype, separated_logits=dtype != torch.float32,
+                           generator=gen)
+    # dense_w1 as a transposed view and expert_w2 with permuted strides
+    weights[8] = weights[8].detach().t().contiguous().t().requires_grad_()
+    weights[6] = weights[6].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    run_and_compare(13, 6, 4, 3, 10, 2, dtype=dtype, noncontig=True, weights=weights)
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    weights = make_weights(12, 8, 4, 20, generator=gen)
+    x = torch.randn(40, 12, generator=gen).to(DEVICE).requires_grad_()
+    alpha_param = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+    ramp = torch.tensor(1.0, device=DEVICE)
+
+    def run():
+        y, prob_sum, _ = hymoe(x, None, *weights, alpha_param, ramp, 2)
+        return (y, prob_sum, *torch.autograd.grad(y.square().sum() + prob_sum[0],
+                                                  [x, *weights, alpha_param]))
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
+
+
+def test_custom_op_registration():
+    gen = torch.Generator().manual_seed(7)
+    weights = make_weights(5, 4, 3, 6, generator=gen)
+    x = torch.randn(6, 5, generator=gen).to(DEVICE).requires_grad_()
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEVICE)
+    alpha_param = torch.tensor(0.2, device=DEVICE, requires_grad=True)
+    args = (x, mask, *weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
+    torch.library.opcheck(torch.ops.hymoe.forward.default, args)
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(8)
+    weights = make_weights(5, 4, 3, 6, generator=gen)
+    x = torch.randn(6, 5, generator=gen).to(DEVICE).requires_grad_()
+    alpha_param = torch.tensor(0.2, device=DEVICE, requires_grad=True)
+    args = (x, None, *weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
+    compiled = torch.compile(hymoe_triton, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (hymoe_triton, compiled):
+        y, prob_sum, load = fn(*args)
+        results.append((y, prob_sum, load, *torch.autograd.grad(
+            y.sum() + prob_sum[1], [x, *weights, alpha_param])))
+    for eager, traced in zip(*results):
+        assert torch.equal(eager, traced)
+
+
+def test_bad_arguments():
+    weights = make_weights(5, 4, 3, 6)
+    x = torch.randn(6, 5, device=DEVICE)
+    alpha_param, ramp = torch.tensor(0.0, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(ValueError, match="expert_w1"):
+        hymoe_triton(x, None, *weights[:4], weights[4][:, :4], *weights[5:], alpha_param, ramp, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        hymoe_triton(x, None, *weights, alpha_param, ramp, 4)
+    with pytest.raises(ValueError, match="mask"):
+        hymoe_triton(x, torch.ones(5, dtype=torch.bool, device=DEVICE), *weights, alpha_param,
+                     ramp, 2)
+
+
+def test_layer_triton_backend_matches_reference():
+    torch.manual_seed(11)
+    layers = {b: HyMoEFFN(10, 14, num_experts=4, top_k=2, warmup_steps=4, backend=b,
+                          router_hidden=6).to(DEVICE) for b in ("triton", "reference")}
+    layers["reference"].load_state_dict(layers["triton"].state_dict())
+    x = torch.randn(3, 5, 10, device=DEVICE)
+    mask = torch.rand(3, 5, device=DEVICE) > 0.25
+    target = torch.randn(3, 5, 10, device=DEVICE)
+    grads = {}
+    for name, layer in layers.items():
+        layer.train()
+        layer.set_step(2)
+        xi = x.clone().requires_grad_()
+        out = layer(xi, mask)
+        loss = (out * target).sum() + 10 * layer.aux_loss
+        grads[name] = (out, layer.aux_loss, *torch.autograd.grad(
+            loss, [xi, *layer.parameters()]))
+    for ours, ref in zip(grads["triton"], grads["reference"]):
+        assert rel_err(ours, ref) < 1e-5
+
+
+def test_auto_backend_choice(monkeypatch):
+    x = torch.zeros(2, 3, device=DEVICE)
+    expected = hymoe_triton if x.is_cuda else hymoe_reference
+    assert resolve_backend("auto", x) is expected
+    if not x.is_cuda:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            resolve_backend("triton", x)
