@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU suite for one call on a GPU machine (no network; torch + triton preinstalled):
+# the kernels' correctness tests on CUDA, then the layer timings (about 6 minutes at most).
+# Usage: benchmarks/gpu/run.sh [OUT]   (OUT defaults to $OUT, else benchmarks/results/gpu-<date>)
+# Writes under OUT: machine.txt, tests.txt, bench_layer.{json,md,txt} (rewritten after each case).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${1:-${OUT:-benchmarks/results/gpu-$(date +%Y-%m-%d)}}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+status=0
+
+{ date -u; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  nvidia-smi 2>&1; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/machine.txt" 2>&1
+
+echo "== correctness tests on CUDA"
+timeout 130 python -m pytest -q -x -p no:cacheprovider tests/test_kernels_fused_tile.py \
+    $(ls tests/test_kernels_*.py 2>/dev/null | grep -v fused_tile) 2>&1 | tee "$OUT/tests.txt" | tail -15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== layer timings"
+timeout 210 python -m benchmarks.gpu.bench_layer --out "$OUT" --compile-budget-s 60 2>&1 | tee "$OUT/bench_layer.txt" | tail -80
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status

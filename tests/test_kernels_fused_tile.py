@@ -1,0 +1,183 @@
+"""Fused token-tile HyMoE kernels against hymoe_reference: forward outputs and every gradient.
+
+Runs the Triton kernels on CUDA when present, else in the Triton interpreter on CPU (see
+conftest.py). The reference is evaluated in float64 on the same (dtype-rounded) inputs, so
+the measured error is the kernels' own. Every buffer the kernels write is poisoned (NaN /
+sentinel integers) before the call, so an element a kernel forgets to write fails the test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hymoe_kernels.kernels import fused_tile
+from hymoe_kernels.kernels.fused_tile import (fused_tile_backward, fused_tile_forward,
+                                              fused_tile_supported)
+from hymoe_kernels.reference import hymoe_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+GRAD_NAMES = ("x",) + fused_tile.WEIGHT_NAMES + ("alpha_param",)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer fused_tile allocates starts as NaN (floats) or a large sentinel (ints)."""
+    def poisoned(shape, dtype, device):
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out.fill_(float("nan") if dtype.is_floating_point else 12345)
+    monkeypatch.setattr(fused_tile, "_empty", poisoned)
+
+
+def make_problem(N, D, F, H, E, dtype, seed, masked=True, alpha_param=0.3, ramp=0.7):
+    """Random inputs: x (N, D), mask (N,) or None, 12 weights, alpha_param, ramp."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(D, H), (H,), (H, E), (E,), (E, D, F), (E, F), (E, F, D), (E, D),
+              (D, F), (F,), (F, D), (D,)]
+    fan_in = [D, D, H, H, D, D, F, F, D, D, F, F]
+    weights = [((torch.rand(s, generator=gen) * 2 - 1) * fan ** -0.5).to(DEVICE, dtype)
+               for s, fan in zip(shapes, fan_in)]
+    x = torch.randn(N, D, generator=gen).to(DEVICE, dtype)
+    mask = (torch.rand(N, generator=gen) > 0.3).to(DEVICE) if masked else None
+    return (x, mask, weights, torch.tensor(alpha_param, device=DEVICE),
+            torch.tensor(ramp, device=DEVICE))
+
+
+def rel_error(actual, expected):
+    """max |actual - expected| / max |expected| (with a tiny floor for all-zero references)."""
+    expected = expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / max(scale, 1e-6)
+
+
+def reference_outputs_and_grads(x, mask, weights, alpha_param, ramp, top_k, dy, dprob_sum):
+    """hymoe_reference in float64: (y, prob_sum, load) and the gradients of
+    sum(y * dy) + sum(prob_sum * dprob_sum) w.r.t. x, the weights and alpha_param."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, *weights, alpha_param)]
+    y, prob_sum, load = hymoe_reference(leaves[0], mask, *leaves[1:13], leaves[13],
+                                        ramp.double(), top_k)
+    objective = (y * dy.double()).sum() + (prob_sum * dprob_sum.double()).sum()
+    grads = torch.autograd.grad(objective, leaves, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    return y, prob_sum, load, grads
+
+
+def check_against_reference(N, D, F, H, E, top_k, dtype, seed, masked=True, ramp=0.7,
+                            alpha_param=0.3):
+    """Run forward + backward and assert every output within TOLERANCE[dtype]; returns the
+    largest relative error seen."""
+    x, mask, weights, alpha_t, ramp_t = make_problem(N, D, F, H, E, dtype, seed, masked,
+                                                     alpha_param, ramp)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(N, D, generator=gen).to(DEVICE, dtype)
+    dprob_sum = torch.randn(E, generator=gen).to(DEVICE)
+
+    y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, top_k)
+    grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, top_k, dy, dprob_sum)
+    ref_y, ref_prob_sum, ref_load, ref_grads = reference_outputs_and_grads(
+        x, mask, weights, alpha_t, ramp_t, top_k, dy, dprob_sum)
+
+    assert y.shape == (N, D) and y.dtype == dtype
+    assert prob_sum.shape == (E,) and prob_sum.dtype == torch.float32
+    assert load.dtype == torch.int64 and torch.equal(load.cpu(), ref_load.cpu())
+    tol = TOLERANCE[dtype]
+    errors = {"y": rel_error(y, ref_y), "prob_sum": rel_error(prob_sum, ref_prob_sum)}
+    assert len(grads) == 14
+    for name, grad, ref_grad, leaf in zip(GRAD_NAMES, grads, ref_grads, (x, *weights, alpha_t)):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, name
+        errors["d" + name] = rel_error(grad, ref_grad)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < tol, f"{worst}: rel. error {errors[worst]:.2e} >= {tol} ({errors})"
+    return errors[worst]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 80), D=st.integers(1, 40), F=st.integers(1, 80), H=st.integers(1, 40),
+       E=st.integers(1, 6), data=st.data(), masked=st.booleans(),
+       ramp=st.sampled_from([0.0, 0.4, 1.0]), seed=st.integers(0, 2**16))
+def test_fp32_matches_reference(N, D, F, H, E, data, masked, ramp, seed):
+    top_k = data.draw(st.integers(1, E), label="top_k")
+    check_against_reference(N, D, F, H, E, top_k, torch.float32, seed, masked, ramp)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 70), D=st.integers(8, 40), F=st.integers(8, 72), E=st.integers(2, 5),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_half_precision_matches_reference(N, D, F, E, dtype, seed):
+    check_against_reference(N, D, F, D, E, 2, dtype, seed)
+
+
+@pytest.mark.parametrize("D,F,E,top_k", [(64, 96, 4, 2), (100, 40, 16, 3)])
+def test_wider_shapes_fp32(D, F, E, top_k):
+    """Real tile widths: D = 64 (a full BLOCK_D), D = 100 (masked 128), E = 16 (all bits)."""
+    check_against_reference(70, D, F, 32, E, top_k, torch.float32, seed=D + E)
+
+
+def test_bf16_recommender_shape():
+    check_against_reference(130, 64, 256, 64, 4, 2, torch.bfloat16, seed=7)
+
+
+def test_empty_batch():
+    x, mask, weights, alpha_t, ramp_t = make_problem(0, 16, 32, 16, 4, torch.float32, seed=3)
+    y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 2)
+    assert y.shape == (0, 16)
+    assert torch.equal(prob_sum.cpu(), torch.zeros(4)) and torch.equal(load.cpu(), torch.zeros(4, dtype=torch.int64))
+    grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, 2,
+                                torch.zeros_like(x), torch.ones(4, device=DEVICE))
+    assert grads[0].shape == (0, 16)
+    assert all(torch.count_nonzero(g).item() == 0 for g in grads)
+
+
+def test_all_padding_and_missing_grads():
+    """A fully masked batch has zero prob_sum and load; None gradients count as zeros."""
+    x, _, weights, alpha_t, ramp_t = make_problem(20, 16, 24, 16, 3, torch.float32, seed=5)
+    mask = torch.zeros(20, dtype=torch.bool, device=DEVICE)
+    y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 1)
+    assert torch.count_nonzero(prob_sum).item() == 0 and torch.count_nonzero(load).item() == 0
+    assert torch.isfinite(y).all()
+    grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, 1, None, None)
+    assert all(torch.count_nonzero(g).item() == 0 for g in grads)
+
+
+def test_strided_input_and_repeatability():
+    """x given as a column slice of a wider tensor; two runs are bitwise identical."""
+    x, mask, weights, alpha_t, ramp_t = make_problem(50, 24, 40, 24, 4, torch.float32, seed=9)
+    wide = torch.randn(50, 40, device=DEVICE)
+    wide[:, 3:27] = x
+    strided = wide[:, 3:27]
+    dy = torch.randn(50, 24, device=DEVICE)
+    dprob_sum = torch.randn(4, device=DEVICE)
+    runs = []
+    for inp in (strided, x):
+        y, prob_sum, load, saved = fused_tile_forward(inp, mask, *weights, alpha_t, ramp_t, 2)
+        grads = fused_tile_backward(saved, inp, mask, weights, alpha_t, ramp_t, 2, dy, dprob_sum)
+        runs.append((y, prob_sum, load, *grads))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_bad_inputs_name_the_argument():
+    x, mask, weights, alpha_t, ramp_t = make_problem(8, 16, 24, 16, 4, torch.float32, seed=1)
+    wrong = list(weights)
+    wrong[6] = torch.zeros(4, 24, 15, device=DEVICE)
+    with pytest.raises(ValueError, match="expert_w2"):
+        fused_tile_forward(x, mask, *wrong, alpha_t, ramp_t, 2)
+    wrong = list(weights)
+    wrong[9] = wrong[9].double()
+    with pytest.raises(ValueError, match="dense_b1"):
+        fused_tile_forward(x, mask, *wrong, alpha_t, ramp_t, 2)
+    with pytest.raises(ValueError, match="mask"):
+        fused_tile_forward(x, mask[:5], *weights, alpha_t, ramp_t, 2)
+    with pytest.raises(ValueError, match="top_k=5"):
+        fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 5)
+
+
+def test_supported_shapes():
+    assert fused_tile_supported(64, 256, 4, 64, 2)
+    assert fused_tile_supported(256, 1024, 16, 256, 16)
+    assert not fused_tile_supported(512, 2048, 4, 512, 2)     # D too wide for one tile
+    assert not fused_tile_supported(64, 256, 17, 64, 2)       # E beyond the bitmask
+    assert not fused_tile_supported(64, 256, 4, 64, 5)        # k > E
