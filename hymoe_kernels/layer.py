@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .reference import hymoe_reference
+from .torch_backend import hymoe_torch
 
 BACKENDS = ("auto", "torch", "reference")
 
@@ -22,7 +23,9 @@ def resolve_backend(name: str, x: Tensor) -> Callable[..., tuple[Tensor, Tensor,
     """The HyMoE function for backend ``name`` on the device of ``x``."""
     if name == "auto":
         name = "torch"
-    if name in ("torch", "reference"):
+    if name == "torch":
+        return hymoe_torch
+    if name == "reference":
         return hymoe_reference
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
