@@ -27,7 +27,7 @@ import torch
 TINY = os.environ.get("HYMOE_BENCH_SIZE", "full") == "tiny"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Wall time per benchmark to aim for when choosing its number of rounds.
-TARGET_SECONDS = 1.5
+TARGET_SECONDS = 0.01 if TINY else 1.5
 MIN_ROUNDS, MAX_ROUNDS = 3, 30
 
 
@@ -83,6 +83,9 @@ def run_benchmark(benchmark, fn: Callable[[], object], device: str) -> None:
     call()
     once = time.perf_counter() - start
     benchmark.extra_info["peak_mem_bytes"] = peak_memory_bytes(fn, device)
-    benchmark.extra_info["device"] = device
+    benchmark.extra_info.update(device=device, torch=torch.__version__,
+                                threads=torch.get_num_threads())
+    if device == "cuda":
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
     rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(TARGET_SECONDS / max(once, 1e-6))))
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
