@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .reference import hymoe_reference
+from .torch_backend import hymoe_torch
 
 BACKENDS = ("auto", "torch", "reference", "triton")
 
@@ -27,7 +28,9 @@ def resolve_backend(name: str, x: Tensor) -> Callable[..., tuple[Tensor, Tensor,
     """
     if name == "auto":
         name = "triton" if x.is_cuda else "torch"
-    if name in ("torch", "reference"):
+    if name == "torch":
+        return hymoe_torch
+    if name == "reference":
         return hymoe_reference
     if name == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -1,0 +1,192 @@
+"""The fast torch backend computes the same function as the reference, forward and backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hymoe_kernels import HyMoEFFN, hymoe_reference
+from hymoe_kernels.layer import resolve_backend
+from hymoe_kernels.torch_backend import grouped_linear, hymoe_torch
+
+PARAM_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2", "expert_w1", "expert_b1",
+               "expert_w2", "expert_b2", "dense_w1", "dense_b1", "dense_w2", "dense_b2",
+               "alpha_param")
+
+
+def make_params(d_model, d_ff, num_experts, router_hidden, seed, dtype=torch.float32):
+    """The 12 weights and alpha_param as leaf tensors needing grad (nn.Linear-like init)."""
+    gen = torch.Generator().manual_seed(seed)
+    D, Fh, E, H = d_model, d_ff, num_experts, router_hidden
+    shapes = {"router_w1": ((D, H), D), "router_b1": ((H,), D), "router_w2": ((H, E), H),
+              "router_b2": ((E,), H), "expert_w1": ((E, D, Fh), D), "expert_b1": ((E, Fh), D),
+              "expert_w2": ((E, Fh, D), Fh), "expert_b2": ((E, D), Fh),
+              "dense_w1": ((D, Fh), D), "dense_b1": ((Fh,), D), "dense_w2": ((Fh, D), Fh),
+              "dense_b2": ((D,), Fh)}
+    params = {name: ((torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1) / fan ** 0.5)
+              for name, (shape, fan) in shapes.items()}
+    params["alpha_param"] = torch.randn((), generator=gen, dtype=dtype)
+    return {name: p.requires_grad_(True) for name, p in params.items()}
+
+
+def run(fn, x, mask, params, ramp, top_k, seed=1, autocast=False):
+    """Forward and backward of a random linear functional of (y, prob_sum); returns
+    y, prob_sum, load and the gradients of x and of every parameter (as float32)."""
+    x = x.detach().requires_grad_(True)
+    for p in params.values():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, prob_sum, load = fn(x, mask, *(params[n] for n in PARAM_NAMES[:-1]),
+                               params["alpha_param"], ramp, top_k)
+    gen = torch.Generator().manual_seed(seed)
+    y_seed = torch.randn(y.shape, generator=gen)
+    prob_seed = torch.randn(prob_sum.shape, generator=gen)
+    ((y.float() * y_seed).sum() + (prob_sum * prob_seed).sum()).backward()
+    grads = {"x": x.grad}
+    grads.update({n: params[n].grad for n in PARAM_NAMES})
+    out = {"y": y.detach().float(), "prob_sum": prob_sum.detach(), "load": load}
+    out.update({f"grad_{n}": (g if g is not None else torch.zeros_like(params.get(n, x))).float()
+                for n, g in grads.items()})
+    return out
+
+
+def assert_same(ref: dict, fast: dict, rel: float) -> None:
+    """Every tensor equal within ``rel`` relative to that tensor's largest reference entry."""
+    assert torch.equal(ref["load"], fast["load"]), (ref["load"], fast["load"])
+    for name, want in ref.items():
+        if name == "load":
+            continue
+        got = fast[name]
+        assert got.shape == want.shape, name
+        scale = want.abs().max().item() if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=rel, atol=rel * max(scale, 1e-6),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def make_mask(kind: str, num_tokens: int, gen: torch.Generator):
+    if kind == "none":
+        return None
+    if kind == "random":
+        return torch.rand(num_tokens, generator=gen) > 0.4
+    return torch.zeros(num_tokens, dtype=torch.bool)       # every token is padding
+
+
+@st.composite
+def problems(draw):
+    num_experts = draw(st.integers(1, 5))
+    return dict(num_tokens=draw(st.integers(0, 40)), d_model=draw(st.integers(1, 12)),
+                d_ff=draw(st.integers(1, 12)), router_hidden=draw(st.integers(1, 8)),
+                num_experts=num_experts, top_k=draw(st.integers(1, num_experts)),
+                mask=draw(st.sampled_from(["none", "random", "all_padding"])),
+                ramp=draw(st.sampled_from([0.0, 0.37, 1.0])), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(problems())
+def test_matches_reference_fp32(problem):
+    gen = torch.Generator().manual_seed(problem["seed"])
+    params = make_params(problem["d_model"], problem["d_ff"], problem["num_experts"],
+                         problem["router_hidden"], problem["seed"])
+    x = torch.randn(problem["num_tokens"], problem["d_model"], generator=gen)
+    mask = make_mask(problem["mask"], problem["num_tokens"], gen)
+    ramp = torch.tensor(problem["ramp"])
+    ref = run(hymoe_reference, x, mask, params, ramp, problem["top_k"])
+    fast = run(hymoe_torch, x, mask, params, ramp, problem["top_k"])
+    assert_same(ref, fast, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [
+    (0, 4, 2),      # no tokens at all
+    (1, 4, 2),      # one token
+    (9, 1, 1),      # a single expert
+    (9, 3, 3),      # k = E: every expert sees every token
+    (7, 6, 1),      # more experts than slots can fill
+])
+def test_edge_shapes(num_tokens, num_experts, top_k):
+    params = make_params(6, 10, num_experts, 5, seed=num_tokens + num_experts)
+    x = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(3))
+    mask = torch.arange(num_tokens) % 3 != 1
+    ref = run(hymoe_reference, x, mask, params, torch.tensor(0.8), top_k)
+    fast = run(hymoe_torch, x, mask, params, torch.tensor(0.8), top_k)
+    assert_same(ref, fast, rel=1e-5)
+
+
+def test_experts_without_tokens_get_zero_gradients():
+    params = make_params(8, 16, 4, 8, seed=5)
+    with torch.no_grad():                    # experts 2 and 3 never win a top-2 slot
+        params["router_b2"].copy_(torch.tensor([3.0, 3.0, -3.0, -3.0]))
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    ref = run(hymoe_reference, x, None, params, torch.tensor(1.0), 2)
+    fast = run(hymoe_torch, x, None, params, torch.tensor(1.0), 2)
+    assert fast["load"].tolist() == [12, 12, 0, 0]
+    assert_same(ref, fast, rel=1e-5)
+    for name in ("grad_expert_w1", "grad_expert_b1", "grad_expert_w2", "grad_expert_b2"):
+        assert fast[name][2:].abs().max() == 0
+        assert fast[name][:2].abs().max() > 0
+
+
+def well_routed_tokens(x, params, top_k, margin):
+    """Rows of x whose fp32 router logits separate the k-th and (k+1)-th expert by at least
+    ``margin``, tiled back to x's length, so bf16 rounding cannot change the routing."""
+    with torch.no_grad():
+        hidden = torch.nn.functional.gelu(x @ params["router_w1"] + params["router_b1"])
+        logits = hidden @ params["router_w2"] + params["router_b2"]
+        ranked = logits.sort(dim=-1, descending=True).values
+    keep = (ranked[:, top_k - 1] - ranked[:, top_k]) >= margin
+    assert keep.any(), "no token has a clear routing; change the seed"
+    good = x[keep]
+    return good.repeat(-(-x.shape[0] // good.shape[0]), 1)[: x.shape[0]]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+def test_matches_reference_bf16_autocast(mask_kind):
+    params = make_params(16, 32, 4, 16, seed=11)
+    gen = torch.Generator().manual_seed(2)
+    x = well_routed_tokens(torch.randn(64, 16, generator=gen), params, 2, margin=0.05)
+    mask = make_mask(mask_kind, 64, gen)
+    ref = run(hymoe_reference, x, mask, params, torch.tensor(1.0), 2, autocast=True)
+    fast = run(hymoe_torch, x, mask, params, torch.tensor(1.0), 2, autocast=True)
+    assert_same(ref, fast, rel=3e-2)
+
+
+def test_layer_torch_backend_matches_reference_backend():
+    assert resolve_backend("torch", torch.zeros(1, 4)) is hymoe_torch
+    assert resolve_backend("reference", torch.zeros(1, 4)) is hymoe_reference
+    torch.manual_seed(0)
+    fast = HyMoEFFN(8, 16, backend="torch")
+    ref = HyMoEFFN(8, 16, backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 5, 8)
+    mask = torch.rand(3, 5) > 0.3
+    outs = []
+    for layer in (ref, fast):
+        layer.set_step(250)
+        y = layer(x, mask)
+        (y.square().sum() + layer.aux_loss).backward()
+        outs.append((y, layer.aux_loss, [p.grad for p in layer.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-8)
+    for got, want in zip(outs[1][2], outs[0][2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_linear_op_registration():
+    rows = torch.randn(7, 3, requires_grad=True)
+    weight = torch.randn(3, 3, 5, requires_grad=True)
+    bias = torch.randn(3, 5, requires_grad=True)
+    ends = torch.tensor([2, 2, 7])                        # expert 1 has no rows
+    torch.library.opcheck(grouped_linear, (rows, weight, bias, ends))
+    out = grouped_linear(rows, weight, bias, ends)
+    want = torch.cat([rows[:2] @ weight[0] + bias[0], rows[2:] @ weight[2] + bias[2]])
+    torch.testing.assert_close(out, want)
+
+
+def test_fullgraph_compile_matches_eager():
+    params = make_params(8, 16, 4, 8, seed=4)
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(30) % 4 != 0
+    compiled = torch.compile(hymoe_torch, fullgraph=True)
+    eager = run(hymoe_torch, x, mask, params, torch.tensor(0.5), 2)
+    fast = run(compiled, x, mask, params, torch.tensor(0.5), 2)
+    assert_same(eager, fast, rel=1e-5)
