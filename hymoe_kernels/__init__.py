@@ -2,12 +2,23 @@
 
 Data flow: tokens -> router (top-k softmax) -> permutation by expert -> grouped expert
 FFNs -> combine with the dense FFN, y = y_dense + alpha * y_moe.
+
+The Triton parts (``HyMoEFunction``, ``hymoe``) are imported on first use, so the package
+and its PyTorch backends work where Triton is not installed.
 """
-from .function import HyMoEFunction, hymoe_triton
 from .layer import HyMoEFFN
+from .loss import linear_cross_entropy, streaming_rank, streaming_topk
 from .reference import hymoe_reference
+from .torch_backend import hymoe_torch
 
-hymoe = hymoe_triton  # the functional layer on the Triton kernels
-
-__all__ = ["HyMoEFFN", "HyMoEFunction", "hymoe", "hymoe_reference", "hymoe_triton"]
+__all__ = ["HyMoEFFN", "HyMoEFunction", "hymoe", "hymoe_reference", "hymoe_torch",
+           "hymoe_triton", "linear_cross_entropy", "streaming_rank", "streaming_topk"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy Triton exports: HyMoEFunction, hymoe_triton and its alias hymoe."""
+    if name in ("HyMoEFunction", "hymoe_triton", "hymoe"):
+        from . import function
+        return function.HyMoEFunction if name == "HyMoEFunction" else function.hymoe_triton
+    raise AttributeError(f"module 'hymoe_kernels' has no attribute {name!r}")

@@ -1,0 +1,252 @@
+"""linear_cross_entropy (chunked torch and Triton-interpreter paths), streaming_topk and
+streaming_rank against the dense computations they replace."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from hymoe_kernels.loss import linear_cross_entropy, streaming_rank, streaming_topk
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-2, atol=2e-3),
+       torch.bfloat16: dict(rtol=5e-2, atol=5e-3)}
+
+
+def make_inputs(n_rows, n_items, dim, dtype, seed, ignore_every=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_rows, dim, generator=gen).to(dtype)
+    weight = (torch.randn(n_items, dim, generator=gen) * 0.5).to(dtype)
+    target = torch.randint(0, n_items, (n_rows,), generator=gen)
+    if ignore_every:
+        target[::ignore_every] = -100
+    return hidden, weight, target
+
+
+def loss_and_grads(fn, hidden, weight, target):
+    hidden = hidden.clone().requires_grad_()
+    weight = weight.clone().requires_grad_()
+    loss = fn(hidden, weight, target)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def dense_reference(hidden, weight, target):
+    """F.cross_entropy on the full score matrix, computed in fp32."""
+    return F.cross_entropy(hidden.float() @ weight.float().T, target, ignore_index=-100)
+
+
+def assert_matches_dense(hidden, weight, target, tol, **kwargs):
+    got = loss_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, **kwargs),
+                         hidden, weight, target)
+    want = loss_and_grads(dense_reference, hidden, weight, target)
+    for name, g, w in zip(("loss", "grad_hidden", "grad_weight"), got, want):
+        assert g.dtype == (torch.float32 if name == "loss" else hidden.dtype), name
+        torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [7, 64, None])
+def test_torch_path_matches_cross_entropy(dtype, chunk_size):
+    hidden, weight, target = make_inputs(90, 203, 16, dtype, seed=1, ignore_every=4)
+    assert_matches_dense(hidden, weight, target, TOL[dtype], chunk_size=chunk_size,
+                         backend="torch")
+
+
+def test_torch_path_row_blocks(monkeypatch):
+    """Several row blocks and item chunks (block budget shrunk to 128 scores)."""
+    import hymoe_kernels.loss as loss_module
+    monkeypatch.setattr(loss_module, "_TORCH_BLOCK_ELEMENTS", 128)
+    hidden, weight, target = make_inputs(70, 45, 8, torch.float32, seed=2, ignore_every=3)
+    assert_matches_dense(hidden, weight, target, TOL[torch.float32], chunk_size=16,
+                         backend="torch")
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_rows=st.integers(1, 40), n_items=st.integers(1, 80), dim=st.integers(1, 12),
+       chunk_size=st.integers(1, 33), ignore_every=st.integers(0, 5), seed=st.integers(0, 99))
+def test_torch_path_random_shapes(n_rows, n_items, dim, chunk_size, ignore_every, seed):
+    hidden, weight, target = make_inputs(n_rows, n_items, dim, torch.float32, seed, ignore_every)
+    if (target == -100).all():
+        target[0] = 0
+    assert_matches_dense(hidden, weight, target, TOL[torch.float32], chunk_size=chunk_size,
+                         backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_path_matches_cross_entropy(dtype):
+    """150 rows / 140 items / D = 24: partial row blocks, item tiles and feature padding.
+    (The interpreter cannot multiply bf16, so the low-precision case runs in fp16 here.)"""
+    hidden, weight, target = make_inputs(150, 140, 24, dtype, seed=3, ignore_every=5)
+    assert_matches_dense(hidden, weight, target, TOL[dtype], backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_single_item(backend):
+    hidden, weight, target = make_inputs(20, 1, 8, torch.float32, seed=4)
+    assert_matches_dense(hidden, weight, target, TOL[torch.float32], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(backend):
+    hidden, weight, target = make_inputs(12, 30, 8, torch.float32, seed=5)
+    target[:] = -100
+    loss, grad_hidden, grad_weight = loss_and_grads(
+        lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend), hidden, weight, target)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad_hidden) == 0 and torch.count_nonzero(grad_weight) == 0
+    assert grad_hidden.shape == hidden.shape and grad_weight.shape == weight.shape
+
+
+def test_custom_ignore_index_and_int32_target():
+    hidden, weight, target = make_inputs(30, 50, 8, torch.float32, seed=6)
+    target[::3] = 0  # 0 = padding target here
+    got = linear_cross_entropy(hidden, weight, target.int(), ignore_index=0, backend="torch")
+    want = F.cross_entropy(hidden @ weight.T, target, ignore_index=0)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_are_bit_reproducible(backend):
+    hidden, weight, target = make_inputs(80, 70, 16, torch.float32, seed=7, ignore_every=6)
+    target[:40] = 3  # many rows share one item: the weight gradient sums them
+    fn = lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=32, backend=backend)  # noqa: E731
+    first = loss_and_grads(fn, hidden, weight, target)
+    second = loss_and_grads(fn, hidden, weight, target)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_triton_and_torch_paths_agree():
+    hidden, weight, target = make_inputs(66, 97, 20, torch.float32, seed=8, ignore_every=7)
+    fn = lambda backend: (lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend))  # noqa: E731
+    for a, b in zip(loss_and_grads(fn("triton"), hidden, weight, target),
+                    loss_and_grads(fn("torch"), hidden, weight, target)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_loss_rejects_bad_input():
+    hidden, weight, target = make_inputs(10, 20, 8, torch.float32, seed=9)
+    with pytest.raises(ValueError, match="target ids"):
+        linear_cross_entropy(hidden, weight, torch.full((10,), 20))
+    with pytest.raises(ValueError, match="share D"):
+        linear_cross_entropy(hidden, weight[:, :4], target)
+    with pytest.raises(ValueError, match="target must be"):
+        linear_cross_entropy(hidden, weight, target[:5])
+    with pytest.raises(TypeError, match="target must be int64"):
+        linear_cross_entropy(hidden, weight, target.float())
+    with pytest.raises(TypeError, match="share a dtype"):
+        linear_cross_entropy(hidden, weight.double(), target)
+    with pytest.raises(ValueError, match="backend"):
+        linear_cross_entropy(hidden, weight, target, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(hidden, weight, target, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def masked_full_scores(hidden, weight, exclude=None, padding_idx=None):
+    scores = hidden.float() @ weight.float().T
+    if padding_idx is not None:
+        scores[:, padding_idx] = float("-inf")
+    if exclude is not None:
+        for row, ids in enumerate(exclude.tolist()):
+            for item in ids:
+                if item >= 0:
+                    scores[row, item] = float("-inf")
+    return scores
+
+
+def make_history(n_rows, n_items, length, seed, pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, n_items, (n_rows, length), generator=gen)
+    lengths = torch.randint(0, length + 1, (n_rows,), generator=gen)
+    history[torch.arange(length)[None, :] >= lengths[:, None]] = pad
+    return history
+
+
+@pytest.mark.parametrize("chunk_size", [9, 50, None])
+@pytest.mark.parametrize("with_exclusion", [False, True])
+def test_streaming_topk_matches_topk(chunk_size, with_exclusion):
+    hidden, weight, _ = make_inputs(33, 101, 12, torch.float32, seed=10)
+    exclude = make_history(33, 101, 6, seed=11) if with_exclusion else None
+    padding_idx = 0 if with_exclusion else None
+    scores, ids = streaming_topk(hidden, weight, 10, exclude=exclude, padding_idx=padding_idx,
+                                 chunk_size=chunk_size)
+    full = masked_full_scores(hidden, weight, exclude, padding_idx)
+    want_scores, want_ids = full.topk(10, dim=1)
+    torch.testing.assert_close(scores, want_scores, **TOL[torch.float32])
+    # ids where the score is unique in its row (random floats: all of them)
+    gaps = (want_scores[:, :-1] - want_scores[:, 1:]).abs()
+    unique = torch.ones_like(want_ids, dtype=torch.bool)
+    unique[:, :-1] &= gaps > 1e-4
+    unique[:, 1:] &= gaps > 1e-4
+    assert unique.float().mean() > 0.9
+    assert torch.equal(ids[unique], want_ids[unique])
+    if with_exclusion:
+        assert not (ids == 0).any()
+        assert not (ids[:, :, None] == exclude[:, None, :]).any()
+
+
+def test_streaming_topk_with_ties_returns_tied_scores():
+    weight = torch.tensor([[1.0], [2.0], [2.0], [0.0], [2.0], [1.0]])
+    hidden = torch.tensor([[1.0], [-1.0]])
+    scores, ids = streaming_topk(hidden, weight, 3, chunk_size=2)
+    assert torch.equal(scores, torch.tensor([[2.0, 2.0, 2.0], [0.0, -1.0, -1.0]]))
+    assert sorted(ids[0].tolist()) == [1, 2, 4]
+    assert ids[1, 0] == 3 and sorted(ids[1, 1:].tolist()) == [0, 5]
+
+
+def test_streaming_topk_fewer_admissible_items_than_k():
+    hidden, weight, _ = make_inputs(2, 5, 4, torch.float32, seed=12)
+    exclude = torch.tensor([[1, 2, 3], [-1, -1, -1]])
+    scores, ids = streaming_topk(hidden, weight, 3, exclude=exclude, padding_idx=0, chunk_size=2)
+    assert ids[0, 0] == 4 and (ids[0, 1:] == -1).all() and torch.isinf(scores[0, 1:]).all()
+    assert set(ids[1].tolist()) <= {1, 2, 3, 4} and not torch.isinf(scores[1]).any()
+
+
+@pytest.mark.parametrize("chunk_size", [7, None])
+@pytest.mark.parametrize("with_exclusion", [False, True])
+def test_streaming_rank_matches_full_rank(chunk_size, with_exclusion):
+    hidden, weight, target = make_inputs(40, 90, 10, torch.float32, seed=13)
+    target[0] = 0
+    exclude = make_history(40, 90, 5, seed=14) if with_exclusion else None
+    padding_idx = 0 if with_exclusion else None
+    if with_exclusion:
+        exclude[1, 0] = target[1]  # a target listed in the history is still ranked
+    got = streaming_rank(hidden, weight, target, exclude=exclude, padding_idx=padding_idx,
+                         chunk_size=chunk_size)
+    full = masked_full_scores(hidden, weight, exclude, padding_idx)
+    target_score = (hidden @ weight.T).gather(1, target[:, None])
+    full.scatter_(1, target[:, None], float("-inf"))  # the target does not outrank itself
+    want = (full > target_score).sum(dim=1)
+    assert torch.equal(got, want)
+    assert got.dtype == torch.int64
+
+
+def test_streaming_rank_counts_ties_in_the_targets_favour():
+    # integer embeddings: every path computes the scores exactly
+    weight = torch.tensor([[3.0, 0.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [5.0, 0.0]])
+    hidden = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    target = torch.tensor([2, 0])
+    got = streaming_rank(hidden, weight, target, chunk_size=2)
+    # row 0 scores 3,2,2,2,5 -> only 3 and 5 beat the target's 2; row 1: only 5 beats 3
+    assert got.tolist() == [2, 1]
+    got = streaming_rank(hidden, weight, target, exclude=torch.tensor([[4], [4]]), padding_idx=0)
+    assert got.tolist() == [0, 0]
+
+
+def test_eval_rejects_bad_input():
+    hidden, weight, target = make_inputs(4, 10, 3, torch.float32, seed=15)
+    with pytest.raises(ValueError, match="k must be"):
+        streaming_topk(hidden, weight, 11)
+    with pytest.raises(ValueError, match="exclude holds item id 10"):
+        streaming_topk(hidden, weight, 2, exclude=torch.full((4, 2), 10))
+    with pytest.raises(ValueError, match="exclude must be"):
+        streaming_topk(hidden, weight, 2, exclude=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding_idx"):
+        streaming_rank(hidden, weight, target, padding_idx=10)
+    with pytest.raises(ValueError, match="target ids"):
+        streaming_rank(hidden, weight, torch.full((4,), -1))
