@@ -268,12 +268,12 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             count = int((targets > 0).sum())
-            loss_sum += float(task_loss) * count
-            aux_sum += float(aux_loss) * count
+            loss_sum += task_loss.item() * count
+            aux_sum += aux_loss.item() * count
             n_targets += count
             load = torch.tensor(routing_stats(self.model)["expert_load"] or [[0.0]])
             load_sum = load * count if load_sum is None else load_sum + load * count
-            bar.set_postfix(loss=f"{float(task_loss):.4f}",
+            bar.set_postfix(loss=f"{task_loss.item():.4f}",
                             items_per_s=f"{n_targets / max(bar.format_dict['elapsed'], 1e-9):.0f}")
         stats = routing_stats(self.model)
         return {"loss": loss_sum / n_targets, "aux_loss": aux_sum / n_targets,
