@@ -24,10 +24,14 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + LOSS_ROW_CHUNK]
             t = targets[start:start + LOSS_ROW_CHUNK]
             logits = (h @ weight.t()).to(acc_dtype)                # (c, V)
-            lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            row_max = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()                      # in place: one pass
+            row_sum = exp.sum(dim=1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
+            total += (lse - target_logit).sum()
             if need_grad:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs = exp.div_(row_sum)
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 probs = probs.to(weight.dtype)
                 grad_hidden[start:start + LOSS_ROW_CHUNK] = probs @ weight
