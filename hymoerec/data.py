@@ -1,0 +1,492 @@
+"""Interaction data: readers, named datasets, the synthetic generator, the leave-one-out
+split and length-bucketed batches.
+
+Every reader returns a :class:`SequenceData`: one time-ordered item sequence per user, items
+remapped to 1..n_items (0 is padding), with the original item ids kept for translation.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import urllib.request
+import warnings
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMATS = ("sequences", "ml-1m", "amazon", "csv", "tsv")
+DATASETS = ("synthetic", "ml-1m", "beauty")
+
+
+class DataFormatError(ValueError):
+    """Malformed input; the message names the file and the line."""
+
+
+@dataclass
+class SequenceData:
+    """Per-user item sequences in time order.
+
+    ``sequences[u]`` is an int64 array of item indices in 1..n_items (0 = padding);
+    ``item_ids[i]`` is the original id (a string) of item index i (``item_ids[0]`` = "<pad>");
+    ``user_ids[u]`` is the original id of user u.
+    """
+    sequences: list[np.ndarray]
+    item_ids: list[str]
+    user_ids: list[str]
+    name: str = ""
+    item_index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.item_index = {item: i for i, item in enumerate(self.item_ids) if i > 0}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def n_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def describe(self) -> str:
+        return (f"{self.name or 'data'}: {self.n_users} users, {self.n_items} items, "
+                f"{self.n_interactions} interactions")
+
+
+def from_user_items(user_items: dict[str, list[str]], name: str) -> SequenceData:
+    """Remap original ids: items numbered 1..n in order of first appearance (users in
+    insertion order), so the mapping is deterministic for a given file."""
+    item_index: dict[str, int] = {}
+    sequences = []
+    for items in user_items.values():
+        seq = np.empty(len(items), dtype=np.int64)
+        for j, item in enumerate(items):
+            seq[j] = item_index.setdefault(item, len(item_index) + 1)
+        sequences.append(seq)
+    item_ids = ["<pad>"] + list(item_index)
+    return SequenceData(sequences, item_ids, list(user_items), name)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def read_sequences(path: str | os.PathLike) -> SequenceData:
+    """One line per user: ``user item item ...`` (whitespace separated, items in time
+    order), the S3-Rec/ICLRec format. Blank lines are skipped."""
+    user_items: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) < 2:
+                raise DataFormatError(f"{path}, line {line_no}: expected 'user item [item ...]', "
+                                      f"got {line.strip()!r}")
+            if tokens[0] in user_items:
+                raise DataFormatError(f"{path}, line {line_no}: user {tokens[0]!r} appears on "
+                                      f"more than one line")
+            user_items[tokens[0]] = tokens[1:]
+    return _non_empty(from_user_items(user_items, Path(path).name), path)
+
+
+def _order_by_time(rows: list[tuple[str, str, float]]) -> dict[str, list[str]]:
+    """Group (user, item, time) rows per user, ordered by time; ties keep file order
+    (Python's sort is stable)."""
+    rows = sorted(rows, key=lambda row: row[2])
+    user_items: dict[str, list[str]] = {}
+    for user, item, _ in rows:
+        user_items.setdefault(user, []).append(item)
+    return user_items
+
+
+def read_ml1m(path: str | os.PathLike) -> SequenceData:
+    """MovieLens-1M ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``. Every rating
+    is an implicit interaction, ordered by timestamp, ties in file order."""
+    rows = []
+    with open(path, encoding="latin-1") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("::")
+            if len(fields) != 4:
+                raise DataFormatError(f"{path}, line {line_no}: expected "
+                                      f"'UserID::MovieID::Rating::Timestamp', got {line.strip()!r}")
+            user, item, rating, stamp = fields
+            rows.append((user, item, _number(stamp, path, line_no, "Timestamp")))
+            _number(rating, path, line_no, "Rating")
+    return _non_empty(from_user_items(_order_by_time(rows), Path(path).name), path)
+
+
+def read_amazon(path: str | os.PathLike, k_core: int = 5) -> SequenceData:
+    """Amazon ratings-only CSV ``user,item,rating,timestamp`` (no header, or a header
+    line whose timestamp field is not a number), k-core filtered (every user and every
+    item keeps >= k_core interactions; k_core <= 1 disables the filter)."""
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line_no, fields in enumerate(csv.reader(f), 1):
+            if not fields:
+                continue
+            if len(fields) != 4:
+                raise DataFormatError(f"{path}, line {line_no}: expected 4 fields "
+                                      f"'user,item,rating,timestamp', got {len(fields)}")
+            if line_no == 1 and not _is_number(fields[3]):
+                continue  # header
+            user, item, rating, stamp = fields
+            _number(rating, path, line_no, "rating")
+            rows.append((user, item, _number(stamp, path, line_no, "timestamp")))
+    rows = k_core_filter(rows, k_core)
+    return _non_empty(from_user_items(_order_by_time(rows), Path(path).name), path)
+
+
+def read_table(path: str | os.PathLike, user_col: str = "user", item_col: str = "item",
+               time_col: str | None = "timestamp", delimiter: str | None = None) -> SequenceData:
+    """A CSV/TSV file with a header naming its columns; ``time_col`` orders each user's
+    items (ties and ``time_col=None``: file order). The delimiter defaults to a tab for
+    ``.tsv`` files and a comma otherwise."""
+    if delimiter is None:
+        delimiter = "\t" if str(path).endswith(".tsv") else ","
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise DataFormatError(f"{path}, line 1: empty file, expected a header line")
+        header = [h.strip() for h in header]
+        columns = {}
+        for role, col in (("user", user_col), ("item", item_col), ("time", time_col)):
+            if col is None:
+                continue
+            if col not in header:
+                raise DataFormatError(f"{path}, line 1: no column {col!r} for the {role} "
+                                      f"(header: {header})")
+            columns[role] = header.index(col)
+        for line_no, fields in enumerate(reader, 2):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise DataFormatError(f"{path}, line {line_no}: expected {len(header)} fields "
+                                      f"like the header, got {len(fields)}")
+            stamp = (_number(fields[columns["time"]], path, line_no, time_col)
+                     if "time" in columns else 0.0)
+            rows.append((fields[columns["user"]], fields[columns["item"]], stamp))
+    return _non_empty(from_user_items(_order_by_time(rows), Path(path).name), path)
+
+
+def k_core_filter(rows: list[tuple[str, str, float]], k: int) -> list[tuple[str, str, float]]:
+    """Repeatedly drop interactions of users and items with fewer than k interactions
+    until every remaining user and item has at least k."""
+    if k <= 1:
+        return rows
+    while True:
+        users = Counter(row[0] for row in rows)
+        items = Counter(row[1] for row in rows)
+        kept = [row for row in rows if users[row[0]] >= k and items[row[1]] >= k]
+        if len(kept) == len(rows):
+            return kept
+        rows = kept
+
+
+def read_file(path: str | os.PathLike, fmt: str, k_core: int = 5, user_col: str = "user",
+              item_col: str = "item", time_col: str | None = "timestamp") -> SequenceData:
+    """Read ``path`` in format ``fmt`` (one of FORMATS)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if fmt == "sequences":
+        return read_sequences(path)
+    if fmt == "ml-1m":
+        return read_ml1m(path)
+    if fmt == "amazon":
+        return read_amazon(path, k_core)
+    if fmt in ("csv", "tsv"):
+        return read_table(path, user_col, item_col, time_col, "\t" if fmt == "tsv" else ",")
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(text: str, path, line_no: int, column: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DataFormatError(f"{path}, line {line_no}: {column} {text!r} is not a number") from None
+
+
+def _non_empty(data: SequenceData, path) -> SequenceData:
+    if data.n_users == 0:
+        raise DataFormatError(f"{path}: no interactions left after reading")
+    return data
+
+
+# ----------------------------------------------------------------------- named datasets
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A public file: where it comes from, its name in the cache and, where a published
+    value could be checked, its checksum (algorithm, hex digest)."""
+    url: str
+    filename: str
+    checksum: tuple[str, str] | None
+
+
+REMOTE = {
+    # GroupLens publishes the MD5 of the zip next to it (ml-1m.zip.md5); the same value is
+    # quoted by many download scripts. No published SHA-256 could be checked offline.
+    "ml-1m": RemoteFile("https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+                        "ml-1m.zip", ("md5", "c4d9eecfca2ab87c1945afe126590906")),
+    # McAuley's UCSD Amazon 2014 ratings-only file. No checksum is published with it and
+    # none could be verified here (no network), so none is pinned: the SHA-256 of the file
+    # actually used is printed and stored next to the prepared data instead.
+    "beauty": RemoteFile("http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+                         "ratings_Beauty.csv", "ratings_Beauty.csv", None),
+}
+
+
+def cache_dir() -> Path:
+    """``$HYMOEREC_DATA``, default ``~/.cache/hymoerec``."""
+    return Path(os.environ.get("HYMOEREC_DATA", Path.home() / ".cache" / "hymoerec"))
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(name: str, root: Path | None = None) -> Path:
+    """The raw file of named dataset ``name`` in the cache, downloaded on first use.
+
+    A downloaded file must match the pinned checksum; a file the user placed there by
+    hand is accepted, with a warning if it does not match.
+    """
+    remote = REMOTE[name]
+    root = root or cache_dir()
+    target = root / remote.filename
+    if target.is_file():
+        if remote.checksum and file_digest(target, remote.checksum[0]) != remote.checksum[1]:
+            warnings.warn(f"{target}: {remote.checksum[0]} differs from the published "
+                          f"{remote.checksum[1]}; using the file as placed")
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(remote.url, timeout=60) as response, open(partial, "wb") as f:
+            while block := response.read(1 << 20):
+                f.write(block)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download dataset {name!r} from {remote.url} ({err}). "
+                           f"Without network, download that file elsewhere and put it at "
+                           f"{target} (or set HYMOEREC_DATA to the folder holding "
+                           f"{remote.filename}).") from None
+    if remote.checksum:
+        got = file_digest(partial, remote.checksum[0])
+        if got != remote.checksum[1]:
+            partial.unlink()
+            raise RuntimeError(f"download of {remote.url} failed its {remote.checksum[0]} check: "
+                               f"expected {remote.checksum[1]}, got {got}")
+    os.replace(partial, target)
+    return target
+
+
+def load_dataset(name: str, root: Path | None = None, k_core: int = 5) -> SequenceData:
+    """Named dataset ``ml-1m`` or ``beauty``: fetched, read and cached as a prepared
+    ``.npz`` next to the raw file (prepared once)."""
+    if name not in REMOTE:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    root = root or cache_dir()
+    raw = fetch(name, root)
+    prepared = root / f"{name}.prepared.npz"
+    if prepared.is_file() and prepared.stat().st_mtime >= raw.stat().st_mtime:
+        return load_prepared(prepared)
+    if name == "ml-1m":
+        with zipfile.ZipFile(raw) as archive:
+            member = "ml-1m/ratings.dat"
+            extracted = root / "ml-1m-ratings.dat"
+            extracted.write_bytes(archive.read(member))
+        data = read_ml1m(extracted)
+    else:
+        data = read_amazon(raw, k_core)
+        print(f"{raw}: sha256 {file_digest(raw, 'sha256')}")
+    data.name = name
+    save_prepared(data, prepared)
+    return data
+
+
+def save_prepared(data: SequenceData, path: Path) -> None:
+    lengths = np.array([len(s) for s in data.sequences], dtype=np.int64)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, items=np.concatenate(data.sequences), lengths=lengths,
+             item_ids=np.array(data.item_ids), user_ids=np.array(data.user_ids),
+             name=np.array(data.name))
+    os.replace(tmp, path)
+
+
+def load_prepared(path: Path) -> SequenceData:
+    with np.load(path) as z:
+        bounds = np.cumsum(z["lengths"])[:-1]
+        sequences = np.split(z["items"], bounds)
+        return SequenceData(list(sequences), z["item_ids"].tolist(), z["user_ids"].tolist(),
+                            str(z["name"]))
+
+
+# -------------------------------------------------------------------------- synthetic
+
+def synthetic(n_users: int = 3000, n_items: int = 500, mean_length: int = 20,
+              seed: int = 0) -> SequenceData:
+    """Seeded synthetic interactions with two kinds of users and long-tailed popularity.
+
+    * habit users (half): a first-order Markov walk; each item has 3 favourite successors
+      (drawn by popularity) followed with probability 0.8, else a popular item;
+    * pattern users (half): repeat a personal motif of 3..8 items (a long-range period),
+      each step replaced by a popular item with probability 0.15.
+    Item popularity is Zipf-like (weight 1/rank^1.1). Lengths are 5 + Poisson(mean - 5).
+    """
+    for name, value in (("n_users", n_users), ("n_items", n_items)):
+        if value < 2:
+            raise ValueError(f"{name} must be >= 2, got {value}")
+    if mean_length < 5:
+        raise ValueError(f"mean_length must be >= 5, got {mean_length}")
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
+    popularity = rng.permutation(popularity / popularity.sum())
+    successors = rng.choice(n_items, size=(n_items, 3), p=popularity)
+    successor_p = np.array([0.5, 0.3, 0.2])
+    sequences = []
+    for user in range(n_users):
+        length = 5 + rng.poisson(mean_length - 5)
+        noise = rng.choice(n_items, size=length, p=popularity)
+        seq = np.empty(length, dtype=np.int64)
+        if user % 2 == 0:
+            seq[0] = noise[0]
+            follow = rng.random(length) < 0.8
+            picks = rng.choice(3, size=length, p=successor_p)
+            for t in range(1, length):
+                seq[t] = successors[seq[t - 1], picks[t]] if follow[t] else noise[t]
+        else:
+            motif = rng.choice(n_items, size=rng.integers(3, 9), p=popularity)
+            seq[:] = np.resize(motif, length)
+            replaced = rng.random(length) < 0.15
+            seq[replaced] = noise[replaced]
+        sequences.append(seq + 1)
+    item_ids = ["<pad>"] + [str(i) for i in range(1, n_items + 1)]
+    return SequenceData(sequences, item_ids, [str(u) for u in range(n_users)], "synthetic")
+
+
+# -------------------------------------------------------------------------- the split
+
+@dataclass
+class Split:
+    """Leave-one-out split.
+
+    ``train``: per-user training sequences (all but the last two items; users with fewer
+    than 3 items are training-only and keep all of theirs). ``eval_users``: indices of users
+    with >= 3 items. ``valid_target`` / ``test_target`` (n_eval,) int64: the second-to-last
+    and last item of those users; their inputs are the items before the target.
+    """
+    data: SequenceData
+    train: list[np.ndarray]
+    eval_users: np.ndarray
+    valid_target: np.ndarray
+    test_target: np.ndarray
+
+    def history(self, stage: str) -> list[np.ndarray]:
+        """Items before the target of every evaluated user, for ``stage`` valid or test."""
+        cut = {"valid": 2, "test": 1}[stage]
+        return [self.data.sequences[u][:-cut] for u in self.eval_users]
+
+    def targets(self, stage: str) -> np.ndarray:
+        return {"valid": self.valid_target, "test": self.test_target}[stage]
+
+    def train_item_counts(self) -> np.ndarray:
+        """(n_items + 1,) int64 frequency of every item in the training sequences."""
+        counts = np.bincount(np.concatenate(self.train), minlength=self.data.n_items + 1)
+        return counts.astype(np.int64)
+
+
+def leave_one_out(data: SequenceData) -> Split:
+    """Last item test, second-to-last validation, the rest training."""
+    train, eval_users = [], []
+    for u, seq in enumerate(data.sequences):
+        if len(seq) >= 3:
+            train.append(seq[:-2])
+            eval_users.append(u)
+        else:
+            train.append(seq)
+    eval_users = np.array(eval_users, dtype=np.int64)
+    valid = np.array([data.sequences[u][-2] for u in eval_users], dtype=np.int64)
+    test = np.array([data.sequences[u][-1] for u in eval_users], dtype=np.int64)
+    return Split(data, train, eval_users, valid, test)
+
+
+# ------------------------------------------------------------------------------ batches
+
+def training_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut every training sequence into windows of at most max_len + 1 items so that each
+    next item (from the second on) is a target exactly once, predicted from its most recent
+    items: window inputs are ``w[:-1]``, targets ``w[1:]``. Windows are cut from the end,
+    so the most recent items get the longest context."""
+    windows = []
+    for seq in train:
+        end = len(seq)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            windows.append(seq[start:end])
+            end = start + 1
+    return windows
+
+
+def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
+    """(B, L) int64 tensor, sequences left-aligned and padded with 0 on the right
+    (L = the longest sequence unless given)."""
+    length = length or max(len(s) for s in sequences)
+    out = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        out[row, :len(seq)] = seq
+    return torch.from_numpy(out)
+
+
+def bucketed_batches(windows: list[np.ndarray], batch_size: int,
+                     generator: torch.Generator) -> list[list[int]]:
+    """Window indices grouped into batches of similar length (less padding): shuffle,
+    sort by length within chunks of 50 batches, cut into batches, shuffle the batches."""
+    order = torch.randperm(len(windows), generator=generator).tolist()
+    lengths = [len(w) for w in windows]
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        block = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def collate_windows(windows: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """(inputs, targets), both (B, L) int64 right-padded with 0: inputs w[:-1], targets w[1:]."""
+    return pad_right([w[:-1] for w in windows]), pad_right([w[1:] for w in windows])
+
+
+def last_items(histories: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """The most recent max_len items of each history."""
+    return [h[-max_len:] for h in histories]
+
+
+__all__ = ["SequenceData", "DataFormatError", "read_sequences", "read_ml1m", "read_amazon",
+           "read_table", "read_file", "k_core_filter", "load_dataset", "fetch", "synthetic",
+           "leave_one_out", "Split", "training_windows", "bucketed_batches", "collate_windows",
+           "pad_right", "last_items"]

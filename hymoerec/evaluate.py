@@ -1,0 +1,130 @@
+"""Score a saved checkpoint, or recommend items for a history of original item ids.
+
+    python hymoerec/evaluate.py runs/X                     # test metrics of runs/X/best.pt
+    python hymoerec/evaluate.py runs/X --exclude-history   # S3-Rec protocol
+    python hymoerec/evaluate.py runs/X --recommend 12 40 7 -k 5
+
+    from hymoerec.evaluate import Recommender
+    rec = Recommender.from_checkpoint("runs/X")
+    rec.recommend(["12", "40", "7"], k=10)   # -> top-10 original item ids
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from hymoerec.data import leave_one_out
+from hymoerec.metrics import evaluate_ranking, head_items
+from hymoerec.models import build_model
+from hymoerec.train import format_metrics, load_data, model_config, pick_device
+
+
+def checkpoint_path(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint file, or ``<run dir>/<which>.pt`` for a run folder."""
+    path = Path(path)
+    return path / f"{which}.pt" if path.is_dir() else path
+
+
+class Recommender:
+    """A trained model with its item-id mapping. ``config`` is the run's training config."""
+
+    def __init__(self, model, item_ids: list[str], config: dict, device: torch.device):
+        self.model, self.item_ids, self.config, self.device = model.eval(), item_ids, config, device
+        self.item_index = {item: i for i, item in enumerate(item_ids) if i > 0}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Recommender":
+        """Load ``path`` (a .pt file or a run folder, whose best.pt is used)."""
+        path = checkpoint_path(path)
+        state = load_checkpoint(path, ("model", "config", "item_ids"))
+        config = state["config"]
+        try:
+            model = build_model(config["model"], len(state["item_ids"]) - 1,
+                                model_config(Namespace(**config)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {path}: config cannot build a model ({err})") from None
+        load_model_state(model, state["model"], path)
+        target = pick_device(device)
+        return cls(model.to(target), state["item_ids"], config, target)
+
+    @torch.no_grad()
+    def recommend(self, history: Sequence, k: int = 10, exclude_history: bool = False) -> list[str]:
+        """Top-k original item ids (best first) to follow ``history``, a time-ordered
+        sequence of original item ids (ints or strings). ``exclude_history`` leaves the
+        history's own items out of the result."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        unknown = [item for item in history if str(item) not in self.item_index]
+        if unknown:
+            raise ValueError(f"history has item ids unknown to the model: {unknown[:10]}")
+        if not history:
+            raise ValueError("history must contain at least one item")
+        items = [self.item_index[str(item)] for item in history][-self.model.config.max_len:]
+        scores = self.model.score_next(torch.tensor([items], device=self.device))[0]
+        if exclude_history:
+            scores[[self.item_index[str(item)] for item in history]] = float("-inf")
+        top = scores.topk(min(k, len(self.item_ids) - 1)).indices.tolist()
+        return [self.item_ids[i] for i in top if np.isfinite(float(scores[i]))]
+
+
+def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
+                        device: str = "cpu", batch_size: int = 1024) -> dict:
+    """Validation and test metrics of a checkpoint on the data of its config (re-read and
+    re-split exactly as in training)."""
+    rec = Recommender.from_checkpoint(path, device)
+    args = Namespace(**rec.config)
+    data = load_data(args)
+    if data.item_ids != rec.item_ids:
+        raise CheckpointError(f"checkpoint {checkpoint_path(path)}: its item ids differ from "
+                              f"those of {data.describe()}")
+    split = leave_one_out(data)
+    head = head_items(split.train_item_counts())
+    exclude = args.exclude_history if exclude_history is None else exclude_history
+    return {stage: evaluate_ranking(rec.model.score_next, split.history(stage),
+                                    split.targets(stage), head, args.max_len, exclude,
+                                    batch_size, rec.device)
+            for stage in ("valid", "test")}
+
+
+def main(argv: list[str] | None = None) -> dict | list[str]:
+    p = argparse.ArgumentParser(description="Evaluate a HyMoERec checkpoint or recommend items.")
+    p.add_argument("checkpoint", help="run folder (uses best.pt) or checkpoint file")
+    p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
+                   help="remove users' earlier items from the ranking (default: as trained)")
+    p.add_argument("--recommend", nargs="+", metavar="ITEM",
+                   help="print the top -k items after this history of original item ids")
+    p.add_argument("-k", type=int, default=10, help="how many items --recommend returns")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        if args.recommend:
+            rec = Recommender.from_checkpoint(args.checkpoint, args.device)
+            items = rec.recommend(args.recommend, args.k, bool(args.exclude_history))
+            print(" ".join(items))
+            return items
+        metrics = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
+                                      args.batch_size)
+    except (CheckpointError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for stage in ("valid", "test"):
+        print(f"{stage}:\n{format_metrics(metrics[stage])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

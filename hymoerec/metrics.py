@@ -1,0 +1,84 @@
+"""Full-ranking evaluation: HR@K and NDCG@K over all items (no sampled negatives), overall
+and split by item popularity (head = top 20% of items by training frequency)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import last_items, pad_right
+
+CUTOFFS = (5, 10, 20)
+
+
+def target_ranks(scores: Tensor, targets: Tensor, history: Tensor | None = None) -> Tensor:
+    """0-based rank of each target among all items: the number of items scored strictly
+    higher. scores (B, V + 1) float (column 0 = padding, ignored); targets (B,) int64;
+    history (B, H) int64 right-padded with 0 or None: those items are removed from the
+    ranking (the target itself is never removed). Returns (B,) int64."""
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    target_scores = scores[rows, targets]
+    if history is not None:
+        scores.scatter_(1, history, float("-inf"))
+    return (scores > target_scores.unsqueeze(1)).sum(dim=1)
+
+
+def rank_metrics(ranks: np.ndarray, cutoffs=CUTOFFS) -> dict[str, float]:
+    """HR@K (target in the top K) and NDCG@K (1 / log2(rank + 2) when in the top K),
+    averaged over the ranks (n,) int; NaN when there are none."""
+    ranks = np.asarray(ranks)
+    out = {}
+    for k in cutoffs:
+        hit = ranks < k
+        out[f"HR@{k}"] = float(hit.mean()) if len(ranks) else float("nan")
+        gain = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+        out[f"NDCG@{k}"] = float(gain.mean()) if len(ranks) else float("nan")
+    return out
+
+
+def head_items(train_counts: np.ndarray, head_fraction: float = 0.2) -> np.ndarray:
+    """(n_items + 1,) bool: the ceil(head_fraction * n_items) most frequent items in
+    training (ties broken by item index); index 0 (padding) is never head."""
+    n_items = len(train_counts) - 1
+    n_head = int(np.ceil(head_fraction * n_items))
+    order = np.argsort(-train_counts[1:], kind="stable") + 1
+    head = np.zeros(n_items + 1, dtype=bool)
+    head[order[:n_head]] = True
+    return head
+
+
+def popularity_metrics(ranks: np.ndarray, targets: np.ndarray, head: np.ndarray) -> dict:
+    """Overall metrics plus ``head/...`` and ``tail/...`` over users whose target is a head
+    or a tail item, and the user counts ``n_head`` / ``n_tail``."""
+    is_head = head[targets]
+    out = rank_metrics(ranks)
+    out.update({f"head/{k}": v for k, v in rank_metrics(ranks[is_head]).items()})
+    out.update({f"tail/{k}": v for k, v in rank_metrics(ranks[~is_head]).items()})
+    out["n_head"], out["n_tail"] = int(is_head.sum()), int((~is_head).sum())
+    return out
+
+
+@torch.no_grad()
+def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
+                     targets: np.ndarray, head: np.ndarray, max_len: int,
+                     exclude_history: bool = False, batch_size: int = 1024,
+                     device: str | torch.device = "cpu") -> dict:
+    """Rank every target among all items with ``score_fn(inputs (B, L) int64) ->
+    (B, V + 1)``, in batches of histories sorted by length (less padding). The model sees
+    the last max_len items of each history; ``exclude_history`` removes all of the user's
+    earlier items from the ranking. Returns :func:`popularity_metrics`."""
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    ranks = np.empty(len(histories), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch_histories = [histories[i] for i in idx]
+        inputs = pad_right(last_items(batch_histories, max_len)).to(device)
+        scores = score_fn(inputs)
+        excluded = pad_right(batch_histories).to(device) if exclude_history else None
+        batch_targets = torch.from_numpy(targets[idx]).to(device)
+        ranks[idx] = target_ranks(scores, batch_targets, excluded).cpu().numpy()
+    return popularity_metrics(ranks, targets, head)

@@ -1,0 +1,93 @@
+"""SASRec-style causal self-attention recommender whose position-wise FFN is HyMoE
+(``ffn="hymoe"``) or a plain dense FFN (``ffn="dense"``, the ablation)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hymoe_kernels import HyMoEFFN
+
+from . import register
+from .base import ModelConfig, SequentialRecommender
+
+
+class DenseFFN(nn.Module):
+    """D -> F -> D with exact-erf GELU and output dropout; ``forward(x, mask)`` ignores mask."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention on right-padded sequences (B, L, D). With right
+    padding, causality alone keeps real positions from seeing padding."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(dim=2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Post-LN transformer block: x = LN(x + drop(attn(x))); x = LN(x + ffn(x, mask))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, d_ff = config.d_model, config.d_model * config.ffn_mult
+        self.attn = CausalSelfAttention(D, config.n_heads, config.dropout)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        if config.ffn == "hymoe":
+            self.ffn = HyMoEFFN(D, d_ff, config.num_experts, config.top_k, config.warmup_steps,
+                                config.lb_weight, config.dropout, config.backend)
+        else:
+            self.ffn = DenseFFN(D, d_ff, config.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.norm1(x + self.attn_dropout(self.attn(x)))
+        return self.norm2(x + self.ffn(x, mask))
+
+
+@register("sasrec")
+class SASRec(SequentialRecommender):
+    """Item + learned position embeddings -> LayerNorm -> dropout -> n_layers blocks.
+    Linear / embedding weights ~ N(0, 0.02) (HyMoEFFN keeps its own init)."""
+
+    def __init__(self, n_items: int, config: ModelConfig):
+        super().__init__(n_items, config)
+        self.pos_emb = nn.Embedding(config.max_len, config.d_model)
+        self.input_norm = nn.LayerNorm(config.d_model)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        self.item_emb.weight.data[0].zero_()
+
+    def encode(self, items: Tensor) -> Tensor:
+        """items (B, L) int64 right-padded, L <= max_len -> hidden (B, L, D) float32."""
+        B, L = items.shape
+        if L > self.config.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len}")
+        mask = items > 0
+        x = self.item_emb(items) + self.pos_emb.weight[:L]
+        x = self.input_dropout(self.input_norm(x))
+        for block in self.blocks:
+            x = block(x, mask)
+        return x

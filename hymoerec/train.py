@@ -1,0 +1,399 @@
+"""Train a sequential recommender (default: SASRec with HyMoE FFNs) and report full-ranking
+test metrics.
+
+    python hymoerec/train.py                       # synthetic data, a 1-3 minute CPU run
+    python hymoerec/train.py --data-file beauty.txt --format sequences
+    python hymoerec/train.py --dataset ml-1m --ffn dense
+    python hymoerec/train.py --resume --run-dir runs/X   # continue a killed run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from hymoerec.data import (DATASETS, FORMATS, SequenceData, bucketed_batches, collate_windows,
+                           leave_one_out, load_dataset, read_file, synthetic, training_windows)
+from hymoerec.metrics import evaluate_ranking, head_items
+from hymoerec.models import FFN_KINDS, MODELS, ModelConfig, build_model
+
+MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
+CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", "best_metric",
+                   "best_epoch", "bad_epochs", "rng_torch", "rng_batches")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a sequential recommender with HyMoE (or dense) FFNs; full-ranking "
+                    "HR/NDCG@{5,10,20} on a leave-one-out split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON config saved by an earlier run (config.json); "
+                                    "flags given on the command line override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=DATASETS,
+                   help="named dataset (ml-1m / beauty are downloaded to $HYMOEREC_DATA)")
+    g.add_argument("--data-file", help="your own interaction file (overrides --dataset)")
+    g.add_argument("--format", default="sequences", choices=FORMATS,
+                   help="format of --data-file: 'sequences' = one line 'user item item ...', "
+                        "'ml-1m' = ratings.dat, 'amazon' = user,item,rating,timestamp CSV "
+                        "(k-core filtered), 'csv'/'tsv' = header with named columns")
+    g.add_argument("--k-core", type=int, default=5, help="k-core filter of amazon data")
+    g.add_argument("--user-col", default="user", help="user column of csv/tsv data")
+    g.add_argument("--item-col", default="item", help="item column of csv/tsv data")
+    g.add_argument("--time-col", default="timestamp", help="time column of csv/tsv data")
+    g.add_argument("--synthetic-users", type=int, default=3000)
+    g.add_argument("--synthetic-items", type=int, default=500)
+    g.add_argument("--synthetic-length", type=int, default=20, help="mean sequence length")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="most recent items the model sees (default 200 for ml-1m, else 50)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="sasrec", choices=sorted(MODELS))
+    g.add_argument("--ffn", default="hymoe", choices=FFN_KINDS,
+                   help="position-wise FFN: HyMoE or the plain dense ablation")
+    g.add_argument("--d-model", type=int, default=64)
+    g.add_argument("--n-layers", type=int, default=2)
+    g.add_argument("--n-heads", type=int, default=2)
+    g.add_argument("--ffn-mult", type=int, default=4, help="FFN width = ffn_mult * d_model")
+    g.add_argument("--dropout", type=float, default=0.2)
+    g.add_argument("--num-experts", type=int, default=4)
+    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
+    g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
+    g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=200, help="maximum epochs")
+    g.add_argument("--batch-size", type=int, default=2048)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs without a better validation NDCG@10")
+    g.add_argument("--seed", type=int, default=2024)
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    g.add_argument("--exclude-history", action="store_true",
+                   help="remove each user's earlier items from the ranking (S3-Rec protocol); "
+                        "default keeps them (RecBole protocol)")
+    g.add_argument("--eval-batch-size", type=int, default=1024)
+    g.add_argument("--run-dir", help="output folder (default runs/<data>-<model>-<ffn>-s<seed>-<time>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line over the saved config (``--config``, or the run's config.json with
+    ``--resume``) over the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    saved = args.config
+    if args.resume:
+        if not args.run_dir:
+            parser.error("--resume needs --run-dir")
+        saved = saved or str(Path(args.run_dir) / "config.json")
+    if saved:
+        try:
+            with open(saved, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"cannot read config {saved}: {err}")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            parser.error(f"config {saved} has unknown keys {unknown}")
+        for transient in ("config", "resume", "run_dir"):
+            config.pop(transient, None)
+        parser.set_defaults(**config)
+        args = parser.parse_args(argv)
+    if args.max_len is None:
+        args.max_len = 200 if (args.dataset == "ml-1m" or args.format == "ml-1m") else 50
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def load_data(args: argparse.Namespace) -> SequenceData:
+    if args.data_file:
+        return read_file(args.data_file, args.format, args.k_core, args.user_col, args.item_col,
+                         args.time_col or None)
+    if args.dataset == "synthetic":
+        return synthetic(args.synthetic_users, args.synthetic_items, args.synthetic_length,
+                         seed=args.seed)
+    return load_dataset(args.dataset, k_core=args.k_core)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(**{name: getattr(args, name) for name in MODEL_FIELDS})
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository holding this file, with '-dirty' if it has local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "hymoerec", "hymoe_kernels"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def routing_stats(model) -> dict:
+    """alpha and expert load fraction (E,) of every HyMoE layer after the last forward."""
+    layers = model.hymoe_layers()
+    return {"alpha": [layer.stats()["alpha"] for layer in layers],
+            "expert_load": [layer.stats()["load"] for layer in layers]}
+
+
+class Trainer:
+    """Owns data, model, optimizer and the run folder; ``fit()`` trains with early stopping
+    and returns the summary dict (also written to summary.json)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.device = pick_device(args.device)
+        self.run_dir = Path(args.run_dir or Path("runs") / (
+            f"{Path(args.data_file).stem if args.data_file else args.dataset}-{args.model}-"
+            f"{args.ffn}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        self.log_path = self.run_dir / "log.jsonl"
+        if self.last_path.exists() and not args.resume:
+            raise SystemExit(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                             f"or choose another --run-dir")
+
+        torch.manual_seed(args.seed)
+        self.data = load_data(args)
+        self.split = leave_one_out(self.data)
+        self.windows = training_windows(self.split.train, args.max_len)
+        if not self.windows:
+            raise SystemExit(f"{self.data.describe()}: no training sequence has 2 or more items")
+        if len(self.split.eval_users) == 0:
+            raise SystemExit(f"{self.data.describe()}: no user has the 3 items a leave-one-out "
+                             f"split needs")
+        self.head = head_items(self.split.train_item_counts())
+        self.config = model_config(args)
+        self.model = build_model(args.model, self.data.n_items, self.config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr,
+                                          weight_decay=args.weight_decay)
+        self.batch_rng = torch.Generator().manual_seed(args.seed)
+        self.epoch, self.step = 0, 0
+        self.best_metric, self.best_epoch, self.bad_epochs = -math.inf, 0, 0
+        self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "config": vars(self.args),
+                "item_ids": self.data.item_ids, "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "rng_torch": torch.get_rng_state(), "rng_batches": self.batch_rng.get_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def restore(self) -> None:
+        state = load_checkpoint(self.last_path, CHECKPOINT_KEYS)
+        if state["item_ids"] != self.data.item_ids:
+            raise CheckpointError(f"checkpoint {self.last_path} was trained on different data "
+                                  f"(item ids differ from {self.data.describe()})")
+        load_model_state(self.model, state["model"], self.last_path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {self.last_path}: optimizer state does not fit "
+                                  f"({err})") from None
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
+        torch.set_rng_state(state["rng_torch"])
+        self.batch_rng.set_state(state["rng_batches"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        # keep only the log lines of the epochs the checkpoint holds
+        if self.log_path.exists():
+            lines = [line for line in self.log_path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["epoch"] <= self.epoch]
+            self.log_path.write_text("".join(line + "\n" for line in lines))
+
+    # --------------------------------------------------------------------- training
+    def evaluate(self, stage: str, exclude_history: bool | None = None) -> dict:
+        self.model.eval()
+        return evaluate_ranking(
+            self.model.score_next, self.split.history(stage), self.split.targets(stage),
+            self.head, self.args.max_len,
+            self.args.exclude_history if exclude_history is None else exclude_history,
+            self.args.eval_batch_size, self.device)
+
+    def train_epoch(self) -> dict:
+        self.model.train()
+        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng)
+        loss_sum = aux_sum = 0.0
+        n_targets = 0
+        load_sum = None
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
+                   disable=self.args.no_progress, dynamic_ncols=True)
+        for batch in bar:
+            inputs, targets = collate_windows([self.windows[i] for i in batch])
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            task_loss, aux_loss = self.model.loss(inputs, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            (task_loss + aux_loss).backward()
+            self.optimizer.step()
+            self.step += 1
+            count = int((targets > 0).sum())
+            loss_sum += task_loss.item() * count
+            aux_sum += aux_loss.item() * count
+            n_targets += count
+            load = torch.tensor(routing_stats(self.model)["expert_load"] or [[0.0]])
+            load_sum = load * count if load_sum is None else load_sum + load * count
+            bar.set_postfix(loss=f"{task_loss.item():.4f}",
+                            items_per_s=f"{n_targets / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        stats = routing_stats(self.model)
+        return {"loss": loss_sum / n_targets, "aux_loss": aux_sum / n_targets,
+                "alpha": stats["alpha"],
+                "expert_load": (load_sum / n_targets).tolist() if stats["expert_load"] else []}
+
+    def fit(self) -> dict:
+        args = self.args
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            self.restore()
+        else:
+            saved = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "run_dir")}
+            (self.run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        print(f"{self.data.describe()}; {len(self.windows)} training windows; "
+              f"{sum(p.numel() for p in self.model.parameters())} parameters; device "
+              f"{self.device}; run dir {self.run_dir}", flush=True)
+        while self.epoch < args.epochs and self.bad_epochs < args.patience:
+            wall, cpu = time.perf_counter(), time.process_time()
+            record = self.train_epoch()
+            record["train_seconds"] = time.perf_counter() - wall
+            record["train_cpu_seconds"] = time.process_time() - cpu
+            self.train_seconds += record["train_seconds"]
+            self.train_cpu_seconds += record["train_cpu_seconds"]
+            valid = self.evaluate("valid")
+            self.epoch += 1
+            record = {"epoch": self.epoch, "step": self.step, **record,
+                      "valid": {k: v for k, v in valid.items() if "/" not in k},
+                      "seconds": time.perf_counter() - wall}
+            if valid["NDCG@10"] > self.best_metric:
+                self.best_metric, self.best_epoch, self.bad_epochs = valid["NDCG@10"], self.epoch, 0
+                save_checkpoint({"model": self.model.state_dict(), "config": vars(args),
+                                 "item_ids": self.data.item_ids, "epoch": self.epoch},
+                                self.best_path)
+            else:
+                self.bad_epochs += 1
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(self.state(), self.last_path)
+            print(f"epoch {self.epoch}: loss {record['loss']:.4f} aux {record['aux_loss']:.4f} "
+                  f"valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f} "
+                  f"({record['seconds']:.1f}s){' *' if self.best_epoch == self.epoch else ''}",
+                  flush=True)
+        return self.finish()
+
+    def finish(self) -> dict:
+        best = load_checkpoint(self.best_path)
+        load_model_state(self.model, best["model"], self.best_path)
+        test = self.evaluate("test")
+        summary = {
+            "data": self.data.describe(), "n_users": self.data.n_users,
+            "n_items": self.data.n_items, "n_interactions": self.data.n_interactions,
+            "config": {k: v for k, v in vars(self.args).items() if k not in ("config", "resume")},
+            "commit": git_commit(), "torch": torch.__version__, "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "epochs_run": self.epoch, "best_epoch": self.best_epoch, "steps": self.step,
+            "stopped_early": self.bad_epochs >= self.args.patience,
+            "train_seconds_per_epoch": self.train_seconds / max(self.epoch, 1),
+            "train_cpu_seconds_per_epoch": self.train_cpu_seconds / max(self.epoch, 1),
+            "valid": self.evaluate("valid"), "test": test,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_run(self.log_path, self.run_dir / "curves.png")
+        return summary
+
+
+def plot_run(log_path: Path, png_path: Path) -> bool:
+    """Learning curves and expert load per epoch as a PNG, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [r["loss"] for r in records], label="train loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend()
+    for key in ("HR@10", "NDCG@10"):
+        axes[1].plot(epochs, [r["valid"][key] for r in records], label=f"valid {key}")
+    axes[1].set_xlabel("epoch")
+    axes[1].legend()
+    if records and records[0]["expert_load"]:
+        loads = np.array([r["expert_load"] for r in records])        # (epochs, layers, E)
+        for layer in range(loads.shape[1]):
+            for expert in range(loads.shape[2]):
+                axes[2].plot(epochs, loads[:, layer, expert], label=f"layer {layer} expert {expert}")
+        axes[2].set_ylabel("fraction of routed slots")
+        axes[2].legend(fontsize="small")
+    axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return True
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
+    lines = ["            " + " ".join(f"{k:>9}" for k in keys)]
+    for group, prefix in (("all", ""), ("head", "head/"), ("tail", "tail/")):
+        lines.append(f"{group:>11} " + " ".join(f"{metrics[prefix + k]:9.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        trainer = Trainer(args)
+        summary = trainer.fit()
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}; test metrics "
+          f"({'history excluded' if args.exclude_history else 'history kept'}, "
+          f"{summary['test']['n_head']} head / {summary['test']['n_tail']} tail users):")
+    print(format_metrics(summary["test"]))
+    print(f"summary: {trainer.run_dir / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Loss / scoring primitives, the SASRec backbone (causality, padding masking) and the registry."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hymoerec.models import (MODELS, ModelConfig, build_model, full_item_scores,
+                             full_softmax_loss, register)
+from hymoerec.models.base import SequentialRecommender
+
+
+def small_model(ffn="hymoe", n_items=40, **overrides):
+    torch.manual_seed(0)
+    config = ModelConfig(max_len=8, d_model=16, n_heads=2, ffn=ffn, dropout=0.0, **overrides)
+    return build_model("sasrec", n_items, config).eval()
+
+
+def test_full_softmax_loss_equals_cross_entropy_over_items():
+    torch.manual_seed(0)
+    hidden = torch.randn(600, 8, requires_grad=True)   # > one row chunk
+    emb = torch.randn(31, 8, requires_grad=True)
+    targets = torch.randint(1, 31, (600,))
+    loss = full_softmax_loss(hidden, emb, targets)
+    (3 * loss).backward()
+    h2, e2 = hidden.detach().requires_grad_(), emb.detach().clone().requires_grad_()
+    want = F.cross_entropy(h2 @ e2[1:].t(), targets - 1)
+    (3 * want).backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(emb.grad, e2.grad, rtol=1e-4, atol=1e-6)
+    assert emb.grad[0].abs().max() == 0  # padding row gets no gradient
+
+
+def test_full_softmax_loss_gradcheck_float64():
+    torch.manual_seed(1)
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 6, 3, 3, 2])
+    assert torch.autograd.gradcheck(lambda h, e: full_softmax_loss(h, e, targets), (hidden, emb))
+
+
+def test_full_item_scores_never_rank_padding():
+    scores = full_item_scores(torch.ones(2, 3), torch.ones(5, 3))
+    assert scores.shape == (2, 5) and torch.isinf(scores[:, 0]).all() and (scores[:, 1:] == 3).all()
+
+
+@pytest.mark.parametrize("ffn", ["hymoe", "dense"])
+def test_padding_and_later_items_do_not_change_earlier_positions(ffn):
+    model = small_model(ffn)
+    short = torch.tensor([[3, 7, 9]])
+    padded = torch.tensor([[3, 7, 9, 0, 0, 0]])
+    longer = torch.tensor([[3, 7, 9, 12, 5, 1]])
+    with torch.no_grad():
+        h = model.encode(short)
+        torch.testing.assert_close(model.encode(padded)[:, :3], h)
+        torch.testing.assert_close(model.encode(longer)[:, :3], h)
+        torch.testing.assert_close(model.score_next(padded), model.score_next(short))
+
+
+def test_router_statistics_exclude_padding():
+    model = small_model("hymoe").train()
+    with torch.no_grad():
+        model.encode(torch.tensor([[3, 7, 9, 4]]))
+        unpadded = [layer.stats()["gbar"] for layer in model.hymoe_layers()]
+        model.encode(torch.tensor([[3, 7, 9, 4, 0, 0, 0, 0]]))
+        padded = [layer.stats()["gbar"] for layer in model.hymoe_layers()]
+    assert len(unpadded) == 2
+    for a, b in zip(unpadded, padded):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_loss_ignores_padding_targets_and_includes_aux_loss():
+    model = small_model("hymoe").train()
+    inputs = torch.tensor([[3, 7, 9, 0], [5, 0, 0, 0]])
+    targets = torch.tensor([[7, 9, 4, 0], [6, 0, 0, 0]])
+    task, aux = model.loss(inputs, targets)
+    hidden = model.encode(inputs)
+    real = targets > 0
+    want = F.cross_entropy(hidden[real] @ model.item_emb.weight[1:].t(), targets[real] - 1)
+    assert task.item() == pytest.approx(want.item(), rel=1e-5)
+    assert aux.item() == pytest.approx(sum(l.aux_loss.item() for l in model.hymoe_layers()))
+    assert aux.item() < 0  # lb * sum gbar log gbar is negative
+    _, dense_aux = small_model("dense").train().loss(inputs, targets)
+    assert dense_aux.item() == 0
+
+
+def test_registry_and_config_validation():
+    assert "sasrec" in MODELS
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_model("nope", 10, ModelConfig())
+    with pytest.raises(ValueError, match="already registered"):
+        register("sasrec")(SequentialRecommender)
+    with pytest.raises(ValueError, match="ffn must be one of"):
+        ModelConfig(ffn="sparse")
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        ModelConfig(d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        small_model().encode(torch.ones(1, 9, dtype=torch.long))

@@ -1,0 +1,102 @@
+"""End-to-end: a tiny synthetic run, determinism, resume, checkpoints, evaluate / recommend."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hymoerec import evaluate, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
+        "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
+        "--device", "cpu", "--seed", "7"]
+
+
+def run(tmp_path, name, *extra):
+    return train.main(TINY + ["--run-dir", str(tmp_path / name), *extra])
+
+
+def test_one_epoch_run_writes_log_checkpoints_and_summary(tmp_path, capsys):
+    summary = run(tmp_path, "a", "--epochs", "1")
+    run_dir = tmp_path / "a"
+    assert {"config.json", "log.jsonl", "last.pt", "best.pt", "summary.json"} <= \
+        {p.name for p in run_dir.iterdir()}
+    record = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
+    assert record["epoch"] == 1 and record["loss"] > 0 and record["aux_loss"] < 0
+    assert len(record["alpha"]) == 2 and len(record["expert_load"][0]) == 4
+    assert sum(record["expert_load"][0]) == pytest.approx(1.0)
+    assert 0 <= summary["test"]["NDCG@10"] <= summary["test"]["HR@10"] <= 1
+    assert summary["n_users"] == 120 and summary["epochs_run"] == 1
+    assert "NDCG@10" in capsys.readouterr().out
+
+
+def test_fixed_seed_gives_identical_metrics(tmp_path):
+    first = run(tmp_path, "a", "--epochs", "2")
+    second = run(tmp_path, "b", "--epochs", "2")
+    assert first["test"] == second["test"] and first["valid"] == second["valid"]
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    straight = run(tmp_path, "straight", "--epochs", "3", "--ffn", "hymoe")
+    run(tmp_path, "resumed", "--epochs", "1")                      # "killed" after epoch 1
+    resumed = train.main(["--resume", "--run-dir", str(tmp_path / "resumed"), "--epochs", "3"])
+    assert resumed["test"] == straight["test"] and resumed["epochs_run"] == 3
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").open()]
+            for name in ("straight", "resumed")]
+    assert logs[0] == logs[1]
+
+
+def test_existing_run_dir_needs_resume(tmp_path):
+    run(tmp_path, "a", "--epochs", "1")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(tmp_path, "a", "--epochs", "1")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_corrupt_checkpoint_fails_naming_the_file(tmp_path, damage):
+    run(tmp_path, "a", "--epochs", "1")
+    last = tmp_path / "a" / "last.pt"
+    if damage == "garbage":
+        last.write_bytes(b"not a checkpoint at all")
+    else:
+        last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=f"checkpoint {last} is corrupt"):
+        train.main(["--resume", "--run-dir", str(tmp_path / "a"), "--epochs", "2"])
+
+
+def test_checkpoint_of_other_data_is_refused(tmp_path):
+    run(tmp_path, "a", "--epochs", "1")
+    with pytest.raises(SystemExit, match="trained on different data"):
+        train.main(["--resume", "--run-dir", str(tmp_path / "a"), "--epochs", "2",
+                    "--synthetic-items", "30"])
+
+
+def test_evaluate_and_recommend_from_checkpoint(tmp_path):
+    summary = run(tmp_path, "a", "--epochs", "1", "--ffn", "dense")
+    metrics = evaluate.evaluate_checkpoint(tmp_path / "a")
+    assert metrics["test"] == pytest.approx(summary["test"])
+    rec = evaluate.Recommender.from_checkpoint(tmp_path / "a")
+    top = rec.recommend([3, "7", 12], k=5)
+    assert len(top) == 5 and all(item in rec.item_ids[1:] for item in top)
+    assert not {"3", "7", "12"} & set(rec.recommend([3, 7, 12], k=10, exclude_history=True))
+    with pytest.raises(ValueError, match="unknown to the model"):
+        rec.recommend(["no-such-item"])
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    run(tmp_path, "a", "--epochs", "1", "--ffn", "dense")
+    config = tmp_path / "a" / "config.json"
+    args = train.parse_args(["--config", str(config), "--epochs", "4"])
+    assert args.ffn == "dense" and args.epochs == 4 and args.synthetic_users == 120
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("entry", [["hymoerec/train.py"], ["-m", "hymoerec.train"],
+                                   ["hymoerec/evaluate.py"]])
+def test_entry_points_run_as_script_and_module(entry):
+    out = subprocess.run([sys.executable, *entry, "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "usage" in out.stdout
