@@ -36,18 +36,16 @@ def combine_gathered_rows(acc, token_rows, row_ok, cols, col_ok, src_ptr, stride
     if GATED:
         alpha = tl.load(alpha_ptr)
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    moe = tl.zeros_like(acc)
-    for j in tl.static_range(TOP_K):
+    for j in range(TOP_K):  # a loop, not unrolled: one gathered tile live at a time
         slots = token_rows * TOP_K + j
         src_rows = tl.load(slot_row_ptr + slots, mask=row_ok, other=0).to(tl.int64)
         vals = tl.load(src_ptr + src_rows[:, None] * stride_sm + cols[None, :] * stride_sn,
                        mask=tile_ok, other=0.0).to(tl.float32)
         if GATED:
-            vals = vals * tl.load(gates_ptr + slots, mask=row_ok, other=0.0)[:, None]
-        moe += vals
-    if GATED:
-        moe = moe * alpha
-    return acc + moe
+            coef = alpha * tl.load(gates_ptr + slots, mask=row_ok, other=0.0)
+            vals = vals * coef[:, None]
+        acc += vals
+    return acc
 
 
 @triton.jit

@@ -32,8 +32,8 @@ from .combine import combine_gathered_rows
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 ROW_GEMM_CONFIGS = (
-    (64, 128, 32, 4, 3),
-    (64, 64, 32, 4, 3),
+    (64, 128, 16, 8, 2),
+    (64, 64, 32, 8, 3),
     (32, 64, 32, 4, 2),
     (16, 32, 32, 2, 2),
 )
