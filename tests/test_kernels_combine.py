@@ -23,7 +23,8 @@ def routed_case(N, D, E, top_k, seed, dtype=torch.float32):
 
 def gathered(expert_out, routing, N):
     """(N, top_k, D) float32: the expert rows of each token's slots."""
-    return expert_out.float()[routing.slot_row.long()].reshape(N, routing.top_k, expert_out.shape[1])
+    rows = expert_out.float()[routing.slot_row.long()]
+    return rows.reshape(N, routing.top_k, expert_out.shape[1])
 
 
 @pytest.mark.parametrize("config", ROW_GEMM_CONFIGS)

@@ -23,7 +23,8 @@ def rand(*shape, gen, dtype=torch.float32):
 
 @pytest.mark.parametrize("config", ROW_GEMM_CONFIGS)
 @settings(max_examples=4, deadline=None)
-@given(M=st.integers(0, 70), K=st.integers(1, 40), N=st.integers(1, 70), seed=st.integers(0, 2 ** 31))
+@given(M=st.integers(0, 70), K=st.integers(1, 40), N=st.integers(1, 70),
+       seed=st.integers(0, 2 ** 31))
 def test_plain_row_gemm_epilogues(config, M, K, N, seed):
     gen = torch.Generator().manual_seed(seed)
     a = rand(M, 2 * K, gen=gen)[:, ::2]            # non-contiguous rows
@@ -80,7 +81,8 @@ def test_grouped_gather_gemm(config, dtype, N, K, F_, E, k_frac, seed):
 
 @pytest.mark.parametrize("config", WEIGHT_GRAD_CONFIGS)
 @settings(max_examples=4, deadline=None)
-@given(M=st.integers(0, 300), K=st.integers(1, 40), N=st.integers(1, 70), seed=st.integers(0, 2 ** 31))
+@given(M=st.integers(0, 300), K=st.integers(1, 40), N=st.integers(1, 70),
+       seed=st.integers(0, 2 ** 31))
 def test_plain_weight_grad(config, M, K, N, seed):
     gen = torch.Generator().manual_seed(seed)
     a, b = rand(M, K, gen=gen), rand(2 * M, N, gen=gen)[::2]

@@ -68,7 +68,8 @@ def _gate_grad_kernel(
         dy = tl.load(dy_ptr + tokens64[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=tile_ok, other=0.0).to(tl.float32)
         for j in tl.static_range(TOP_K):
-            src_rows = tl.load(slot_row_ptr + tokens64 * TOP_K + j, mask=tok_ok, other=0).to(tl.int64)
+            src_rows = tl.load(slot_row_ptr + tokens64 * TOP_K + j, mask=tok_ok, other=0)
+            src_rows = src_rows.to(tl.int64)
             f = tl.load(src_ptr + src_rows[:, None] * stride_sm + cols[None, :] * stride_sn,
                         mask=tile_ok, other=0.0).to(tl.float32)
             dots += tl.where(ranks[None, :] == j, tl.sum(dy * f, axis=1)[:, None], 0.0)

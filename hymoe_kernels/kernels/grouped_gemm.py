@@ -37,7 +37,8 @@ ROW_GEMM_CONFIGS = (
     (32, 64, 32, 4, 2),
     (16, 32, 32, 2, 2),
 )
-# (BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages): dW tile (BLOCK_K, BLOCK_N), BLOCK_R rows a step
+# (BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages): a (BLOCK_K, BLOCK_N) tile of dW,
+# reducing BLOCK_R rows a step
 WEIGHT_GRAD_CONFIGS = (
     (64, 64, 32, 4, 3),
     (32, 64, 32, 4, 2),
@@ -156,7 +157,8 @@ def _row_gemm_kernel(
     out_rows = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + group * stride_bias_g + cols * stride_bias_n, mask=col_ok, other=0.0)
+        bias = tl.load(bias_ptr + group * stride_bias_g + cols * stride_bias_n, mask=col_ok,
+                       other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if EPI_GELU_GRAD:
         pre = tl.load(pre_ptr + out_rows[:, None] * stride_pm + cols[None, :] * stride_pn,
