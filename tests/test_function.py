@@ -198,3 +198,40 @@ def test_auto_backend_choice(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             resolve_backend("triton", x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs and CUDA graphs need CUDA")
+def test_no_host_sync_and_cuda_graph_capture():
+    gen = torch.Generator().manual_seed(9)
+    weights = make_weights(16, 8, 4, 24, generator=gen)
+    x = torch.randn(50, 16, generator=gen).to(DEVICE).requires_grad_()
+    mask = (torch.rand(50, generator=gen) > 0.2).to(DEVICE)
+    alpha_param = torch.tensor(0.3, device=DEVICE, requires_grad=True)
+    ramp = torch.tensor(0.5, device=DEVICE)
+    hymoe_triton(x, mask, *weights, alpha_param, ramp, 2)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, prob_sum, _ = hymoe_triton(x, mask, *weights, alpha_param, ramp, 2)
+        torch.autograd.grad(y.sum() + prob_sum.sum(), [x, *weights, alpha_param])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    static_x = x.detach().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        hymoe_triton(static_x, mask, *weights, alpha_param, ramp, 2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y, static_prob, static_load = hymoe_triton(static_x, mask, *weights,
+                                                          alpha_param, ramp, 2)
+    new_x = torch.randn(50, 16, generator=gen).to(DEVICE)
+    static_x.copy_(new_x)
+    graph.replay()
+    with torch.no_grad():
+        y_eager, prob_eager, load_eager = hymoe_triton(new_x, mask, *weights, alpha_param,
+                                                       ramp, 2)
+    assert torch.equal(static_y, y_eager) and torch.equal(static_prob, prob_eager)
+    assert torch.equal(static_load, load_eager)
