@@ -13,9 +13,9 @@ from kernel_cases import DEVICE, TOL, make_weights, poisoned_outputs, rel_err
 
 def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, noncontig=False,
                     seed=0, weights=None, mask=None):
-    """Run hymoe_triton (outputs poisoned) and the fp32 reference on the same (rounded)
-    inputs; assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param
-    agree (the loss weighs y and prob_sum with random cotangents)."""
+    """Run hymoe_triton (outputs poisoned) and hymoe_reference in float64 on the same inputs;
+    assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param agree (the
+    loss weighs y and prob_sum with random cotangents)."""
     gen = torch.Generator().manual_seed(seed)
     if weights is None:
         weights = make_weights(D, H, E, F, dtype, separated_logits=dtype != torch.float32,
@@ -26,38 +26,50 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
         mask = (torch.rand(N, generator=gen) > 0.3).to(DEVICE)
     alpha_param = torch.tensor(0.4, device=DEVICE, requires_grad=True)
     ramp = torch.tensor(0.75, device=DEVICE)
-    dy = torch.randn(N, D, generator=gen).to(DEVICE)
-    dprob = torch.randn(E, generator=gen).to(DEVICE)
+    dy = torch.randn(N, D, generator=gen, dtype=torch.float64).to(DEVICE)
+    dprob = torch.randn(E, generator=gen, dtype=torch.float64).to(DEVICE)
     with poisoned_outputs():
         y, prob_sum, load = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k)
-        grads = torch.autograd.grad((y.float() * dy).sum() + (prob_sum * dprob).sum(),
+        grads = torch.autograd.grad((y.double() * dy).sum() + (prob_sum.double() * dprob).sum(),
                                     [x, *weights, alpha_param])
 
-    ref_leaves = [t.detach().float().requires_grad_() for t in (x, *weights, alpha_param)]
-    y_ref, prob_ref, load_ref = hymoe_reference(ref_leaves[0], mask, *ref_leaves[1:13],
-                                                ref_leaves[13], ramp, top_k)
-    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (prob_ref * dprob).sum(), ref_leaves)
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *weights)]
+        leaves.append(alpha_param.detach().to(torch.float64 if dtype == torch.float64
+                                              else torch.float32).requires_grad_())
+        y_ref, prob_ref, load_ref = hymoe_reference(leaves[0], mask, *leaves[1:13], leaves[13],
+                                                    ramp, top_k)
+        loss = (y_ref.double() * dy).sum() + (prob_ref.double() * dprob).sum()
+        return leaves, (y_ref, prob_ref, *torch.autograd.grad(loss, leaves)), load_ref
 
-    assert y.dtype == dtype and y.shape == (N, D)
-    assert prob_sum.dtype == torch.float32 and load.dtype == torch.int64
-    assert torch.equal(load.cpu(), load_ref.cpu())
-    tol = TOL[dtype]
+    # truth: float64 reference; PyTorch's own error in x's dtype sets the allowance for
+    # ill-conditioned outputs (sums of terms of both signs, e.g. router_b2: per-token softmax
+    # gradients sum to zero): ours may be up to twice PyTorch's error, or `tol`.
+    ref_leaves, refs, load_ref = reference(torch.float64)
+    _, same_dtype_refs, _ = reference(dtype)
+    bounds = [max(TOL[dtype], 2 * rel_err(same, ref)) for same, ref in zip(same_dtype_refs, refs)]
+
     names = ["y", "prob_sum", "x", "router_w1", "router_b1", "router_w2", "router_b2",
              "expert_w1", "expert_b1", "expert_w2", "expert_b2", "dense_w1", "dense_b1",
              "dense_w2", "dense_b2", "alpha_param"]
-    for name, out, ref in zip(names[:-1], (y, prob_sum, *grads), (y_ref, prob_ref, *grads_ref)):
-        assert out.dtype == ref.dtype or dtype != torch.float32, name
+    outs = (y, prob_sum, *grads)
+    assert y.dtype == dtype and y.shape == (N, D)
+    assert prob_sum.dtype == torch.float32 and load.dtype == torch.int64
+    assert torch.equal(load.cpu(), load_ref.cpu())
+    for grad, leaf in zip(grads, (x, *weights, alpha_param)):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    for name, out, ref, bound in zip(names[:-1], outs, refs, bounds):
         assert torch.isfinite(out).all(), name
-        assert rel_err(out, ref) < tol, (name, rel_err(out, ref))
+        assert rel_err(out, ref) < bound, (name, rel_err(out, ref), bound)
     # d/d alpha_param is one sum of N*D terms of either sign; bound its error by the sum of
     # the terms' magnitudes (what any summation order guarantees), not by the result.
     with torch.no_grad():
         dense = ffn(ref_leaves[0], *ref_leaves[9:13])
         sig = torch.sigmoid(ref_leaves[13])
         dalpha_dparam = sig * (1 - sig) * ramp
-        y_moe = (y_ref - dense) / (sig * ramp)
+        y_moe = (refs[0] - dense) / (sig * ramp)
         magnitude = (dy * y_moe).abs().sum() * dalpha_dparam
-    assert (grads[-1] - grads_ref[-1]).abs() <= tol * magnitude + 1e-30, "alpha_param"
+    assert (grads[-1] - refs[-1]).abs() <= TOL[dtype] * magnitude + 1e-30, "alpha_param"
     return load
 
 

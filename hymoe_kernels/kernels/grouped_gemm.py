@@ -67,18 +67,31 @@ class Routing(NamedTuple):
     top_k: int
 
 
-# Triton's interpreter (3.9) keeps bf16 as uint16 and multiplies the raw bits in tl.dot, so
-# under TRITON_INTERPRET=1 bf16 dots are done in fp32 (the branch is compiled away on a GPU).
-_UPCAST_BF16_DOTS = tl.constexpr(INTERPRETING)
+# Two bf16 faults of Triton's CPU interpreter (3.9), worked around under TRITON_INTERPRET=1
+# only (the branches are compiled away on a GPU): it keeps bf16 as uint16 and multiplies the
+# raw bits in tl.dot, and its fp32 -> bf16 cast truncates instead of rounding to nearest.
+_INTERPRETER_BF16_FIXES = tl.constexpr(INTERPRETING)
 
 
 @triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     """acc + a @ b with fp32 accumulation; a and b share a dtype."""
-    if _UPCAST_BF16_DOTS:
+    if _INTERPRETER_BF16_FIXES:
         if a.dtype == tl.bfloat16:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """x cast to ``dtype``, fp32 -> bf16/fp16 rounding to nearest even (as on the GPU)."""
+    if _INTERPRETER_BF16_FIXES:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -153,7 +166,7 @@ def _row_gemm_kernel(
             a = a.to(tl.float32) * scale[:, None]
         w = tl.load(w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(a.to(w.dtype), w, acc, DOT_PRECISION)
+        acc = mma(cast_to(a, w.dtype), w, acc, DOT_PRECISION)
     out_rows = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
@@ -174,7 +187,7 @@ def _row_gemm_kernel(
     if GROUPED:
         acc = tl.where(row_ok[:, None], acc, 0.0)
     tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=store_ok[:, None] & col_ok[None, :])
+             cast_to(acc, out_ptr.dtype.element_ty), mask=store_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -226,16 +239,15 @@ def _weight_grad_kernel(
         a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + ks[:, None] * stride_ak,
                       mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         if A_GELU:
-            a_t = gelu(a_t.to(tl.float32)).to(a_ptr.dtype.element_ty)
+            a_t = cast_to(gelu(a_t.to(tl.float32)), a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + cols[None, :] * stride_bn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if B_SCALE:
             gate = tl.load(gates_ptr + slots, mask=row_ok, other=0.0) * tl.load(alpha_ptr)
             b = b.to(tl.float32) * gate[:, None]
-        b = b.to(a_ptr.dtype.element_ty)
         if HAS_DBIAS:
             db_acc += tl.sum(b.to(tl.float32), axis=0)
-        acc = mma(a_t, b, acc, DOT_PRECISION)
+        acc = mma(a_t, cast_to(b, a_ptr.dtype.element_ty), acc, DOT_PRECISION)
     out = pid.to(tl.int64) * K * N
     tl.store(dw_ptr + out + ks[:, None].to(tl.int64) * N + cols[None, :], acc,
              mask=k_ok[:, None] & col_ok[None, :])

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRETING
-from .grouped_gemm import dot_precision, gelu, mma
+from .grouped_gemm import cast_to, dot_precision, gelu, mma
 
 # (BLOCK_T tokens, BLOCK_H hidden columns per step, num_warps, num_stages)
 ROUTER_CONFIGS = (
@@ -56,7 +56,7 @@ def _router_topk_kernel(
                          mask=tok_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptr + hs[:, None] * stride_wk + experts[None, :] * stride_we,
                     mask=h_ok[:, None] & expert_ok[None, :], other=0.0)
-        acc = mma(gelu(hidden.to(tl.float32)).to(w.dtype), w, acc, DOT_PRECISION)
+        acc = mma(cast_to(gelu(hidden.to(tl.float32)), w.dtype), w, acc, DOT_PRECISION)
     logits = acc + tl.load(b_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
     out_ok = tok_ok[:, None] & expert_ok[None, :]
