@@ -41,8 +41,8 @@ ROW_GEMM_CONFIGS = (
 # reducing BLOCK_R rows a step
 WEIGHT_GRAD_CONFIGS = (
     (64, 64, 32, 4, 3),
-    (32, 64, 32, 4, 2),
-    (16, 32, 32, 2, 2),
+    (32, 64, 16, 4, 2),
+    (16, 32, 16, 2, 2),
 )
 # Expert groups are padded to a multiple of GROUP_PAD rows, so every row-GEMM tile (BLOCK_M
 # divides GROUP_PAD) lies inside one expert's group.
