@@ -109,11 +109,9 @@ def hymoe_backward_op(
     flat_gates = gates.reshape(-1)
     d_expert_hidden = row_gemm(dy, expert_w2.transpose(1, 2), routing=routing, gather=True,
                                gates=flat_gates, alpha=alpha, gelu_grad_of=expert_hidden)
-    d_expert_w2, d_expert_b2 = weight_grad(expert_hidden, dy, num_groups=num_experts,
-                                           routing=routing, a_gelu=True, b_gather=True,
-                                           gates=flat_gates, alpha=alpha)
-    d_expert_w1, d_expert_b1 = weight_grad(x, d_expert_hidden, num_groups=num_experts,
-                                           routing=routing, a_gather=True)
+    d_expert_w2, d_expert_b2 = weight_grad(expert_hidden, dy, routing=routing, a_gelu=True,
+                                           b_gather=True, gates=flat_gates, alpha=alpha)
+    d_expert_w1, d_expert_b1 = weight_grad(x, d_expert_hidden, routing=routing, a_gather=True)
     dx_expert = row_gemm(d_expert_hidden, expert_w1.transpose(1, 2), routing=routing,
                          out_dtype=torch.float32)
 

@@ -115,10 +115,9 @@ def check_grouped_weight_grad(config, dtype, N, K, F_, E, top_k, seed):
     gates = torch.rand(N * top_k, generator=gen).to(DEVICE)
     alpha = torch.tensor([0.3], device=DEVICE)
     with poisoned_outputs():
-        dw1, db1 = weight_grad(x, d_hidden, num_groups=E, routing=routing, a_gather=True,
-                               config=config)
-        dw2, db2 = weight_grad(hidden, dy, num_groups=E, routing=routing, a_gelu=True,
-                               b_gather=True, gates=gates, alpha=alpha, config=config)
+        dw1, db1 = weight_grad(x, d_hidden, routing=routing, a_gather=True, config=config)
+        dw2, db2 = weight_grad(hidden, dy, routing=routing, a_gelu=True, b_gather=True,
+                               gates=gates, alpha=alpha, config=config)
     start = routing.group_start.long().cpu()
     for e, slots in enumerate(expert_rows(routing)):
         r = slice(start[e], start[e] + len(slots))

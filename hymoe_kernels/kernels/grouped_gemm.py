@@ -199,7 +199,7 @@ def _weight_grad_kernel(
     M, K, N, num_groups, num_splits,
     TOP_K: tl.constexpr, GROUPED: tl.constexpr, A_GATHER: tl.constexpr,
     A_GELU: tl.constexpr, B_GATHER: tl.constexpr, B_SCALE: tl.constexpr,
-    HAS_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -245,15 +245,13 @@ def _weight_grad_kernel(
         if B_SCALE:
             gate = tl.load(gates_ptr + slots, mask=row_ok, other=0.0) * tl.load(alpha_ptr)
             b = b.to(tl.float32) * gate[:, None]
-        if HAS_DBIAS:
-            db_acc += tl.sum(b.to(tl.float32), axis=0)
+        db_acc += tl.sum(b.to(tl.float32), axis=0)
         acc = mma(a_t, cast_to(b, a_ptr.dtype.element_ty), acc, DOT_PRECISION)
     out = pid.to(tl.int64) * K * N
     tl.store(dw_ptr + out + ks[:, None].to(tl.int64) * N + cols[None, :], acc,
              mask=k_ok[:, None] & col_ok[None, :])
-    if HAS_DBIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + pid.to(tl.int64) * N + cols, db_acc, mask=col_ok)
+    if pid_k == 0:
+        tl.store(db_ptr + pid.to(tl.int64) * N + cols, db_acc, mask=col_ok)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -347,22 +345,22 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
     return out
 
 
-def weight_grad(a: Tensor, b: Tensor, *, num_groups: int = 1, routing: Routing | None = None,
+def weight_grad(a: Tensor, b: Tensor, *, routing: Routing | None = None,
                 a_gather: bool = False, a_gelu: bool = False, b_gather: bool = False,
                 gates: Tensor | None = None, alpha: Tensor | None = None,
-                with_bias: bool = True, config: tuple[int, int, int, int, int] | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+                config: tuple[int, int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Weight and bias gradients ``dW = A^T @ B``, ``db = sum_rows B``, per group.
 
-    a: (M, K), b: (M, N) row-aligned, or with ``routing`` the padded expert-sorted rows (P, .);
+    a: (M, K), b: (M, N) row-aligned, or with ``routing`` the padded expert-sorted rows (P, .)
+    of its E groups;
     a_gather / b_gather: read token row row_slot[r] // top_k of a (N_tok, K) / b (N_tok, N)
     instead of row r; with ``gates`` (N_tok*top_k,) f32 and ``alpha`` (1,) f32 the B rows are
     scaled by alpha * gates[slot]. a_gelu: use GELU(A). config: one of
     :data:`WEIGHT_GRAD_CONFIGS` (default :func:`pick_weight_grad_config`). Returns dW (K, N)
-    or (E, K, N) and db (N,) or (E, N) (None unless ``with_bias``) as float32; the dot runs
-    in a's dtype.
+    or (E, K, N) and db (N,) or (E, N) as float32; the dot runs in a's dtype.
     """
     grouped = routing is not None
+    num_groups = routing.group_count.shape[0] if grouped else 1
     K, N = a.shape[1], b.shape[1]
     M = routing.row_slot.shape[0] if grouped else a.shape[0]
     block_k, block_n, block_r, num_warps, num_stages = config or pick_weight_grad_config(K, N)
@@ -380,14 +378,14 @@ def weight_grad(a: Tensor, b: Tensor, *, num_groups: int = 1, routing: Routing |
         dw if gates is None else gates, dw if alpha is None else alpha,
         M, K, N, num_groups, num_splits,
         TOP_K=layout.top_k, GROUPED=grouped, A_GATHER=a_gather, A_GELU=a_gelu,
-        B_GATHER=b_gather, B_SCALE=gates is not None, HAS_DBIAS=with_bias,
+        B_GATHER=b_gather, B_SCALE=gates is not None,
         DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
         num_warps=num_warps, num_stages=num_stages,
     )
     # splits are the leading index of each group's partials: program id = group * splits + split
     dw = dw.view(num_groups, num_splits, K, N).sum(1)
-    db = db.view(num_groups, num_splits, N).sum(1) if with_bias else None
+    db = db.view(num_groups, num_splits, N).sum(1)
     if not grouped:
-        dw, db = dw[0], (db[0] if with_bias else None)
+        dw, db = dw[0], db[0]
     return dw, db
