@@ -32,7 +32,6 @@ from torch import Tensor
 LCE_CONFIGS = (
     (64, 64, 4, 2),
     (64, 32, 4, 2),
-    (32, 32, 4, 1),
 )
 # Widest D the kernels take: h / W tiles of BLOCK_D columns live in registers.
 MAX_BLOCK_D = 256
