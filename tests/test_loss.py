@@ -121,10 +121,20 @@ def test_gradients_are_bit_reproducible(backend):
 
 def test_triton_and_torch_paths_agree():
     hidden, weight, target = make_inputs(66, 97, 20, torch.float32, seed=8, ignore_every=7)
-    fn = lambda backend: (lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend))  # noqa: E731
-    for a, b in zip(loss_and_grads(fn("triton"), hidden, weight, target),
-                    loss_and_grads(fn("torch"), hidden, weight, target)):
+    def with_backend(backend):
+        return lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend)
+    for a, b in zip(loss_and_grads(with_backend("triton"), hidden, weight, target),
+                    loss_and_grads(with_backend("torch"), hidden, weight, target)):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_torch_path_gradcheck_float64():
+    hidden, weight, target = make_inputs(9, 13, 4, torch.float64, seed=16, ignore_every=4)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    fn = lambda h, w: linear_cross_entropy(h, w, target, chunk_size=5, backend="torch")  # noqa: E731
+    assert fn(hidden, weight).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
 def test_loss_rejects_bad_input():
@@ -143,6 +153,8 @@ def test_loss_rejects_bad_input():
         linear_cross_entropy(hidden, weight, target, backend="cuda")
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(hidden, weight, target, chunk_size=0)
+    with pytest.raises(TypeError, match="backend='triton' takes"):
+        linear_cross_entropy(hidden.double(), weight.double(), target, backend="triton")
 
 
 # ------------------------------------------------------------------------------ evaluation
