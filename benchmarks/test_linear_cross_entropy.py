@@ -30,7 +30,9 @@ touched on top of its inputs; ``working`` = peak minus the two gradient tensors 
 V x D), which every path must return. Torch's CPU allocator hands freed blocks back to
 malloc; the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that every freed
 block over 128 KiB goes back to the OS and the high-water mark follows the live tensors
-(without it, reused heap pages add a few MiB of noise).
+(without it, reused heap pages add a few MiB of noise). Memory cases run with 1 torch
+thread; the torch path's score block is 8 MiB per thread, so its working set grows with the
+thread count, never with the item count.
 """
 from __future__ import annotations
 
