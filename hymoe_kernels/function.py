@@ -46,9 +46,6 @@ def hymoe_forward_op(
     needs: router_hidden (N, H), logits (N, E) f32, ids (N, k) i32, gates (N, k) f32,
     dense_hidden (N, F), expert_hidden (P, F), expert_out (P, D), and the Routing tensors
     row_slot (P,), slot_row (N*k,), group_start (E+1,), group_count (E,) (int32)."""
-    # Dispatch point for the fused small-D "token tile" path (kernels/fused_tile.py): when
-    # fused_tile_supported(D, F, E, H, top_k), the lead wires fused_tile_forward in here and
-    # fused_tile_backward at the same place in hymoe_backward_op.
     num_experts = expert_w1.shape[0]
     mask = None if mask is None else mask.contiguous()
     alpha = _alpha(alpha_param, ramp)
@@ -112,11 +109,9 @@ def hymoe_backward_op(
     flat_gates = gates.reshape(-1)
     d_expert_hidden = row_gemm(dy, expert_w2.transpose(1, 2), routing=routing, gather=True,
                                gates=flat_gates, alpha=alpha, gelu_grad_of=expert_hidden)
-    d_expert_w2, d_expert_b2 = weight_grad(expert_hidden, dy, num_groups=num_experts,
-                                           routing=routing, a_gelu=True, b_gather=True,
-                                           gates=flat_gates, alpha=alpha)
-    d_expert_w1, d_expert_b1 = weight_grad(x, d_expert_hidden, num_groups=num_experts,
-                                           routing=routing, a_gather=True)
+    d_expert_w2, d_expert_b2 = weight_grad(expert_hidden, dy, routing=routing, a_gelu=True,
+                                           b_gather=True, gates=flat_gates, alpha=alpha)
+    d_expert_w1, d_expert_b1 = weight_grad(x, d_expert_hidden, routing=routing, a_gather=True)
     dx_expert = row_gemm(d_expert_hidden, expert_w1.transpose(1, 2), routing=routing,
                          out_dtype=torch.float32)
 
@@ -199,6 +194,9 @@ def hymoe_triton(
                expert_b2, dense_w1, dense_b1, dense_w2, dense_b2)
     _check_inputs(x, mask, weights, alpha_param, ramp, top_k)
     weights = tuple(w.to(x.dtype) for w in weights)
+    # Dispatch point for the fused small-D "token tile" path (kernels/fused_tile.py): when
+    # fused_tile_supported(D, F, E, H, top_k), apply its own Function / custom-op pair here
+    # (its saved tensors differ from hymoe::forward's outputs, so it cannot share the op).
     outputs = HyMoEFunction.apply(x, mask, *weights, alpha_param, ramp.detach(), top_k)
     return outputs[0], outputs[1], outputs[2]
 
@@ -216,9 +214,10 @@ def _check_inputs(x, mask, weights, alpha_param, ramp, top_k) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
         if w.device != x.device:
             raise ValueError(f"{name} is on {w.device}, x on {x.device}")
-    if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be a bool tensor of shape ({N},), got "
-                         f"{tuple(mask.shape)} {mask.dtype}")
+    if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool
+                             or mask.device != x.device):
+        raise ValueError(f"mask must be a bool tensor of shape ({N},) on {x.device}, got "
+                         f"{tuple(mask.shape)} {mask.dtype} on {mask.device}")
     for name, t in (("alpha_param", alpha_param), ("ramp", ramp)):
         if t.dim() != 0:
             raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(t.shape)}")

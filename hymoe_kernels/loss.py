@@ -22,10 +22,14 @@ from torch import Tensor
 
 LOSS_BACKENDS = ("auto", "torch", "triton")
 
-# Budget of one score block (rows x items) in elements for the chunked torch path: 2**18
-# fp32 values = 1 MiB, small enough to stay in a core's L2 cache between the GEMM and the
-# exp/sum passes over it.
-_TORCH_BLOCK_ELEMENTS = 1 << 18
+# Budget of one score block (rows x items) of the chunked torch path, in elements. On the
+# CPU, 2**21 fp32 values (8 MiB) per intra-op thread: single-threaded speed is flat from
+# 1 to 16 MiB blocks, while each block costs ~10 parallel regions whose barriers stall
+# when the cores are oversubscribed, so blocks are as large as a bounded working set
+# allows. On CUDA, 2**24 (64 MiB) per block.
+_TORCH_BLOCK_ELEMENTS = 1 << 21
+_TORCH_CUDA_BLOCK_ELEMENTS = 1 << 24
+_DEFAULT_ITEM_CHUNK = 2048
 # Budget of one score block for streaming top-k / rank: 2**24 fp32 values = 64 MiB.
 _EVAL_BLOCK_ELEMENTS = 1 << 24
 
@@ -60,10 +64,15 @@ def _check_chunk(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _torch_blocks(n_rows: int, n_items: int, chunk_size: int | None) -> tuple[int, int]:
+def _torch_blocks(n_rows: int, n_items: int, chunk_size: int | None,
+                  device: torch.device) -> tuple[int, int]:
     """(rows per block, items per chunk) of the chunked torch loss."""
-    items = min(n_items, chunk_size or 1024)
-    rows = max(1, _TORCH_BLOCK_ELEMENTS // items)
+    items = min(n_items, chunk_size or _DEFAULT_ITEM_CHUNK)
+    if device.type == "cuda":
+        budget = _TORCH_CUDA_BLOCK_ELEMENTS
+    else:
+        budget = _TORCH_BLOCK_ELEMENTS * torch.get_num_threads()
+    rows = max(1, budget // items)
     return min(max(n_rows, 1), rows), items
 
 
@@ -71,17 +80,24 @@ def _torch_blocks(n_rows: int, n_items: int, chunk_size: int | None) -> tuple[in
 # Chunked PyTorch implementation of the loss
 # ----------------------------------------------------------------------------------------
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _torch_lse(hidden: Tensor, weight: Tensor, chunk_size: int | None) -> Tensor:
-    """log sum_v exp(hidden @ weight.T)[:, v] as float32 (N,), by online log-sum-exp."""
+    """log sum_v exp(hidden @ weight.T)[:, v] (N,) in the compute dtype, by online
+    log-sum-exp."""
     n_rows, n_items = hidden.shape[0], weight.shape[0]
-    row_block, item_chunk = _torch_blocks(n_rows, n_items, chunk_size)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    row_block, item_chunk = _torch_blocks(n_rows, n_items, chunk_size, hidden.device)
+    dtype = _compute_dtype(hidden.dtype)
+    lse = torch.empty(n_rows, dtype=dtype, device=hidden.device)
     for r0 in range(0, n_rows, row_block):
-        h = hidden[r0:r0 + row_block].float()
-        running_max = torch.full((h.shape[0],), float("-inf"), device=h.device)
-        running_sum = torch.zeros(h.shape[0], device=h.device)
+        h = hidden[r0:r0 + row_block].to(dtype)
+        running_max = torch.full((h.shape[0],), float("-inf"), dtype=dtype, device=h.device)
+        running_sum = torch.zeros(h.shape[0], dtype=dtype, device=h.device)
         for v0 in range(0, n_items, item_chunk):
-            scores = h @ weight[v0:v0 + item_chunk].float().T
+            scores = h @ weight[v0:v0 + item_chunk].to(dtype).T
             new_max = torch.maximum(running_max, scores.amax(dim=1))
             running_sum.mul_(torch.exp(running_max - new_max))
             running_sum.add_(scores.sub_(new_max[:, None]).exp_().sum(dim=1))
@@ -96,16 +112,17 @@ def _torch_grads(hidden: Tensor, weight: Tensor, target: Tensor, lse: Tensor, sc
 
     Blocks are visited in a fixed order, so the result is bit-reproducible."""
     n_rows, n_items = hidden.shape[0], weight.shape[0]
-    row_block, item_chunk = _torch_blocks(n_rows, n_items, chunk_size)
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    row_block, item_chunk = _torch_blocks(n_rows, n_items, chunk_size, hidden.device)
+    dtype = _compute_dtype(hidden.dtype)
+    grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     for r0 in range(0, n_rows, row_block):
-        h = hidden[r0:r0 + row_block].float()
+        h = hidden[r0:r0 + row_block].to(dtype)
         rows_lse = lse[r0:r0 + row_block]
         rows_target = target[r0:r0 + row_block]
         row_ids = torch.arange(h.shape[0], device=h.device)
         for v0 in range(0, n_items, item_chunk):
-            w = weight[v0:v0 + item_chunk].float()
+            w = weight[v0:v0 + item_chunk].to(dtype)
             probs = (h @ w.T).sub_(rows_lse[:, None]).exp_()
             local = rows_target - v0
             hit = (local >= 0) & (local < w.shape[0])
@@ -124,21 +141,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(hidden @ weight.T, target) / n_rows, on compacted (real) rows.
 
     forward(hidden (N, D), weight (V, D), target (N,) int64 in [0, V), backend, chunk_size)
-    -> float32 0-d. N = 0 gives loss 0 and zero gradients."""
+    -> 0-d loss in the compute dtype. N = 0 gives loss 0 and zero gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, backend, chunk_size):
         n_rows = hidden.shape[0]
         if n_rows == 0:
-            lse = hidden.new_empty(0, dtype=torch.float32)
-            loss = hidden.new_zeros((), dtype=torch.float32)
+            lse = hidden.new_empty(0, dtype=_compute_dtype(hidden.dtype))
+            loss = hidden.new_zeros((), dtype=_compute_dtype(hidden.dtype))
         elif backend == "triton":
             from .kernels.linear_cross_entropy import triton_lce_forward
             lse, row_loss = triton_lce_forward(hidden, weight, target)
             loss = row_loss.sum() / n_rows
         else:
             lse = _torch_lse(hidden, weight, chunk_size)
-            target_score = (hidden.float() * weight.index_select(0, target).float()).sum(dim=1)
+            dtype = _compute_dtype(hidden.dtype)
+            target_score = (hidden.to(dtype) * weight.index_select(0, target).to(dtype)).sum(1)
             loss = (lse - target_score).sum() / n_rows
         ctx.save_for_backward(hidden, weight, target, lse)
         ctx.backend, ctx.chunk_size = backend, chunk_size
@@ -150,7 +168,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_rows = hidden.shape[0]
         if n_rows == 0:
             return torch.zeros_like(hidden), torch.zeros_like(weight), None, None, None
-        scale = grad_loss.float() / n_rows
+        scale = grad_loss.to(lse.dtype) / n_rows
         if ctx.backend == "triton":
             from .kernels.linear_cross_entropy import triton_lce_backward
             grad_hidden, grad_weight = triton_lce_backward(hidden, weight, target, lse, scale)
@@ -163,11 +181,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _resolve_loss_backend(backend: str, hidden: Tensor) -> str:
     if backend not in LOSS_BACKENDS:
         raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
+    triton_dtype = hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
-        return "triton" if hidden.is_cuda else "torch"
-    if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                         "triton is imported to run the kernels on the CPU")
+        return "triton" if hidden.is_cuda and triton_dtype else "torch"
+    if backend == "triton":
+        if not triton_dtype:
+            raise TypeError(f"backend='triton' takes float32/bfloat16/float16 hidden and weight, "
+                            f"got {hidden.dtype}; use backend='torch'")
+        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                             "before triton is imported to run the kernels on the CPU")
     return backend
 
 
@@ -181,19 +204,20 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     log-sum-exp) and recomputed in the backward pass, so memory does not grow with V.
 
     Args:
-        hidden: (M, D) float32/bfloat16/float16 row representations.
+        hidden: (M, D) float32/bfloat16/float16 (float64: torch backend) row representations.
         weight: (V, D) item embeddings, same dtype and device as ``hidden``.
         target: (M,) int64 item ids in [0, V), or ``ignore_index`` for positions that are not
             scored (they are dropped before any work is done).
         ignore_index: target value of unscored positions.
-        chunk_size: items per chunk of the torch backend (default 1024); the Triton backend
+        chunk_size: items per chunk of the torch backend (default 2048); the Triton backend
             picks its own tiles.
         backend: "auto" (Triton for CUDA tensors, else torch), "torch" or "triton".
 
     Returns:
-        float32 0-d tensor, the mean over non-ignored positions. When every position is
-        ignored the loss is 0 and both gradients are zero (``F.cross_entropy`` returns NaN
-        there; a batch without targets should not poison the parameters).
+        0-d float32 tensor (float64 for float64 inputs), the mean over non-ignored
+        positions. When every position is ignored the loss is 0 and both gradients are
+        zero (``F.cross_entropy`` returns NaN there; a batch without targets should not
+        poison the parameters).
     """
     _check_hidden_weight(hidden, weight)
     _check_chunk(chunk_size)
@@ -231,24 +255,30 @@ def _check_eval_args(hidden: Tensor, weight: Tensor, exclude: Tensor | None,
     _check_hidden_weight(hidden, weight)
     _check_chunk(chunk_size)
     n_items = weight.shape[0]
-    if padding_idx is not None and not (isinstance(padding_idx, int) and 0 <= padding_idx < n_items):
-        raise ValueError(f"padding_idx must be None or an int in [0, {n_items}), got {padding_idx!r}")
+    if padding_idx is not None and not (isinstance(padding_idx, int)
+                                        and 0 <= padding_idx < n_items):
+        raise ValueError(f"padding_idx must be None or an int in [0, {n_items}), "
+                         f"got {padding_idx!r}")
     if exclude is not None:
-        if not isinstance(exclude, Tensor) or exclude.dim() != 2 or exclude.shape[0] != hidden.shape[0]:
-            raise ValueError(f"exclude must be an (M, L) tensor with M = {hidden.shape[0]}, got "
-                             f"{tuple(exclude.shape) if isinstance(exclude, Tensor) else type(exclude)}")
+        if not isinstance(exclude, Tensor) or exclude.dim() != 2 \
+                or exclude.shape[0] != hidden.shape[0]:
+            got = tuple(exclude.shape) if isinstance(exclude, Tensor) else type(exclude)
+            raise ValueError(f"exclude must be an (M, L) tensor with M = {hidden.shape[0]}, "
+                             f"got {got}")
         if exclude.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"exclude must hold int64 item ids, got dtype {exclude.dtype}")
         if exclude.device != hidden.device:
-            raise ValueError(f"exclude must be on hidden's device {hidden.device}, got {exclude.device}")
+            raise ValueError(f"exclude must be on hidden's device {hidden.device}, "
+                             f"got {exclude.device}")
         if exclude.numel() and int(exclude.max()) >= n_items:
             raise ValueError(f"exclude holds item id {int(exclude.max())} >= n_items = {n_items}")
 
 
 def _chunk_scores(hidden: Tensor, weight: Tensor, v0: int, v1: int, exclude: Tensor | None,
                   padding_idx: int | None) -> Tensor:
-    """float32 (M, v1 - v0) scores of items v0..v1-1 with excluded items set to -inf."""
-    scores = hidden @ weight[v0:v1].float().T
+    """(M, v1 - v0) scores (hidden's dtype, float32 or float64) of items v0..v1-1 with
+    excluded items set to -inf."""
+    scores = hidden @ weight[v0:v1].to(hidden.dtype).T
     if padding_idx is not None and v0 <= padding_idx < v1:
         scores[:, padding_idx - v0] = float("-inf")
     if exclude is not None and exclude.shape[1]:
@@ -278,16 +308,16 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
         chunk_size: items per chunk (default: about 2**24 scores per chunk).
 
     Returns:
-        (scores, ids): float32 (M, k) in descending order and int64 (M, k). Rows with fewer
-        than k admissible items end with score -inf and id -1.
+        (scores, ids): (M, k) float32 (float64 for float64 inputs) in descending order, and
+        (M, k) int64. Rows with fewer than k admissible items end with score -inf, id -1.
     """
     _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size)
     n_rows, n_items = hidden.shape[0], weight.shape[0]
     if not isinstance(k, int) or not 1 <= k <= n_items:
         raise ValueError(f"k must be an int in [1, n_items = {n_items}], got {k!r}")
     chunk = _eval_chunk(n_rows, n_items, chunk_size)
-    h = hidden.float()
-    best_scores = torch.full((n_rows, k), float("-inf"), device=hidden.device)
+    h = hidden.to(_compute_dtype(hidden.dtype))
+    best_scores = torch.full((n_rows, k), float("-inf"), dtype=h.dtype, device=hidden.device)
     best_ids = torch.full((n_rows, k), -1, dtype=torch.long, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
@@ -326,8 +356,8 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
         raise ValueError(f"target ids must lie in [0, {n_items})")
     target = target.long()
     chunk = _eval_chunk(n_rows, n_items, chunk_size)
-    h = hidden.float()
-    target_score = (h * weight.index_select(0, target).float()).sum(dim=1, keepdim=True)
+    h = hidden.to(_compute_dtype(hidden.dtype))
+    target_score = (h * weight.index_select(0, target).to(h.dtype)).sum(dim=1, keepdim=True)
     rank = torch.zeros(n_rows, dtype=torch.long, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)

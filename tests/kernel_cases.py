@@ -52,3 +52,9 @@ def make_weights(D: int, H: int, E: int, F: int, dtype=torch.float32, logit_scal
                u(E, D, F, fan=D), u(E, F, fan=D), u(E, F, D, fan=F), u(E, D, fan=F),
                u(D, F, fan=D), u(F, fan=D), u(F, D, fan=F), u(D, fan=F)]
     return [w.to(device=DEVICE, dtype=dtype).requires_grad_() for w in weights]
+
+
+def random_ids(N: int, E: int, top_k: int, generator=None) -> torch.Tensor:
+    """(N, top_k) int32 expert ids, distinct within a row, on DEVICE."""
+    return torch.rand(N, E, generator=generator).argsort(dim=1)[:, :top_k].to(
+        device=DEVICE, dtype=torch.int32).contiguous()

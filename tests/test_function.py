@@ -13,9 +13,9 @@ from kernel_cases import DEVICE, TOL, make_weights, poisoned_outputs, rel_err
 
 def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, noncontig=False,
                     seed=0, weights=None, mask=None):
-    """Run hymoe_triton (outputs poisoned) and the fp32 reference on the same (rounded)
-    inputs; assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param
-    agree (the loss weighs y and prob_sum with random cotangents)."""
+    """Run hymoe_triton (outputs poisoned) and hymoe_reference in float64 on the same inputs;
+    assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param agree (the
+    loss weighs y and prob_sum with random cotangents)."""
     gen = torch.Generator().manual_seed(seed)
     if weights is None:
         weights = make_weights(D, H, E, F, dtype, separated_logits=dtype != torch.float32,
@@ -26,53 +26,67 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
         mask = (torch.rand(N, generator=gen) > 0.3).to(DEVICE)
     alpha_param = torch.tensor(0.4, device=DEVICE, requires_grad=True)
     ramp = torch.tensor(0.75, device=DEVICE)
-    dy = torch.randn(N, D, generator=gen).to(DEVICE)
-    dprob = torch.randn(E, generator=gen).to(DEVICE)
+    dy = torch.randn(N, D, generator=gen, dtype=torch.float64).to(DEVICE)
+    dprob = torch.randn(E, generator=gen, dtype=torch.float64).to(DEVICE)
     with poisoned_outputs():
         y, prob_sum, load = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k)
-        grads = torch.autograd.grad((y.float() * dy).sum() + (prob_sum * dprob).sum(),
+        grads = torch.autograd.grad((y.double() * dy).sum() + (prob_sum.double() * dprob).sum(),
                                     [x, *weights, alpha_param])
 
-    ref_leaves = [t.detach().float().requires_grad_() for t in (x, *weights, alpha_param)]
-    y_ref, prob_ref, load_ref = hymoe_reference(ref_leaves[0], mask, *ref_leaves[1:13],
-                                                ref_leaves[13], ramp, top_k)
-    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (prob_ref * dprob).sum(), ref_leaves)
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *weights)]
+        leaves.append(alpha_param.detach().to(torch.float64 if dtype == torch.float64
+                                              else torch.float32).requires_grad_())
+        y_ref, prob_ref, load_ref = hymoe_reference(leaves[0], mask, *leaves[1:13], leaves[13],
+                                                    ramp, top_k)
+        loss = (y_ref.double() * dy).sum() + (prob_ref.double() * dprob).sum()
+        return leaves, (y_ref, prob_ref, *torch.autograd.grad(loss, leaves)), load_ref
 
-    assert y.dtype == dtype and y.shape == (N, D)
-    assert prob_sum.dtype == torch.float32 and load.dtype == torch.int64
-    assert torch.equal(load.cpu(), load_ref.cpu())
-    tol = TOL[dtype]
+    # truth: float64 reference; PyTorch's own error in x's dtype sets the allowance for
+    # ill-conditioned outputs (sums of terms of both signs, e.g. router_b2: per-token softmax
+    # gradients sum to zero): ours may be up to twice PyTorch's error, or `tol`.
+    ref_leaves, refs, load_ref = reference(torch.float64)
+    _, same_dtype_refs, _ = reference(dtype)
+    bounds = [max(TOL[dtype], 2 * rel_err(same, ref)) for same, ref in zip(same_dtype_refs, refs)]
+
     names = ["y", "prob_sum", "x", "router_w1", "router_b1", "router_w2", "router_b2",
              "expert_w1", "expert_b1", "expert_w2", "expert_b2", "dense_w1", "dense_b1",
              "dense_w2", "dense_b2", "alpha_param"]
-    for name, out, ref in zip(names[:-1], (y, prob_sum, *grads), (y_ref, prob_ref, *grads_ref)):
-        assert out.dtype == ref.dtype or dtype != torch.float32, name
+    outs = (y, prob_sum, *grads)
+    assert y.dtype == dtype and y.shape == (N, D)
+    assert prob_sum.dtype == torch.float32 and load.dtype == torch.int64
+    assert torch.equal(load.cpu(), load_ref.cpu())
+    for grad, leaf in zip(grads, (x, *weights, alpha_param)):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    for name, out, ref, bound in zip(names[:-1], outs, refs, bounds):
         assert torch.isfinite(out).all(), name
-        assert rel_err(out, ref) < tol, (name, rel_err(out, ref))
+        assert rel_err(out, ref) < bound, (name, rel_err(out, ref), bound)
     # d/d alpha_param is one sum of N*D terms of either sign; bound its error by the sum of
     # the terms' magnitudes (what any summation order guarantees), not by the result.
     with torch.no_grad():
         dense = ffn(ref_leaves[0], *ref_leaves[9:13])
         sig = torch.sigmoid(ref_leaves[13])
         dalpha_dparam = sig * (1 - sig) * ramp
-        y_moe = (y_ref - dense) / (sig * ramp)
+        y_moe = (refs[0] - dense) / (sig * ramp)
         magnitude = (dy * y_moe).abs().sum() * dalpha_dparam
-    assert (grads[-1] - grads_ref[-1]).abs() <= tol * magnitude + 1e-30, "alpha_param"
+    assert (grads[-1] - refs[-1]).abs() <= TOL[dtype] * magnitude + 1e-30, "alpha_param"
     return load
 
 
-@settings(max_examples=12, deadline=None)
-@given(N=st.integers(0, 24), D=st.integers(1, 20), H=st.integers(1, 12), E=st.integers(1, 8),
-       F=st.integers(1, 24), k_frac=st.floats(0, 1), masked=st.booleans(),
+@settings(max_examples=10, deadline=None)
+@given(N=st.integers(0, 24), D=st.integers(3, 20), H=st.integers(2, 12), E=st.integers(1, 8),
+       F=st.integers(3, 24), k_frac=st.floats(0, 1), masked=st.booleans(),
        seed=st.integers(0, 2 ** 31))
 def test_matches_reference_fp32(N, D, H, E, F, k_frac, masked, seed):
+    # widths >= 2-3: a 1-element gradient summed over tokens of both signs can lose 1e-5
+    # relative accuracy in any fp32 summation order (test_edge_shapes covers tiny widths)
     top_k = 1 + int(k_frac * (E - 1))
     run_and_compare(N, D, H, E, F, top_k, masked=masked, seed=seed)
 
 
 @settings(max_examples=4, deadline=None)
 @given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), N=st.integers(1, 24),
-       D=st.integers(1, 20), E=st.integers(2, 6), seed=st.integers(0, 2 ** 31))
+       D=st.integers(3, 20), E=st.integers(2, 6), seed=st.integers(0, 2 ** 31))
 def test_matches_reference_low_precision(dtype, N, D, E, seed):
     run_and_compare(N, D, 9, E, 19, 2, dtype=dtype, seed=seed)
 
@@ -198,3 +212,40 @@ def test_auto_backend_choice(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             resolve_backend("triton", x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs and CUDA graphs need CUDA")
+def test_no_host_sync_and_cuda_graph_capture():
+    gen = torch.Generator().manual_seed(9)
+    weights = make_weights(16, 8, 4, 24, generator=gen)
+    x = torch.randn(50, 16, generator=gen).to(DEVICE).requires_grad_()
+    mask = (torch.rand(50, generator=gen) > 0.2).to(DEVICE)
+    alpha_param = torch.tensor(0.3, device=DEVICE, requires_grad=True)
+    ramp = torch.tensor(0.5, device=DEVICE)
+    hymoe_triton(x, mask, *weights, alpha_param, ramp, 2)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, prob_sum, _ = hymoe_triton(x, mask, *weights, alpha_param, ramp, 2)
+        torch.autograd.grad(y.sum() + prob_sum.sum(), [x, *weights, alpha_param])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    static_x = x.detach().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        hymoe_triton(static_x, mask, *weights, alpha_param, ramp, 2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y, static_prob, static_load = hymoe_triton(static_x, mask, *weights,
+                                                          alpha_param, ramp, 2)
+    new_x = torch.randn(50, 16, generator=gen).to(DEVICE)
+    static_x.copy_(new_x)
+    graph.replay()
+    with torch.no_grad():
+        y_eager, prob_eager, load_eager = hymoe_triton(new_x, mask, *weights, alpha_param,
+                                                       ramp, 2)
+    assert torch.equal(static_y, y_eager) and torch.equal(static_prob, prob_eager)
+    assert torch.equal(static_load, load_eager)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from hymoe_kernels.kernels.linear_cross_entropy import MAX_SPLIT, pick_split
 from hymoe_kernels.loss import linear_cross_entropy, streaming_rank, streaming_topk
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-2, atol=2e-3),
@@ -83,6 +84,23 @@ def test_triton_path_matches_cross_entropy(dtype):
     assert_matches_dense(hidden, weight, target, TOL[dtype], backend="triton")
 
 
+def test_triton_path_wide_features():
+    """D = 130 pads to BLOCK_D = 256 (the second tile config); few rows, many splits."""
+    hidden, weight, target = make_inputs(20, 75, 130, torch.float32, seed=17, ignore_every=3)
+    assert_matches_dense(hidden, weight, target, TOL[torch.float32], backend="triton")
+
+
+@settings(max_examples=50, deadline=None)
+@given(n_tiles=st.integers(1, 3000), n_streamed=st.integers(1, 3000),
+       target=st.integers(1, 2000))
+def test_pick_split_covers_the_streamed_tiles(n_tiles, n_streamed, target):
+    n_split, per_split = pick_split(n_tiles, n_streamed, target)
+    assert (n_split - 1) * per_split < n_streamed <= n_split * per_split  # none empty
+    # enough programs: the split wanted, capped, is met up to rounding to whole tiles
+    wanted = min(MAX_SPLIT, n_streamed, -(-target // n_tiles))
+    assert wanted / 2 <= n_split <= wanted
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_single_item(backend):
     hidden, weight, target = make_inputs(20, 1, 8, torch.float32, seed=4)
@@ -121,10 +139,21 @@ def test_gradients_are_bit_reproducible(backend):
 
 def test_triton_and_torch_paths_agree():
     hidden, weight, target = make_inputs(66, 97, 20, torch.float32, seed=8, ignore_every=7)
-    fn = lambda backend: (lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend))  # noqa: E731
-    for a, b in zip(loss_and_grads(fn("triton"), hidden, weight, target),
-                    loss_and_grads(fn("torch"), hidden, weight, target)):
+    def with_backend(backend):
+        return lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend)
+    for a, b in zip(loss_and_grads(with_backend("triton"), hidden, weight, target),
+                    loss_and_grads(with_backend("torch"), hidden, weight, target)):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_torch_path_gradcheck_float64():
+    hidden, weight, target = make_inputs(9, 13, 4, torch.float64, seed=16, ignore_every=4)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    def loss_fn(h, w):
+        return linear_cross_entropy(h, w, target, chunk_size=5, backend="torch")
+    assert loss_fn(hidden, weight).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss_fn, (hidden, weight))
 
 
 def test_loss_rejects_bad_input():
@@ -143,6 +172,8 @@ def test_loss_rejects_bad_input():
         linear_cross_entropy(hidden, weight, target, backend="cuda")
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(hidden, weight, target, chunk_size=0)
+    with pytest.raises(TypeError, match="backend='triton' takes"):
+        linear_cross_entropy(hidden.double(), weight.double(), target, backend="triton")
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -21,7 +21,7 @@ from . import INTERPRETING
 
 # (BLOCK_T tokens, BLOCK_D columns, num_warps)
 GATE_GRAD_CONFIGS = (
-    (64, 64, 4),
+    (64, 32, 4),
     (16, 32, 2),
 )
 
@@ -36,18 +36,16 @@ def combine_gathered_rows(acc, token_rows, row_ok, cols, col_ok, src_ptr, stride
     if GATED:
         alpha = tl.load(alpha_ptr)
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    moe = tl.zeros_like(acc)
-    for j in tl.static_range(TOP_K):
+    for j in range(TOP_K):  # a loop, not unrolled: one gathered tile live at a time
         slots = token_rows * TOP_K + j
         src_rows = tl.load(slot_row_ptr + slots, mask=row_ok, other=0).to(tl.int64)
         vals = tl.load(src_ptr + src_rows[:, None] * stride_sm + cols[None, :] * stride_sn,
                        mask=tile_ok, other=0.0).to(tl.float32)
         if GATED:
-            vals = vals * tl.load(gates_ptr + slots, mask=row_ok, other=0.0)[:, None]
-        moe += vals
-    if GATED:
-        moe = moe * alpha
-    return acc + moe
+            coef = alpha * tl.load(gates_ptr + slots, mask=row_ok, other=0.0)
+            vals = vals * coef[:, None]
+        acc += vals
+    return acc
 
 
 @triton.jit
@@ -64,16 +62,19 @@ def _gate_grad_kernel(
     tokens64 = tokens.to(tl.int64)
     ranks = tl.arange(0, K_POW2)
     dots = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        tile_ok = tok_ok[:, None] & (cols < D)[None, :]
-        dy = tl.load(dy_ptr + tokens64[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=tile_ok, other=0.0).to(tl.float32)
-        for j in tl.static_range(TOP_K):
-            src_rows = tl.load(slot_row_ptr + tokens64 * TOP_K + j, mask=tok_ok, other=0).to(tl.int64)
+    for j in range(TOP_K):  # a loop, not unrolled: one gathered tile live at a time
+        src_rows = tl.load(slot_row_ptr + tokens64 * TOP_K + j, mask=tok_ok, other=0)
+        src_rows = src_rows.to(tl.int64)
+        dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tile_ok = tok_ok[:, None] & (cols < D)[None, :]
+            dy = tl.load(dy_ptr + tokens64[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                         mask=tile_ok, other=0.0).to(tl.float32)
             f = tl.load(src_ptr + src_rows[:, None] * stride_sm + cols[None, :] * stride_sn,
                         mask=tile_ok, other=0.0).to(tl.float32)
-            dots += tl.where(ranks[None, :] == j, tl.sum(dy * f, axis=1)[:, None], 0.0)
+            dot += tl.sum(dy * f, axis=1)
+        dots = tl.where(ranks[None, :] == j, dot[:, None], dots)
     slot_ok = tok_ok[:, None] & (ranks < TOP_K)[None, :]
     slots = tokens64[:, None] * TOP_K + ranks[None, :]
     gates = tl.load(gates_ptr + slots, mask=slot_ok, other=0.0)

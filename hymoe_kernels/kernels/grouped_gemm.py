@@ -32,16 +32,17 @@ from .combine import combine_gathered_rows
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 ROW_GEMM_CONFIGS = (
-    (64, 128, 32, 4, 3),
-    (64, 64, 32, 4, 3),
+    (64, 128, 16, 8, 2),
+    (64, 64, 32, 8, 3),
     (32, 64, 32, 4, 2),
     (16, 32, 32, 2, 2),
 )
-# (BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages): dW tile (BLOCK_K, BLOCK_N), BLOCK_R rows a step
+# (BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages): a (BLOCK_K, BLOCK_N) tile of dW,
+# reducing BLOCK_R rows a step
 WEIGHT_GRAD_CONFIGS = (
     (64, 64, 32, 4, 3),
-    (32, 64, 32, 4, 2),
-    (16, 32, 32, 2, 2),
+    (32, 64, 16, 4, 2),
+    (16, 32, 16, 2, 2),
 )
 # Expert groups are padded to a multiple of GROUP_PAD rows, so every row-GEMM tile (BLOCK_M
 # divides GROUP_PAD) lies inside one expert's group.
@@ -66,18 +67,31 @@ class Routing(NamedTuple):
     top_k: int
 
 
-# Triton's interpreter (3.9) keeps bf16 as uint16 and multiplies the raw bits in tl.dot, so
-# under TRITON_INTERPRET=1 bf16 dots are done in fp32 (the branch is compiled away on a GPU).
-_UPCAST_BF16_DOTS = tl.constexpr(INTERPRETING)
+# Two bf16 faults of Triton's CPU interpreter (3.9), worked around under TRITON_INTERPRET=1
+# only (the branches are compiled away on a GPU): it keeps bf16 as uint16 and multiplies the
+# raw bits in tl.dot, and its fp32 -> bf16 cast truncates instead of rounding to nearest.
+_INTERPRETER_BF16_FIXES = tl.constexpr(INTERPRETING)
 
 
 @triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     """acc + a @ b with fp32 accumulation; a and b share a dtype."""
-    if _UPCAST_BF16_DOTS:
+    if _INTERPRETER_BF16_FIXES:
         if a.dtype == tl.bfloat16:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """x cast to ``dtype``, fp32 -> bf16/fp16 rounding to nearest even (as on the GPU)."""
+    if _INTERPRETER_BF16_FIXES:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -152,11 +166,12 @@ def _row_gemm_kernel(
             a = a.to(tl.float32) * scale[:, None]
         w = tl.load(w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(a.to(w.dtype), w, acc, DOT_PRECISION)
+        acc = mma(cast_to(a, w.dtype), w, acc, DOT_PRECISION)
     out_rows = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + group * stride_bias_g + cols * stride_bias_n, mask=col_ok, other=0.0)
+        bias = tl.load(bias_ptr + group * stride_bias_g + cols * stride_bias_n, mask=col_ok,
+                       other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if EPI_GELU_GRAD:
         pre = tl.load(pre_ptr + out_rows[:, None] * stride_pm + cols[None, :] * stride_pn,
@@ -172,7 +187,7 @@ def _row_gemm_kernel(
     if GROUPED:
         acc = tl.where(row_ok[:, None], acc, 0.0)
     tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=store_ok[:, None] & col_ok[None, :])
+             cast_to(acc, out_ptr.dtype.element_ty), mask=store_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -184,7 +199,7 @@ def _weight_grad_kernel(
     M, K, N, num_groups, num_splits,
     TOP_K: tl.constexpr, GROUPED: tl.constexpr, A_GATHER: tl.constexpr,
     A_GELU: tl.constexpr, B_GATHER: tl.constexpr, B_SCALE: tl.constexpr,
-    HAS_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -224,22 +239,19 @@ def _weight_grad_kernel(
         a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + ks[:, None] * stride_ak,
                       mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         if A_GELU:
-            a_t = gelu(a_t.to(tl.float32)).to(a_ptr.dtype.element_ty)
+            a_t = cast_to(gelu(a_t.to(tl.float32)), a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + cols[None, :] * stride_bn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if B_SCALE:
             gate = tl.load(gates_ptr + slots, mask=row_ok, other=0.0) * tl.load(alpha_ptr)
             b = b.to(tl.float32) * gate[:, None]
-        b = b.to(a_ptr.dtype.element_ty)
-        if HAS_DBIAS:
-            db_acc += tl.sum(b.to(tl.float32), axis=0)
-        acc = mma(a_t, b, acc, DOT_PRECISION)
+        db_acc += tl.sum(b.to(tl.float32), axis=0)
+        acc = mma(a_t, cast_to(b, a_ptr.dtype.element_ty), acc, DOT_PRECISION)
     out = pid.to(tl.int64) * K * N
     tl.store(dw_ptr + out + ks[:, None].to(tl.int64) * N + cols[None, :], acc,
              mask=k_ok[:, None] & col_ok[None, :])
-    if HAS_DBIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + pid.to(tl.int64) * N + cols, db_acc, mask=col_ok)
+    if pid_k == 0:
+        tl.store(db_ptr + pid.to(tl.int64) * N + cols, db_acc, mask=col_ok)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -333,22 +345,22 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
     return out
 
 
-def weight_grad(a: Tensor, b: Tensor, *, num_groups: int = 1, routing: Routing | None = None,
+def weight_grad(a: Tensor, b: Tensor, *, routing: Routing | None = None,
                 a_gather: bool = False, a_gelu: bool = False, b_gather: bool = False,
                 gates: Tensor | None = None, alpha: Tensor | None = None,
-                with_bias: bool = True, config: tuple[int, int, int, int, int] | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+                config: tuple[int, int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Weight and bias gradients ``dW = A^T @ B``, ``db = sum_rows B``, per group.
 
-    a: (M, K), b: (M, N) row-aligned, or with ``routing`` the padded expert-sorted rows (P, .);
+    a: (M, K), b: (M, N) row-aligned, or with ``routing`` the padded expert-sorted rows (P, .)
+    of its E groups;
     a_gather / b_gather: read token row row_slot[r] // top_k of a (N_tok, K) / b (N_tok, N)
     instead of row r; with ``gates`` (N_tok*top_k,) f32 and ``alpha`` (1,) f32 the B rows are
     scaled by alpha * gates[slot]. a_gelu: use GELU(A). config: one of
     :data:`WEIGHT_GRAD_CONFIGS` (default :func:`pick_weight_grad_config`). Returns dW (K, N)
-    or (E, K, N) and db (N,) or (E, N) (None unless ``with_bias``) as float32; the dot runs
-    in a's dtype.
+    or (E, K, N) and db (N,) or (E, N) as float32; the dot runs in a's dtype.
     """
     grouped = routing is not None
+    num_groups = routing.group_count.shape[0] if grouped else 1
     K, N = a.shape[1], b.shape[1]
     M = routing.row_slot.shape[0] if grouped else a.shape[0]
     block_k, block_n, block_r, num_warps, num_stages = config or pick_weight_grad_config(K, N)
@@ -366,14 +378,14 @@ def weight_grad(a: Tensor, b: Tensor, *, num_groups: int = 1, routing: Routing |
         dw if gates is None else gates, dw if alpha is None else alpha,
         M, K, N, num_groups, num_splits,
         TOP_K=layout.top_k, GROUPED=grouped, A_GATHER=a_gather, A_GELU=a_gelu,
-        B_GATHER=b_gather, B_SCALE=gates is not None, HAS_DBIAS=with_bias,
+        B_GATHER=b_gather, B_SCALE=gates is not None,
         DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
         num_warps=num_warps, num_stages=num_stages,
     )
     # splits are the leading index of each group's partials: program id = group * splits + split
     dw = dw.view(num_groups, num_splits, K, N).sum(1)
-    db = db.view(num_groups, num_splits, N).sum(1) if with_bias else None
+    db = db.view(num_groups, num_splits, N).sum(1)
     if not grouped:
-        dw, db = dw[0], (db[0] if with_bias else None)
+        dw, db = dw[0], db[0]
     return dw, db

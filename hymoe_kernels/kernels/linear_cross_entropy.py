@@ -3,15 +3,20 @@
 For compacted rows h (N, D), item embeddings W (V, D) and targets t (N,), with scores
 z = h @ W.T that are only ever held one (BLOCK_M, BLOCK_V) tile at a time:
 
-* ``_lce_forward_kernel``  grid (cdiv(N, BLOCK_M),): one row block keeps h in registers,
-  streams W in BLOCK_V tiles with an online log-sum-exp and picks the target score
-  from the same tile; writes lse (N,) and the per-row loss lse - z_t (N,) in fp32.
-* ``_lce_grad_hidden_kernel`` grid (cdiv(N, BLOCK_M),): recomputes the tiles of a row
-  block, P = softmax - onehot, and accumulates dh = scale * P @ W.
-* ``_lce_grad_weight_kernel`` grid (cdiv(V, BLOCK_V),): one item tile keeps W in
-  registers, streams all row blocks in order and accumulates dW = scale * P.T @ h. Each
-  dW tile is written by exactly one program with a fixed summation order: no atomics,
-  bit-reproducible.
+* ``_lce_forward_kernel``  grid (cdiv(N, BLOCK_M), S): one row block keeps h in registers
+  and streams the W tiles of its item split with an online log-sum-exp, picking the target
+  score from the same tiles; writes the split's running max, sum of exp and target score
+  (S, N) in fp32, which the host merges into lse (N,) and the per-row loss (N,).
+* ``_lce_grad_hidden_kernel`` grid (cdiv(N, BLOCK_M), S): recomputes the tiles of a row
+  block over its item split, P = softmax - onehot, and writes the partial P @ W (S, N, D).
+* ``_lce_grad_weight_kernel`` grid (cdiv(V, BLOCK_V), S): one item tile keeps W in
+  registers, streams the row blocks of its row split in order and writes the partial
+  P.T @ h (S, V, D).
+
+S (the split count, :func:`pick_split`) spreads a short grid over more programs; it is 1
+when the tiles alone fill the GPU, so partial buffers only exist for small N or V. Every
+partial is written by exactly one program with a fixed summation order and the host sums
+the splits in a fixed order: no atomics, bit-reproducible gradients.
 
 Dots accumulate in fp32. fp32 inputs use input_precision="ieee" (exact fp32, like torch's
 default ``allow_tf32 = False``) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, then
@@ -32,10 +37,16 @@ from torch import Tensor
 LCE_CONFIGS = (
     (64, 64, 4, 2),
     (64, 32, 4, 2),
-    (32, 32, 4, 1),
 )
 # Widest D the kernels take: h / W tiles of BLOCK_D columns live in registers.
 MAX_BLOCK_D = 256
+# Programs a launch aims for per streaming multiprocessor, and the most splits of the
+# streamed dimension used to get there.
+PROGRAMS_PER_SM = 4
+MAX_SPLIT = 16
+# Programs aimed for when the kernels run in the CPU interpreter (small, so tiny test
+# shapes exercise the splitting).
+INTERPRETER_PROGRAMS = 8
 
 
 def pick_config(block_d: int) -> tuple[int, int, int, int]:
@@ -43,6 +54,14 @@ def pick_config(block_d: int) -> tuple[int, int, int, int]:
     if block_d <= 128:
         return LCE_CONFIGS[0]
     return LCE_CONFIGS[1]
+
+
+def pick_split(n_tiles: int, n_streamed_tiles: int, target_programs: int) -> tuple[int, int]:
+    """(S, streamed tiles per split): split the streamed dimension so that n_tiles * S
+    reaches target_programs, with at most MAX_SPLIT splits of >= 1 tile and none empty."""
+    wanted = min(MAX_SPLIT, n_streamed_tiles, max(1, triton.cdiv(target_programs, n_tiles)))
+    tiles_per_split = triton.cdiv(n_streamed_tiles, wanted)
+    return triton.cdiv(n_streamed_tiles, tiles_per_split), tiles_per_split
 
 
 @triton.jit
@@ -55,10 +74,12 @@ def _dot(a, b, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
-def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, row_loss_ptr, n_rows, n_items, dim,
+def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, part_max_ptr, part_sum_ptr,
+                        part_target_ptr, n_rows, n_items, dim, items_per_split,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         ALLOW_TF32: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     row_ok = rows < n_rows
     feats = tl.arange(0, BLOCK_D)
     feat_ok = feats < dim
@@ -68,9 +89,11 @@ def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, row_loss_ptr, n_rows,
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     target_score = tl.zeros([BLOCK_M], tl.float32)
-    for v0 in range(0, n_items, BLOCK_V):
+    v_start = split * items_per_split
+    v_end = tl.minimum(v_start + items_per_split, n_items)
+    for v0 in range(v_start, v_end, BLOCK_V):
         items = v0 + tl.arange(0, BLOCK_V)
-        item_ok = items < n_items
+        item_ok = items < v_end
         w = tl.load(w_ptr + items.to(tl.int64)[:, None] * dim + feats[None, :],
                     mask=item_ok[:, None] & feat_ok[None, :], other=0.0)
         scores = _dot(h, tl.trans(w), ALLOW_TF32)
@@ -81,17 +104,28 @@ def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, row_loss_ptr, n_rows,
         running_max = new_max
         is_target = items[None, :] == target[:, None]
         target_score += tl.sum(tl.where(is_target, scores, 0.0), axis=1)
-    lse = running_max + tl.log(running_sum)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(row_loss_ptr + rows, lse - target_score, mask=row_ok)
+    out = split * n_rows + rows
+    tl.store(part_max_ptr + out, running_max, mask=row_ok)
+    tl.store(part_sum_ptr + out, running_sum, mask=row_ok)
+    tl.store(part_target_ptr + out, target_score, mask=row_ok)
 
 
 @triton.jit
-def _lce_grad_hidden_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, scale_ptr, grad_h_ptr,
-                            n_rows, n_items, dim,
+def _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, ALLOW_TF32: tl.constexpr):
+    """softmax - onehot of one (BLOCK_M, BLOCK_V) tile, zero outside the valid rows/items."""
+    scores = _dot(h, tl.trans(w), ALLOW_TF32)
+    probs = tl.exp(scores - lse[:, None])
+    probs = probs - tl.where(items[None, :] == target[:, None], 1.0, 0.0)
+    return tl.where((rows < n_rows)[:, None] & (items < v_end)[None, :], probs, 0.0)
+
+
+@triton.jit
+def _lce_grad_hidden_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_h_ptr,
+                            n_rows, n_items, dim, items_per_split,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     row_ok = rows < n_rows
     feats = tl.arange(0, BLOCK_D)
     feat_ok = feats < dim
@@ -101,26 +135,25 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, scale_ptr, grad_h
     target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for v0 in range(0, n_items, BLOCK_V):
+    v_start = split * items_per_split
+    v_end = tl.minimum(v_start + items_per_split, n_items)
+    for v0 in range(v_start, v_end, BLOCK_V):
         items = v0 + tl.arange(0, BLOCK_V)
-        item_ok = items < n_items
         w = tl.load(w_ptr + items.to(tl.int64)[:, None] * dim + feats[None, :],
-                    mask=item_ok[:, None] & feat_ok[None, :], other=0.0)
-        scores = _dot(h, tl.trans(w), ALLOW_TF32)
-        probs = tl.exp(scores - lse[:, None])
-        probs = probs - tl.where(items[None, :] == target[:, None], 1.0, 0.0)
-        probs = tl.where(row_ok[:, None] & item_ok[None, :], probs, 0.0)
+                    mask=(items < v_end)[:, None] & feat_ok[None, :], other=0.0)
+        probs = _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, ALLOW_TF32)
         acc += _dot(probs.to(w.dtype), w, ALLOW_TF32)
-    scale = tl.load(scale_ptr)
-    tl.store(grad_h_ptr + h_offsets, (acc * scale).to(grad_h_ptr.dtype.element_ty), mask=h_mask)
+    part_offsets = split.to(tl.int64) * n_rows * dim + h_offsets
+    tl.store(part_grad_h_ptr + part_offsets, acc, mask=h_mask)
 
 
 @triton.jit
-def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, scale_ptr, grad_w_ptr,
-                            n_rows, n_items, dim,
+def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_w_ptr,
+                            n_rows, n_items, dim, rows_per_split,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr):
     items = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    split = tl.program_id(1)
     item_ok = items < n_items
     feats = tl.arange(0, BLOCK_D)
     feat_ok = feats < dim
@@ -128,30 +161,35 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, scale_ptr, grad_w
     w_mask = item_ok[:, None] & feat_ok[None, :]
     w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
     acc = tl.zeros([BLOCK_V, BLOCK_D], tl.float32)
-    for r0 in range(0, n_rows, BLOCK_M):
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, n_rows)
+    for r0 in range(r_start, r_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
+        row_ok = rows < r_end
         h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * dim + feats[None, :],
                     mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        scores = _dot(h, tl.trans(w), ALLOW_TF32)
-        probs = tl.exp(scores - lse[:, None])
-        probs = probs - tl.where(items[None, :] == target[:, None], 1.0, 0.0)
-        probs = tl.where(row_ok[:, None] & item_ok[None, :], probs, 0.0)
+        probs = _grad_logits_tile(h, w, target, lse, rows, items, r_end, n_items, ALLOW_TF32)
         acc += _dot(tl.trans(probs.to(h.dtype)), h, ALLOW_TF32)
-    scale = tl.load(scale_ptr)
-    tl.store(grad_w_ptr + w_offsets, (acc * scale).to(grad_w_ptr.dtype.element_ty), mask=w_mask)
+    part_offsets = split.to(tl.int64) * n_items * dim + w_offsets
+    tl.store(part_grad_w_ptr + part_offsets, acc, mask=w_mask)
 
 
-def _launch_params(hidden: Tensor) -> tuple[int, tuple[int, int, int, int], bool]:
+def _launch_params(hidden: Tensor) -> tuple[int, tuple[int, int, int, int], bool, int]:
+    """(BLOCK_D, config, ALLOW_TF32, target program count) for a launch on hidden."""
     dim = hidden.shape[1]
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > MAX_BLOCK_D:
         raise ValueError(f"the Triton linear_cross_entropy takes D <= {MAX_BLOCK_D}, got "
                          f"D = {dim}; use backend='torch'")
     allow_tf32 = hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return block_d, pick_config(block_d), allow_tf32
+    if hidden.is_cuda:
+        sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+        target_programs = PROGRAMS_PER_SM * sm_count
+    else:
+        target_programs = INTERPRETER_PROGRAMS
+    return block_d, pick_config(block_d), allow_tf32, target_programs
 
 
 def triton_lce_forward(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,30 +197,51 @@ def triton_lce_forward(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[
     int64 target (N,) in [0, V)."""
     n_rows, dim = hidden.shape
     n_items = weight.shape[0]
-    block_d, (block_m, block_v, num_warps, num_stages), allow_tf32 = _launch_params(hidden)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    _lce_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-        hidden, weight, target, lse, row_loss, n_rows, n_items, dim,
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, ALLOW_TF32=allow_tf32,
-        num_warps=num_warps, num_stages=num_stages)
-    return lse, row_loss
+    block_d, (block_m, block_v, num_warps, num_stages), allow_tf32, programs = \
+        _launch_params(hidden)
+    row_tiles = triton.cdiv(n_rows, block_m)
+    n_split, tiles_per_split = pick_split(row_tiles, triton.cdiv(n_items, block_v), programs)
+    part_max, part_sum, part_target = torch.empty(
+        3, n_split, n_rows, dtype=torch.float32, device=hidden.device)
+    _lce_forward_kernel[(row_tiles, n_split)](
+        hidden, weight, target, part_max, part_sum, part_target, n_rows, n_items, dim,
+        tiles_per_split * block_v, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
+        ALLOW_TF32=allow_tf32, num_warps=num_warps, num_stages=num_stages)
+    row_max = part_max.amax(dim=0)
+    lse = row_max + (part_sum * torch.exp(part_max - row_max)).sum(dim=0).log()
+    return lse, lse - part_target.sum(dim=0)
 
 
 def triton_lce_backward(hidden: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                         scale: Tensor) -> tuple[Tensor, Tensor]:
     """(grad_hidden (N, D), grad_weight (V, D)) in the inputs' dtype, of scale * sum of the
-    per-row losses; ``scale`` is a float32 0-d tensor on the inputs' device."""
+    per-row losses; ``lse`` float32 (N,) from the forward, ``scale`` a float32 0-d tensor."""
     n_rows, dim = hidden.shape
     n_items = weight.shape[0]
-    block_d, (block_m, block_v, num_warps, num_stages), allow_tf32 = _launch_params(hidden)
-    scale = scale.reshape(1).contiguous()
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.empty_like(weight)
+    block_d, (block_m, block_v, num_warps, num_stages), allow_tf32, programs = \
+        _launch_params(hidden)
     meta = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, ALLOW_TF32=allow_tf32,
                 num_warps=num_warps, num_stages=num_stages)
-    _lce_grad_hidden_kernel[(triton.cdiv(n_rows, block_m),)](
-        hidden, weight, target, lse, scale, grad_hidden, n_rows, n_items, dim, **meta)
-    _lce_grad_weight_kernel[(triton.cdiv(n_items, block_v),)](
-        hidden, weight, target, lse, scale, grad_weight, n_rows, n_items, dim, **meta)
+    row_tiles, item_tiles = triton.cdiv(n_rows, block_m), triton.cdiv(n_items, block_v)
+
+    n_split, tiles_per_split = pick_split(row_tiles, item_tiles, programs)
+    part_grad_hidden = torch.empty(n_split, n_rows, dim, dtype=torch.float32,
+                                   device=hidden.device)
+    _lce_grad_hidden_kernel[(row_tiles, n_split)](
+        hidden, weight, target, lse, part_grad_hidden, n_rows, n_items, dim,
+        tiles_per_split * block_v, **meta)
+
+    n_split, tiles_per_split = pick_split(item_tiles, row_tiles, programs)
+    part_grad_weight = torch.empty(n_split, n_items, dim, dtype=torch.float32,
+                                   device=hidden.device)
+    _lce_grad_weight_kernel[(item_tiles, n_split)](
+        hidden, weight, target, lse, part_grad_weight, n_rows, n_items, dim,
+        tiles_per_split * block_m, **meta)
+    grad_hidden = _sum_splits(part_grad_hidden).mul_(scale).to(hidden.dtype)
+    grad_weight = _sum_splits(part_grad_weight).mul_(scale).to(weight.dtype)
     return grad_hidden, grad_weight
+
+
+def _sum_splits(partials: Tensor) -> Tensor:
+    """Sum of (S, ...) partials over S in a fixed order; no copy when S = 1."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)

@@ -114,7 +114,8 @@ def sort_slots_by_expert(ids: Tensor, num_experts: int,
     block_base = torch.empty(num_blocks, e_pow2, device=device, dtype=torch.int32)
     group_start = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
     group_count = torch.empty(num_experts, device=device, dtype=torch.int32)
-    row_slot = torch.full((padded_rows(num_slots, num_experts),), -1, device=device, dtype=torch.int32)
+    row_slot = torch.full((padded_rows(num_slots, num_experts),), -1, device=device,
+                          dtype=torch.int32)
     slot_row = torch.empty(num_slots, device=device, dtype=torch.int32)
     if num_blocks > 0:
         _slot_histogram_kernel[(num_blocks,)](ids, block_counts, num_slots, E_POW2=e_pow2,

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRETING
-from .grouped_gemm import dot_precision, gelu, mma
+from .grouped_gemm import cast_to, dot_precision, gelu, mma
 
 # (BLOCK_T tokens, BLOCK_H hidden columns per step, num_warps, num_stages)
 ROUTER_CONFIGS = (
@@ -56,7 +56,7 @@ def _router_topk_kernel(
                          mask=tok_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptr + hs[:, None] * stride_wk + experts[None, :] * stride_we,
                     mask=h_ok[:, None] & expert_ok[None, :], other=0.0)
-        acc = mma(gelu(hidden.to(tl.float32)).to(w.dtype), w, acc, DOT_PRECISION)
+        acc = mma(cast_to(gelu(hidden.to(tl.float32)), w.dtype), w, acc, DOT_PRECISION)
     logits = acc + tl.load(b_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
     out_ok = tok_ok[:, None] & expert_ok[None, :]
@@ -86,8 +86,10 @@ def _router_topk_kernel(
     real = tok_ok
     if HAS_MASK:
         real = real & (tl.load(mask_ptr + tokens, mask=tok_ok, other=0) != 0)
-    tl.store(prob_part_ptr + pid * E_POW2 + experts, tl.sum(tl.where(real[:, None], probs, 0.0), axis=0))
-    tl.store(load_part_ptr + pid * E_POW2 + experts, tl.sum(tl.where(real[:, None], selected, 0), axis=0))
+    tl.store(prob_part_ptr + pid * E_POW2 + experts,
+             tl.sum(tl.where(real[:, None], probs, 0.0), axis=0))
+    tl.store(load_part_ptr + pid * E_POW2 + experts,
+             tl.sum(tl.where(real[:, None], selected, 0), axis=0))
 
 
 @triton.jit
@@ -125,7 +127,8 @@ def _router_backward_kernel(
     if HAS_MASK:
         real = real & (tl.load(mask_ptr + tokens, mask=tok_ok, other=0) != 0)
     dlogits += tl.where(real[:, None], dfull, 0.0)
-    tl.store(dlogits_ptr + tokens64[:, None] * num_experts + experts[None, :], dlogits, mask=tile_ok)
+    tl.store(dlogits_ptr + tokens64[:, None] * num_experts + experts[None, :], dlogits,
+             mask=tile_ok)
 
 
 def pick_router_config(num_tokens: int, H: int) -> tuple[int, int, int, int]:
@@ -168,7 +171,8 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
     load_part = torch.zeros(num_blocks, e_pow2, device=device, dtype=torch.int32)
     if num_blocks > 0:
         _router_topk_kernel[(num_blocks,)](
-            h_pre, h_pre.stride(0), h_pre.stride(1), w2, w2.stride(0), w2.stride(1), b2.contiguous(),
+            h_pre, h_pre.stride(0), h_pre.stride(1), w2, w2.stride(0), w2.stride(1),
+            b2.contiguous(),
             logits if mask is None else mask,
             logits, ids, gates, prob_part, load_part, num_tokens, H, num_experts,
             TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), E_POW2=e_pow2,
