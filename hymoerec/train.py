@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-users", type=int, default=3000)
     g.add_argument("--synthetic-items", type=int, default=500)
     g.add_argument("--synthetic-length", type=int, default=20, help="mean sequence length")
+    g.add_argument("--synthetic-seed", type=int, default=None,
+                   help="seed of the synthetic data (default: --seed)")
     g.add_argument("--max-len", type=int, default=None,
                    help="most recent items the model sees (default 200 for ml-1m, else 50)")
     g = p.add_argument_group("model")
@@ -147,7 +149,8 @@ def load_data(args: argparse.Namespace) -> SequenceData:
                          args.time_col or None)
     if args.dataset == "synthetic":
         return synthetic(args.synthetic_users, args.synthetic_items, args.synthetic_length,
-                         seed=args.seed)
+                         seed=args.seed if getattr(args, "synthetic_seed", None) is None
+                         else args.synthetic_seed)
     return load_dataset(args.dataset, k_core=args.k_core)
 
 
