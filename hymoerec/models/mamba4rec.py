@@ -26,8 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from . import register
 from .base import ModelConfig, SequentialRecommender, make_ffn
 
-SCAN_ELEMENTS = 1 << 25  # (B, chunk, D_inner, N) elements of scan state alive at once
-MAX_SCAN_CHUNK = 16
+LOG_RANGE = 30.0           # most total log-decay inside one parallel chunk (exp(30) ~ 1e13)
+MAX_SCAN_CHUNK = 64
+CPU_CHUNK_ELEMENTS = 1 << 20  # CPU: (Bt, T, Din, N) chunk state kept cache-sized (~4 MB)
+CHECKPOINT_ELEMENTS = 1 << 26  # above this many (Bt, L, Din, N) elements, recompute in backward
 
 
 def selective_scan_reference(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
@@ -43,38 +45,45 @@ def selective_scan_reference(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
 
 def _scan_chunk(h0: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 C: Tensor) -> tuple[Tensor, Tensor]:
-    """One chunk of T steps in parallel: an inclusive Hillis-Steele scan of the affine maps
-    h -> a_t h + b_t (log2 T doubling steps; only products of decays <= 1, so it is stable).
+    """T steps at once in closed form: with S_t = sum_{s<=t} delta_s A (cumulative
+    log-decay, <= 0) and u_s = delta_s x_s B_s, h_t = exp(S_t) (h0 + sum_{s<=t} exp(-S_s) u_s).
+    The caller keeps |S_T| <= LOG_RANGE so exp(-S) cannot overflow.
     h0 (Bt, Din, N) state before the chunk; x, delta (Bt, T, Din); B, C (Bt, T, N).
     Returns y (Bt, T, Din) and the state after the chunk (Bt, Din, N)."""
-    decay = torch.exp(delta.unsqueeze(-1) * A)                          # a_t (Bt, T, Din, N)
-    drive = (delta * x).unsqueeze(-1) * B.unsqueeze(2)                  # b_t (Bt, T, Din, N)
-    T, offset = x.shape[1], 1
-    while offset < T:
-        # compose step t with step t - offset: (a, b) <- (a a', a b' + b)
-        drive = torch.cat([drive[:, :offset], drive[:, offset:] + decay[:, offset:] * drive[:, :-offset]], 1)
-        decay = torch.cat([decay[:, :offset], decay[:, offset:] * decay[:, :-offset]], 1)
-        offset *= 2
-    states = drive + decay * h0.unsqueeze(1)
+    drive = (delta * x).unsqueeze(-1) * B.unsqueeze(2)                  # u_t (Bt, T, Din, N)
+    if x.shape[1] == 1:   # one step: the recurrence itself
+        states = torch.exp(delta.unsqueeze(-1) * A) * h0.unsqueeze(1) + drive
+    else:
+        log_decay = (delta.unsqueeze(-1) * A).cumsum(dim=1)             # S_t
+        states = torch.exp(log_decay) * (h0.unsqueeze(1) + (torch.exp(-log_decay) * drive).cumsum(dim=1))
     return torch.einsum("btdn,btn->btd", states, C), states[:, -1]
 
 
-def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """Chunked selective scan, same contract as :func:`selective_scan_reference`: parallel
-    within chunks of up to 16 steps (sized so the (Bt, T, Din, N) state stays below
-    SCAN_ELEMENTS), sequential across chunks; with autograd on, each chunk is recomputed in
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   max_chunk: int | None = None) -> Tensor:
+    """Chunked selective scan, same contract as :func:`selective_scan_reference`: each
+    chunk is solved in parallel (:func:`_scan_chunk`), chunks run in sequence. The chunk
+    length is at most ``max_chunk`` steps (default: MAX_SCAN_CHUNK on GPU; on CPU, where
+    the scan is memory-bound, as many as keep a chunk's state within CPU_CHUNK_ELEMENTS,
+    often one step) and at most the steps whose worst-case total decay
+    max(delta) * max(-A) stays within LOG_RANGE, so the closed form is exact in float32
+    whatever delta grows to. For large inputs under autograd each chunk is recomputed in
     the backward pass instead of keeping its (Bt, T, Din, N) tensors."""
     Bt, L, Din = x.shape
-    chunk = max(1, min(MAX_SCAN_CHUNK, SCAN_ELEMENTS // max(1, Bt * Din * A.shape[1])))
+    if max_chunk is None:
+        max_chunk = (MAX_SCAN_CHUNK if x.is_cuda
+                     else max(1, CPU_CHUNK_ELEMENTS // max(1, Bt * Din * A.shape[1])))
+    with torch.no_grad():
+        step_bound = float(delta.amax() * (-A).amax()) if L else 0.0
+    chunk = max(1, min(max_chunk, int(LOG_RANGE / step_bound) if step_bound > 0 else L))
+    recompute = torch.is_grad_enabled() and Bt * L * Din * A.shape[1] > CHECKPOINT_ELEMENTS
     h = x.new_zeros(Bt, Din, A.shape[1])
     ys = []
     for start in range(0, L, chunk):
         part = (x[:, start:start + chunk], delta[:, start:start + chunk], A,
                 B[:, start:start + chunk], C[:, start:start + chunk])
-        if torch.is_grad_enabled():
-            y, h = checkpoint(_scan_chunk, h, *part, use_reentrant=False)
-        else:
-            y, h = _scan_chunk(h, *part)
+        y, h = (checkpoint(_scan_chunk, h, *part, use_reentrant=False) if recompute
+                else _scan_chunk(h, *part))
         ys.append(y)
     return torch.cat(ys, dim=1)
 
