@@ -70,7 +70,7 @@ def test_chunked_scan_matches_the_step_by_step_recurrence(max_chunk):
     delta = torch.rand(Bt, L, Din, dtype=torch.float64).mul(0.3).requires_grad_()
     A = -torch.rand(Din, N, dtype=torch.float64).mul(8.0).add(0.5)   # long and short memories
     # the total decay over all L steps fits LOG_RANGE, so max_chunk alone sets the chunks
-    assert float(delta.max() * (-A).max()) * L < mamba4rec.LOG_RANGE
+    assert float(delta.detach().max() * (-A).max()) * L < mamba4rec.LOG_RANGE
     B = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
     C = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
     got = selective_scan(x, delta, A, B, C, max_chunk)
