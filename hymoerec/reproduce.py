@@ -20,7 +20,6 @@ import json
 import math
 import re
 import sys
-import time
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +164,15 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
         lines.append(f"| {label} | {', '.join(str(r['epochs_run']) for r in runs)} | "
                      f"{', '.join(str(r['best_epoch']) for r in runs)} | "
                      f"{np.mean([r['train_seconds_per_epoch'] for r in runs]):.1f} |")
+    longest = max(len(run["valid_curve"]) for r in results.values() for run in r["runs"])
+    lines += ["", "Validation NDCG@10 after each epoch (first seed), for comparisons at equal "
+                  "epochs when a time budget gave the models different epoch counts:", "",
+              "| Model | " + " | ".join(str(e) for e in range(1, longest + 1)) + " |",
+              "|---" * (longest + 1) + "|"]
+    for label, result in results.items():
+        curve = result["runs"][0]["valid_curve"]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in curve)
+                     + " |" * (longest - len(curve) + 1))
     return "\n".join(lines)
 
 
@@ -236,7 +244,6 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(train_args)
     split = leave_one_out(data)
     results = {}
-    started = time.perf_counter()
     for entry in entries:
         runs, ndcg = [], []
         for seed in range(opts.seeds):
@@ -248,13 +255,19 @@ def main(argv: list[str] | None = None) -> dict:
                 raise RuntimeError(f"{entry.label} seed {seed}: re-scored NDCG@10 "
                                    f"{recomputed['NDCG@10']} differs from the run's "
                                    f"{summary['test']['NDCG@10']}")
-            runs.append({k: summary[k] for k in ("test", "valid", "epochs_run", "best_epoch",
-                                                 "train_seconds_per_epoch", "config")})
+            log = run_root / f"{entry.model}-{entry.ffn}-s{seed}" / "log.jsonl"
+            curve = [json.loads(line)["valid"]["NDCG@10"]
+                     for line in log.read_text().splitlines() if line.strip()]
+            runs.append({**{k: summary[k] for k in ("test", "valid", "epochs_run", "best_epoch",
+                                                    "train_seconds_per_epoch", "config")},
+                         "valid_curve": curve})
             ndcg.append(ndcg_gains(ranks, 10))
         results[entry.label] = {"model": entry.model, "ffn": entry.ffn,
                                 "is_hymoerec": entry.is_hymoerec, "runs": runs,
                                 "ndcg10_per_user": np.mean(ndcg, axis=0)}
 
+    train_minutes = sum(run["train_seconds_per_epoch"] * run["epochs_run"]
+                        for r in results.values() for run in r["runs"]) / 60
     budget = " ".join(opts.budget) or "none (full training with early stopping)"
     header = [f"# Comparison on {data.describe()}", "",
               f"Leave-one-out split, full ranking over all {data.n_items} items on "
@@ -265,8 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
               + (" **Budgeted run: models are not trained to convergence; the numbers are "
                  "not comparable to published ones.**" if opts.budget else ""),
               f"Shared training flags: {' '.join(passthrough) or '(trainer defaults)'}; each "
-              f"model starts from its paper's configuration. Wall time "
-              f"{(time.perf_counter() - started) / 60:.1f} min.",
+              f"model starts from its paper's configuration. Total training time "
+              f"{train_minutes:.1f} min.",
               f"Published numbers: only HyMoERec's HR@10 / NDCG@10 are available offline "
               f"({paper_key or 'none for this data'}); every other published cell is "
               f"'{NOT_AVAILABLE}' (not available offline) rather than a guessed value."]

@@ -181,6 +181,7 @@ def test_reproduce_writes_the_table(tmp_path):
     assert "| GRU4Rec |" in text and "| HyMoERec (SASRec backbone) |" in text
     assert "0.0756" in text and "0.0442" in text and "n/a" in text
     assert "Budgeted run" in text and "against the best baseline, **GRU4Rec**" in text
+    assert "Validation NDCG@10 after each epoch" in text
     assert set(result["significance"]) == {"HyMoERec (SASRec backbone)"}
     assert out.with_suffix(".json").is_file()
     # a second call reuses the finished runs instead of training again
