@@ -27,16 +27,21 @@ def target_ranks(scores: Tensor, targets: Tensor, history: Tensor | None = None)
     return (scores > target_scores.unsqueeze(1)).sum(dim=1)
 
 
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k (n,) float64 of 0-based ranks (n,) int: 1 / log2(rank + 2) when the
+    target is in the top k, else 0 (one relevant item, so the ideal DCG is 1)."""
+    ranks = np.asarray(ranks)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def rank_metrics(ranks: np.ndarray, cutoffs=CUTOFFS) -> dict[str, float]:
-    """HR@K (target in the top K) and NDCG@K (1 / log2(rank + 2) when in the top K),
-    averaged over the ranks (n,) int; NaN when there are none."""
+    """HR@K (target in the top K) and NDCG@K (:func:`ndcg_gains`), averaged over the ranks
+    (n,) int; NaN when there are none."""
     ranks = np.asarray(ranks)
     out = {}
     for k in cutoffs:
-        hit = ranks < k
-        out[f"HR@{k}"] = float(hit.mean()) if len(ranks) else float("nan")
-        gain = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
-        out[f"NDCG@{k}"] = float(gain.mean()) if len(ranks) else float("nan")
+        out[f"HR@{k}"] = float((ranks < k).mean()) if len(ranks) else float("nan")
+        out[f"NDCG@{k}"] = float(ndcg_gains(ranks, k).mean()) if len(ranks) else float("nan")
     return out
 
 
@@ -63,14 +68,13 @@ def popularity_metrics(ranks: np.ndarray, targets: np.ndarray, head: np.ndarray)
 
 
 @torch.no_grad()
-def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
-                     targets: np.ndarray, head: np.ndarray, max_len: int,
-                     exclude_history: bool = False, batch_size: int = 1024,
-                     device: str | torch.device = "cpu") -> dict:
-    """Rank every target among all items with ``score_fn(inputs (B, L) int64) ->
-    (B, V + 1)``, in batches of histories sorted by length (less padding). The model sees
-    the last max_len items of each history; ``exclude_history`` removes all of the user's
-    earlier items from the ranking. Returns :func:`popularity_metrics`."""
+def rank_targets(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
+                 targets: np.ndarray, max_len: int, exclude_history: bool = False,
+                 batch_size: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
+    """0-based rank (n,) int64 of every user's target among all items, scored by
+    ``score_fn(inputs (B, L) int64) -> (B, V + 1)`` in batches of histories sorted by length
+    (less padding). The model sees the last max_len items of each history;
+    ``exclude_history`` removes all of the user's earlier items from the ranking."""
     order = np.argsort([len(h) for h in histories], kind="stable")
     ranks = np.empty(len(histories), dtype=np.int64)
     for start in range(0, len(order), batch_size):
@@ -81,4 +85,13 @@ def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.nd
         excluded = pad_right(batch_histories).to(device) if exclude_history else None
         batch_targets = torch.from_numpy(targets[idx]).to(device)
         ranks[idx] = target_ranks(scores, batch_targets, excluded).cpu().numpy()
+    return ranks
+
+
+def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
+                     targets: np.ndarray, head: np.ndarray, max_len: int,
+                     exclude_history: bool = False, batch_size: int = 1024,
+                     device: str | torch.device = "cpu") -> dict:
+    """:func:`popularity_metrics` of the ranks of :func:`rank_targets`."""
+    ranks = rank_targets(score_fn, histories, targets, max_len, exclude_history, batch_size, device)
     return popularity_metrics(ranks, targets, head)

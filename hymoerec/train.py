@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a sequential recommender with HyMoE (or dense) FFNs; full-ranking "
                     "HR/NDCG@{5,10,20} on a leave-one-out split.",
+        epilog="Each --model starts from its paper's configuration (its class's paper_defaults, "
+               "e.g. mamba4rec: 1 layer, dense FFN); --config and flags override it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON config saved by an earlier run (config.json); "
                                     "flags given on the command line override it")
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-users", type=int, default=3000)
     g.add_argument("--synthetic-items", type=int, default=500)
     g.add_argument("--synthetic-length", type=int, default=20, help="mean sequence length")
+    g.add_argument("--synthetic-seed", type=int, default=None,
+                   help="seed of the synthetic data (default: --seed)")
     g.add_argument("--max-len", type=int, default=None,
                    help="most recent items the model sees (default 200 for ml-1m, else 50)")
     g = p.add_argument_group("model")
@@ -73,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
     g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
     g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
+    g.add_argument("--rnn-hidden", type=int, default=128, help="GRU width (gru4rec, narm)")
+    g.add_argument("--d-state", type=int, default=32, help="SSM state size (mamba4rec)")
+    g.add_argument("--d-conv", type=int, default=4, help="causal conv width (mamba4rec)")
+    g.add_argument("--expand", type=int, default=2, help="inner width factor (mamba4rec)")
+    g.add_argument("--mask-prob", type=float, default=0.6, help="Cloze mask rate (bert4rec)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=200, help="maximum epochs")
     g.add_argument("--batch-size", type=int, default=2048)
@@ -80,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs without a better validation NDCG@10")
+    g.add_argument("--max-minutes", type=float, default=0.0,
+                   help="start no new epoch after this many minutes of this invocation's "
+                        "training (0: no limit)")
     g.add_argument("--seed", type=int, default=2024)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -118,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             config.pop(transient, None)
         parser.set_defaults(**config)
         args = parser.parse_args(argv)
+    else:
+        config = {}
+    # precedence: command line > saved config > the model's paper defaults > shared defaults
+    parser.set_defaults(**{**MODELS[args.model].paper_defaults, **config})
+    args = parser.parse_args(argv)
     if args.max_len is None:
         args.max_len = 200 if (args.dataset == "ml-1m" or args.format == "ml-1m") else 50
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
@@ -132,12 +149,15 @@ def load_data(args: argparse.Namespace) -> SequenceData:
                          args.time_col or None)
     if args.dataset == "synthetic":
         return synthetic(args.synthetic_users, args.synthetic_items, args.synthetic_length,
-                         seed=args.seed)
+                         seed=args.seed if getattr(args, "synthetic_seed", None) is None
+                         else args.synthetic_seed)
     return load_dataset(args.dataset, k_core=args.k_core)
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(**{name: getattr(args, name) for name in MODEL_FIELDS})
+    """The ModelConfig fields present in ``args`` (configs saved before a field existed
+    get its default)."""
+    return ModelConfig(**{name: getattr(args, name) for name in MODEL_FIELDS if hasattr(args, name)})
 
 
 def pick_device(name: str) -> torch.device:
@@ -291,7 +311,9 @@ class Trainer:
         print(f"{self.data.describe()}; {len(self.windows)} training windows; "
               f"{sum(p.numel() for p in self.model.parameters())} parameters; device "
               f"{self.device}; run dir {self.run_dir}", flush=True)
-        while self.epoch < args.epochs and self.bad_epochs < args.patience:
+        started = time.perf_counter()
+        while (self.epoch < args.epochs and self.bad_epochs < args.patience
+               and not (args.max_minutes and time.perf_counter() - started >= 60 * args.max_minutes)):
             wall, cpu = time.perf_counter(), time.process_time()
             record = self.train_epoch()
             record["train_seconds"] = time.perf_counter() - wall

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hymoe_kernels import HyMoEFFN
@@ -29,27 +30,69 @@ class ModelConfig:
     warmup_steps: int = 500
     lb_weight: float = 0.02
     backend: str = "auto"
+    rnn_hidden: int = 128      # GRU width of gru4rec / narm
+    d_state: int = 32          # mamba4rec: SSM state size N
+    d_conv: int = 4            # mamba4rec: causal depthwise conv width
+    expand: int = 2            # mamba4rec: inner width = expand * d_model
+    mask_prob: float = 0.6     # bert4rec: Cloze masking probability rho
 
     def __post_init__(self):
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult"):
+        for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult", "rnn_hidden",
+                     "d_state", "d_conv", "expand"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+class DenseFFN(nn.Module):
+    """D -> F -> D with exact-erf GELU and output dropout; ``forward(x, mask)`` ignores mask."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+def make_ffn(config: ModelConfig) -> nn.Module:
+    """The position-wise FFN of a block, D -> ffn_mult * D -> D, called as ``ffn(x, mask)``
+    with x (B, L, D) float and mask (B, L) bool (True = real item): HyMoE for
+    ``config.ffn == "hymoe"``, else the plain dense FFN. Every backbone builds its FFN here."""
+    d_ff = config.d_model * config.ffn_mult
+    if config.ffn == "hymoe":
+        return HyMoEFFN(config.d_model, d_ff, config.num_experts, config.top_k,
+                        config.warmup_steps, config.lb_weight, config.dropout, config.backend)
+    return DenseFFN(config.d_model, d_ff, config.dropout)
+
+
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``encode(items (B, L) int64) -> (B, L, D)`` (right
     padded with 0, causal: position t sees items 0..t) and own ``item_emb`` (nn.Embedding
-    with n_items + 1 rows, row 0 = padding)."""
+    with n_items + 1 rows, row 0 = padding).
+
+    ``paper_defaults`` holds the ModelConfig fields (and training flags) where the
+    backbone's published configuration differs from the shared defaults; the command line
+    applies them unless overridden. ``has_ffn`` is False for backbones without a
+    position-wise FFN (``--ffn`` must then stay "dense", meaning: the model as published).
+    """
+    paper_defaults: dict = {}
+    has_ffn: bool = True
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__()
+        if not self.has_ffn and config.ffn != "dense":
+            raise ValueError(f"{type(self).__name__} has no position-wise FFN to replace: "
+                             f"ffn must be 'dense' (the published model), got {config.ffn!r}")
         self.n_items, self.config = n_items, config
         self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
 

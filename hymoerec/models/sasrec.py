@@ -5,60 +5,45 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hymoe_kernels import HyMoEFFN
-
 from . import register
-from .base import ModelConfig, SequentialRecommender
+from .base import ModelConfig, SequentialRecommender, make_ffn
 
 
-class DenseFFN(nn.Module):
-    """D -> F -> D with exact-erf GELU and output dropout; ``forward(x, mask)`` ignores mask."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on right-padded sequences (B, L, D). Causal (SASRec): with
+    right padding, causality alone keeps real positions from seeing padding. Bidirectional
+    (``causal=False``, BERT4Rec): padded keys are masked out."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, causal: bool = True):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention on right-padded sequences (B, L, D). With right
-    padding, causality alone keeps real positions from seeing padding."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
-        super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads, self.dropout, self.causal = n_heads, dropout, causal
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, L, D) float, mask (B, L) bool (True = real item) -> (B, L, D)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(dim=2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=None if self.causal else mask[:, None, None, :],
                                            dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+                                           is_causal=self.causal)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
 class Block(nn.Module):
     """Post-LN transformer block: x = LN(x + drop(attn(x))); x = LN(x + ffn(x, mask))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
-        D, d_ff = config.d_model, config.d_model * config.ffn_mult
-        self.attn = CausalSelfAttention(D, config.n_heads, config.dropout)
+        D = config.d_model
+        self.attn = SelfAttention(D, config.n_heads, config.dropout, causal)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        if config.ffn == "hymoe":
-            self.ffn = HyMoEFFN(D, d_ff, config.num_experts, config.top_k, config.warmup_steps,
-                                config.lb_weight, config.dropout, config.backend)
-        else:
-            self.ffn = DenseFFN(D, d_ff, config.dropout)
+        self.ffn = make_ffn(config)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.norm1(x + self.attn_dropout(self.attn(x)))
+        x = self.norm1(x + self.attn_dropout(self.attn(x, mask)))
         return self.norm2(x + self.ffn(x, mask))
 
 

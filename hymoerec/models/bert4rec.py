@@ -1,0 +1,100 @@
+"""BERT4Rec (Sun et al., CIKM 2019): a bidirectional transformer trained with the Cloze
+task (masked items), predicting the next item from a [mask] token appended to the history.
+
+Model: emb(items) + learned position -> LayerNorm -> dropout -> n_layers post-LN blocks
+with bidirectional attention (padded keys masked) and the FFN of :func:`.base.make_ffn`
+(``--ffn hymoe`` puts HyMoE inside) -> GELU(W h + b), scored against the item embeddings.
+The item embedding has n_items + 2 rows: row 0 = padding, rows 1..n_items = items, row
+n_items + 1 = [mask]; only rows 0..n_items are passed to the shared scoring functions, so
+[mask] is never a candidate. Position embeddings have max_len + 1 rows (history + [mask]).
+
+Training: each training window (its inputs plus its last target) has every real item
+replaced by [mask] with probability ``mask_prob``; a window where none was drawn gets its
+last item masked (the paper's extra "mask the last item" samples). The loss is the full
+softmax over all items at the masked positions.
+
+Defaults (``paper_defaults``, the paper's Beauty configuration): 2 layers, 2 heads,
+d_model 64, dropout 0.1, mask_prob 0.6 (the released run_beauty.sh; 0.2 for ML-1m), dense
+FFN of width 4 d_model with GELU. Not reproduced: the output bias b^O (the shared scoring
+has none) and the paper's optimiser schedule (lr 1e-4, 400k steps); the trainer's shared
+settings are used instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import register
+from .base import ModelConfig, SequentialRecommender
+from .sasrec import Block
+from .scoring import full_item_scores, full_softmax_loss
+
+
+@register("bert4rec")
+class BERT4Rec(SequentialRecommender):
+    """Linear / embedding weights ~ N(0, 0.02) (HyMoEFFN keeps its own init)."""
+    paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1,
+                      "mask_prob": 0.6}
+
+    def __init__(self, n_items: int, config: ModelConfig):
+        super().__init__(n_items, config)
+        D = config.d_model
+        self.mask_token = n_items + 1
+        self.item_emb = nn.Embedding(n_items + 2, D, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len + 1, D)
+        self.input_norm = nn.LayerNorm(D)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, causal=False) for _ in range(config.n_layers))
+        self.head = nn.Linear(D, D)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        self.item_emb.weight.data[0].zero_()
+
+    def candidates(self) -> Tensor:
+        """Item embedding rows 0..n_items (padding + items; [mask] excluded), (V + 1, D)."""
+        return self.item_emb.weight[:self.n_items + 1]
+
+    def encode(self, items: Tensor) -> Tensor:
+        """items (B, L) int64 right-padded with 0, may hold [mask] (= n_items + 1),
+        L <= max_len + 1 -> hidden (B, L, D) float32; bidirectional over real positions."""
+        B, L = items.shape
+        if L > self.config.max_len + 1:
+            raise ValueError(f"sequence length {L} exceeds max_len + 1 = {self.config.max_len + 1}")
+        mask = items > 0
+        x = self.input_dropout(self.input_norm(self.item_emb(items) + self.pos_emb.weight[:L]))
+        for block in self.blocks:
+            x = block(x, mask)
+        return F.gelu(self.head(x))
+
+    def mask_items(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
+        """Cloze corruption of right-padded sequences (B, L) int64 (every row non-empty):
+        returns (inputs, targets), both (B, L) int64; inputs have [mask] where an item was
+        chosen, targets hold the original item there and 0 elsewhere."""
+        real = sequences > 0
+        chosen = (torch.rand(sequences.shape, device=sequences.device) < self.config.mask_prob) & real
+        unmasked_rows = (~chosen.any(dim=1)).nonzero().squeeze(1)
+        chosen[unmasked_rows, real[unmasked_rows].sum(dim=1) - 1] = True
+        return sequences.masked_fill(chosen, self.mask_token), sequences * chosen
+
+    def loss(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Cloze loss on the windows given as next-item (inputs, targets) (B, L) int64
+        right-padded: the window is inputs[:, :1] followed by targets."""
+        windows = torch.cat([inputs[:, :1], targets], dim=1)
+        masked, cloze_targets = self.mask_items(windows)
+        hidden = self.encode(masked)
+        chosen = cloze_targets > 0
+        task = full_softmax_loss(hidden[chosen], self.candidates(), cloze_targets[chosen])
+        return task, self.aux_loss()
+
+    def score_next(self, inputs: Tensor) -> Tensor:
+        """Full-ranking scores (B, n_items + 1) of the next item: [mask] is appended after
+        each right-padded history (B, L <= max_len) and its output is scored; column 0 is -inf."""
+        rows = torch.arange(inputs.shape[0], device=inputs.device)
+        lengths = (inputs > 0).sum(dim=1)
+        extended = torch.cat([inputs, inputs.new_zeros(inputs.shape[0], 1)], dim=1)
+        extended[rows, lengths] = self.mask_token
+        return full_item_scores(self.encode(extended)[rows, lengths], self.candidates())

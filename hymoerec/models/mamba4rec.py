@@ -1,0 +1,163 @@
+"""Mamba4Rec (Liu et al., 2024): a selective state-space (Mamba) layer followed by a
+position-wise FFN, in pure PyTorch (the CUDA ``mamba-ssm`` package is not needed).
+
+Model: x = LayerNorm(dropout(emb(items))) (no position embedding: the scan is ordered);
+per layer: h = Mamba(x); h = LayerNorm(dropout(h)) for one layer, LayerNorm(dropout(h) + x)
+when stacked; out = LayerNorm(h + FFN(h)), FFN from :func:`.base.make_ffn`, so
+``--ffn hymoe`` gives HyMoERec on the Mamba4Rec backbone.
+
+Defaults (``paper_defaults``, Mamba4Rec's published configuration): one layer, d_model 64,
+d_state 32, d_conv 4, expand 2, dropout 0.2, dense FFN of width 4 d_model.
+
+Mamba block (Gu & Dao, 2023): [x, z] = in_proj(u); x = SiLU(causal depthwise conv(x));
+(dt, B, C) = x_proj(x); delta = softplus(dt_proj(dt)); the selective scan
+h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t, y_t = C_t h_t + D x_t (per channel, state
+size N, A = -exp(A_log) diagonal); out = out_proj(y * SiLU(z)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from . import register
+from .base import ModelConfig, SequentialRecommender, make_ffn
+
+LOG_RANGE = 30.0           # most total log-decay inside one parallel chunk (exp(30) ~ 1e13)
+MAX_SCAN_CHUNK = 64
+CPU_CHUNK_ELEMENTS = 1 << 20  # CPU: (Bt, T, Din, N) chunk state kept cache-sized (~4 MB)
+CHECKPOINT_ELEMENTS = 1 << 26  # above this many (Bt, L, Din, N) elements, recompute in backward
+
+
+def selective_scan_reference(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """The recurrence, one step at a time (the executable spec of :func:`selective_scan`).
+    x, delta (Bt, L, Din); A (Din, N); B, C (Bt, L, N) -> y (Bt, L, Din), without the D skip."""
+    h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    return torch.stack(ys, dim=1)
+
+
+def _scan_chunk(h0: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                C: Tensor) -> tuple[Tensor, Tensor]:
+    """T steps at once in closed form: with S_t = sum_{s<=t} delta_s A (cumulative
+    log-decay, <= 0) and u_s = delta_s x_s B_s, h_t = exp(S_t) (h0 + sum_{s<=t} exp(-S_s) u_s).
+    The caller keeps |S_T| <= LOG_RANGE so exp(-S) cannot overflow.
+    h0 (Bt, Din, N) state before the chunk; x, delta (Bt, T, Din); B, C (Bt, T, N).
+    Returns y (Bt, T, Din) and the state after the chunk (Bt, Din, N)."""
+    drive = (delta * x).unsqueeze(-1) * B.unsqueeze(2)                  # u_t (Bt, T, Din, N)
+    if x.shape[1] == 1:   # one step: the recurrence itself
+        states = torch.exp(delta.unsqueeze(-1) * A) * h0.unsqueeze(1) + drive
+    else:
+        log_decay = (delta.unsqueeze(-1) * A).cumsum(dim=1)             # S_t
+        states = torch.exp(log_decay) * (h0.unsqueeze(1) + (torch.exp(-log_decay) * drive).cumsum(dim=1))
+    return torch.einsum("btdn,btn->btd", states, C), states[:, -1]
+
+
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   max_chunk: int | None = None) -> Tensor:
+    """Chunked selective scan, same contract as :func:`selective_scan_reference`: each
+    chunk is solved in parallel (:func:`_scan_chunk`), chunks run in sequence. The chunk
+    length is at most ``max_chunk`` steps (default: MAX_SCAN_CHUNK on GPU; on CPU, where
+    the scan is memory-bound, as many as keep a chunk's state within CPU_CHUNK_ELEMENTS,
+    often one step) and at most the steps whose worst-case total decay
+    max(delta) * max(-A) stays within LOG_RANGE, so the closed form is exact in float32
+    whatever delta grows to. For large inputs under autograd each chunk is recomputed in
+    the backward pass instead of keeping its (Bt, T, Din, N) tensors."""
+    Bt, L, Din = x.shape
+    if max_chunk is None:
+        max_chunk = (MAX_SCAN_CHUNK if x.is_cuda
+                     else max(1, CPU_CHUNK_ELEMENTS // max(1, Bt * Din * A.shape[1])))
+    with torch.no_grad():
+        step_bound = float(delta.amax() * (-A).amax()) if L else 0.0
+    chunk = max(1, min(max_chunk, int(LOG_RANGE / step_bound) if step_bound > 0 else L))
+    recompute = torch.is_grad_enabled() and Bt * L * Din * A.shape[1] > CHECKPOINT_ELEMENTS
+    h = x.new_zeros(Bt, Din, A.shape[1])
+    ys = []
+    for start in range(0, L, chunk):
+        part = (x[:, start:start + chunk], delta[:, start:start + chunk], A,
+                B[:, start:start + chunk], C[:, start:start + chunk])
+        y, h = (checkpoint(_scan_chunk, h, *part, use_reentrant=False) if recompute
+                else _scan_chunk(h, *part))
+        ys.append(y)
+    return torch.cat(ys, dim=1)
+
+
+class MambaBlock(nn.Module):
+    """Mamba mixer (B, L, d_model) -> (B, L, d_model), causal: position t depends only on
+    positions <= t (causal conv + forward scan), so right padding cannot reach real items."""
+
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int,
+                 dt_min: float = 1e-3, dt_max: float = 0.1):
+        super().__init__()
+        d_inner, self.dt_rank, self.d_state = expand * d_model, math.ceil(d_model / 16), d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))
+                                  .repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        with torch.no_grad():  # Mamba's init: softplus(dt bias) log-uniform in [dt_min, dt_max]
+            bound = self.dt_rank ** -0.5
+            self.dt_proj.weight.uniform_(-bound, bound)
+            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min))
+                           + math.log(dt_min)).clamp(min=1e-4)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+
+    def forward(self, u: Tensor) -> Tensor:
+        L = u.shape[1]
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = F.silu(self.conv(x.transpose(1, 2))[..., :L].transpose(1, 2))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))
+        y = selective_scan(x, delta, -torch.exp(self.A_log.float()), B, C) + x * self.D
+        return self.out_proj(y * F.silu(z))
+
+
+class MambaLayer(nn.Module):
+    """Mamba mixer (+ residual when stacked), LayerNorm, then FFN with residual + LayerNorm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.mamba = MambaBlock(config.d_model, config.d_state, config.d_conv, config.expand)
+        self.residual = config.n_layers > 1
+        self.dropout = nn.Dropout(config.dropout)
+        self.norm, self.ffn_norm = nn.LayerNorm(config.d_model), nn.LayerNorm(config.d_model)
+        self.ffn = make_ffn(config)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.dropout(self.mamba(x))
+        h = self.norm(h + x if self.residual else h)
+        return self.ffn_norm(h + self.ffn(h, mask))
+
+
+@register("mamba4rec")
+class Mamba4Rec(SequentialRecommender):
+    """Embeddings ~ N(0, 0.02); the Mamba and FFN layers keep their own init."""
+    paper_defaults = {"ffn": "dense", "n_layers": 1, "dropout": 0.2, "d_state": 32,
+                      "d_conv": 4, "expand": 2}
+
+    def __init__(self, n_items: int, config: ModelConfig):
+        super().__init__(n_items, config)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.input_norm = nn.LayerNorm(config.d_model)
+        self.layers = nn.ModuleList(MambaLayer(config) for _ in range(config.n_layers))
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.item_emb.weight.data[0].zero_()
+
+    def encode(self, items: Tensor) -> Tensor:
+        """items (B, L) int64 right-padded with 0 -> hidden (B, L, D) float32."""
+        if items.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} exceeds max_len={self.config.max_len}")
+        mask = items > 0
+        x = self.input_norm(self.input_dropout(self.item_emb(items)))
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x

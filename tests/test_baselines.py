@@ -1,0 +1,192 @@
+"""Baseline backbones (GRU4Rec, NARM, BERT4Rec, Mamba4Rec), --ffn inside each backbone, and
+the reproduction script."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hymoerec import reproduce, train
+from hymoerec.evaluate import Recommender
+from hymoerec.models import MODELS, ModelConfig, build_model
+from hymoerec.models import mamba4rec
+from hymoerec.models.mamba4rec import selective_scan, selective_scan_reference
+
+BASELINES = ("gru4rec", "narm", "bert4rec", "mamba4rec")
+TINY_DATA = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "12",
+             "--batch-size", "64", "--max-len", "10", "--threads", "1", "--no-progress"]
+
+
+def small_model(name, ffn="dense", n_items=40, **overrides):
+    torch.manual_seed(0)
+    fields = {**MODELS[name].paper_defaults, "max_len": 8, "d_model": 16, "rnn_hidden": 12,
+              "d_state": 4, "dropout": 0.0, "ffn": ffn, **overrides}
+    return build_model(name, n_items, ModelConfig(**fields)).eval()
+
+
+@pytest.mark.parametrize("name,ffn", [(m, "dense") for m in BASELINES]
+                         + [("bert4rec", "hymoe"), ("mamba4rec", "hymoe")])
+def test_one_epoch_through_train_main(name, ffn, tmp_path):
+    summary = train.main(["--model", name, "--ffn", ffn, "--epochs", "1", "--d-model", "16",
+                          "--run-dir", str(tmp_path / "run"), *TINY_DATA])
+    config = summary["config"]
+    assert config["model"] == name and config["ffn"] == ffn
+    for field, value in MODELS[name].paper_defaults.items():   # paper config applied
+        if field != "ffn":
+            assert config[field] == value, field
+    assert summary["epochs_run"] == 1
+    assert all(math.isfinite(summary["test"][k]) for k in ("HR@10", "NDCG@10"))
+    model = Recommender.from_checkpoint(tmp_path / "run").model
+    scores = model.score_next(torch.tensor([[3, 7, 9], [5, 0, 0]]))
+    assert scores.shape == (2, 41)
+    assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+
+
+def test_paper_defaults_yield_to_flags_and_models_without_ffn_refuse_hymoe():
+    args = train.parse_args(["--model", "mamba4rec"])
+    assert (args.n_layers, args.ffn, args.d_state, args.dropout) == (1, "dense", 32, 0.2)
+    args = train.parse_args(["--model", "mamba4rec", "--ffn", "hymoe", "--n-layers", "2"])
+    assert (args.n_layers, args.ffn) == (2, "hymoe")
+    assert train.parse_args([]).ffn == "hymoe"            # sasrec keeps the shared defaults
+    for name in ("gru4rec", "narm"):
+        with pytest.raises(ValueError, match="no position-wise FFN"):
+            small_model(name, ffn="hymoe")
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "mamba4rec"])
+def test_hymoe_ffn_inside_every_backbone_with_an_ffn(name):
+    model = small_model(name, ffn="hymoe").train()
+    assert len(model.hymoe_layers()) == model.config.n_layers
+    task, aux = model.loss(torch.tensor([[3, 7, 9, 0]]), torch.tensor([[7, 9, 4, 0]]))
+    assert aux.item() != 0 and torch.isfinite(task)
+    assert not small_model(name, ffn="dense").hymoe_layers()
+
+
+@pytest.mark.parametrize("max_chunk", [1, 3, 64])
+def test_chunked_scan_matches_the_step_by_step_recurrence(max_chunk):
+    torch.manual_seed(0)
+    Bt, L, Din, N = 3, 11, 5, 4
+    x = torch.randn(Bt, L, Din, dtype=torch.float64, requires_grad=True)
+    delta = torch.rand(Bt, L, Din, dtype=torch.float64).mul(0.3).requires_grad_()
+    A = -torch.rand(Din, N, dtype=torch.float64).mul(8.0).add(0.5)   # long and short memories
+    # the total decay over all L steps fits LOG_RANGE, so max_chunk alone sets the chunks
+    assert float(delta.detach().max() * (-A).max()) * L < mamba4rec.LOG_RANGE
+    B = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
+    C = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
+    got = selective_scan(x, delta, A, B, C, max_chunk)
+    want = selective_scan_reference(x, delta, A, B, C)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    weights = torch.randn_like(want)
+    grads = torch.autograd.grad((got * weights).sum(), (x, delta, B, C))
+    want_grads = torch.autograd.grad((want * weights).sum(), (x, delta, B, C))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_chunked_scan_stays_exact_when_decay_is_large():
+    # total decay far beyond exp's float32 range: chunks shrink instead of overflowing
+    torch.manual_seed(1)
+    x, delta = torch.randn(2, 20, 3), torch.full((2, 20, 3), 40.0)
+    A, B, C = -torch.ones(3, 2), torch.randn(2, 20, 2), torch.randn(2, 20, 2)
+    got = selective_scan(x, delta, A, B, C, max_chunk=64)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, selective_scan_reference(x, delta, A, B, C))
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "narm", "mamba4rec", "bert4rec"])
+def test_padding_does_not_change_real_positions(name):
+    model = small_model(name)
+    short = torch.tensor([[3, 7, 9], [4, 2, 6]])
+    padded = torch.tensor([[3, 7, 9, 0, 0, 0], [4, 2, 6, 0, 0, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(padded)[:, :3], model.encode(short))
+        torch.testing.assert_close(model.score_next(padded), model.score_next(short))
+        # in a batch with a longer history, a short one keeps its scores
+        mixed = torch.tensor([[3, 7, 9, 0, 0], [1, 2, 3, 4, 5]])
+        torch.testing.assert_close(model.score_next(mixed)[0], model.score_next(short[:1])[0])
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "narm", "mamba4rec"])
+def test_recurrent_models_are_causal(name):
+    model = small_model(name)
+    with torch.no_grad():
+        h = model.encode(torch.tensor([[3, 7, 9]]))
+        torch.testing.assert_close(model.encode(torch.tensor([[3, 7, 9, 12, 5]]))[:, :3], h)
+
+
+def test_bert4rec_masking_never_leaks_the_target():
+    model = small_model("bert4rec", mask_prob=0.5)
+    sequences = torch.tensor([[3, 7, 9, 4, 11, 0], [5, 6, 8, 0, 0, 0]])
+    torch.manual_seed(3)
+    inputs, targets = model.mask_items(sequences)
+    chosen = targets > 0
+    assert chosen.any(dim=1).all()                                    # every row predicts
+    assert (inputs[chosen] == model.mask_token).all() and (targets[chosen] == sequences[chosen]).all()
+    assert (inputs[~chosen] == sequences[~chosen]).all() and (targets[~chosen] == 0).all()
+    # alter the true item at each masked position: the model's input, hence its prediction
+    # there, is unchanged
+    altered = torch.where(chosen, (sequences % 40) + 1, sequences)
+    torch.manual_seed(3)
+    inputs2, targets2 = model.mask_items(altered)
+    assert torch.equal(inputs2, inputs) and torch.equal(targets2[chosen], altered[chosen])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(inputs2), model.encode(inputs))
+    # next-item scoring: the appended [mask] is what is scored, never a candidate itself
+    history = torch.tensor([[3, 7, 9]])
+    scores = model.score_next(history)
+    assert scores.shape == (1, 41)
+    with torch.no_grad():
+        hidden = model.encode(torch.tensor([[3, 7, 9, model.mask_token]]))[0, 3]
+    torch.testing.assert_close(scores[0, 1:], hidden @ model.item_emb.weight[1:41].t())
+
+
+def test_bert4rec_loss_predicts_masked_items_with_full_softmax():
+    model = small_model("bert4rec").train()
+    inputs, targets = torch.tensor([[3, 7, 9, 0]]), torch.tensor([[7, 9, 4, 0]])
+    torch.manual_seed(5)
+    task, _ = model.loss(inputs, targets)
+    torch.manual_seed(5)
+    masked, cloze = model.mask_items(torch.tensor([[3, 7, 9, 4, 0]]))
+    hidden = model.encode(masked)
+    chosen = cloze > 0
+    want = torch.nn.functional.cross_entropy(hidden[chosen] @ model.item_emb.weight[1:41].t(),
+                                             cloze[chosen] - 1)
+    assert task.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_paired_test_and_budget_parsing():
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    same = reproduce.paired_test(base, base)
+    assert same["mean_diff"] == 0 and same["p_permutation"] == 1.0
+    better = reproduce.paired_test(base + 0.05 + 0.01 * rng.standard_normal(400), base)
+    assert better["p_permutation"] < 0.001 and better["t"] > 10
+    assert better["ci95"][0] < better["mean_diff"] < better["ci95"][1]
+    noise = reproduce.paired_test(base + 0.01 * rng.standard_normal(400), base)
+    assert noise["p_permutation"] > 0.01
+    assert reproduce.parse_budget("5") == ["--epochs", "5"]
+    assert reproduce.parse_budget("2.5m") == ["--max-minutes", "2.5"]
+    for bad in ("0", "5h", "1.5"):
+        with pytest.raises(Exception, match="--budget"):
+            reproduce.parse_budget(bad)
+
+
+def test_reproduce_writes_the_table(tmp_path):
+    out = tmp_path / "table.md"
+    result = reproduce.main(["--seeds", "1", "--budget", "1", "--models", "gru4rec",
+                             "HyMoERec (SASRec backbone)", "--paper-dataset", "beauty",
+                             "--run-root", str(tmp_path / "runs"), "--out", str(out),
+                             "--d-model", "16", *TINY_DATA])
+    text = out.read_text()
+    assert "| GRU4Rec |" in text and "| HyMoERec (SASRec backbone) |" in text
+    assert "0.0756" in text and "0.0442" in text and "n/a" in text
+    assert "Budgeted run" in text and "against the best baseline, **GRU4Rec**" in text
+    assert "Validation NDCG@10 after each epoch" in text
+    assert set(result["significance"]) == {"HyMoERec (SASRec backbone)"}
+    assert out.with_suffix(".json").is_file()
+    # a second call reuses the finished runs instead of training again
+    again = reproduce.main(["--seeds", "1", "--budget", "1", "--models", "gru4rec",
+                            "--run-root", str(tmp_path / "runs"), "--out", str(out),
+                            "--d-model", "16", *TINY_DATA])
+    assert (again["results"]["GRU4Rec"]["runs"][0]["test"]
+            == result["results"]["GRU4Rec"]["runs"][0]["test"])
