@@ -66,13 +66,18 @@ def popularity_metrics(ranks: np.ndarray, targets: np.ndarray, head: np.ndarray)
 def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
                      targets: np.ndarray, head: np.ndarray, max_len: int,
                      exclude_history: bool = False, batch_size: int = 1024,
-                     device: str | torch.device = "cpu") -> dict:
+                     device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1),
+                     combine: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Rank every target among all items with ``score_fn(inputs (B, L) int64) ->
     (B, V + 1)``, in batches of histories sorted by length (less padding). The model sees
     the last max_len items of each history; ``exclude_history`` removes all of the user's
-    earlier items from the ranking. Returns :func:`popularity_metrics`."""
-    order = np.argsort([len(h) for h in histories], kind="stable")
-    ranks = np.empty(len(histories), dtype=np.int64)
+    earlier items from the ranking. Returns :func:`popularity_metrics`.
+
+    Sharded evaluation (one shard per process): ``shard`` = (index, count) scores only every
+    count-th user of the length order from index on, leaving the other users' ranks 0, and
+    ``combine`` (e.g. a sum over processes) turns that (n,) int64 array into all users' ranks."""
+    order = np.argsort([len(h) for h in histories], kind="stable")[shard[0]::shard[1]]
+    ranks = np.zeros(len(histories), dtype=np.int64)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch_histories = [histories[i] for i in idx]
@@ -81,4 +86,6 @@ def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.nd
         excluded = pad_right(batch_histories).to(device) if exclude_history else None
         batch_targets = torch.from_numpy(targets[idx]).to(device)
         ranks[idx] = target_ranks(scores, batch_targets, excluded).cpu().numpy()
+    if combine is not None:
+        ranks = combine(ranks)
     return popularity_metrics(ranks, targets, head)
