@@ -27,6 +27,7 @@ A collective that fails (a rank died) or waits longer than ``--dist-timeout`` se
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import inspect
 import json
@@ -50,9 +51,19 @@ class DistributedError(RuntimeError):
     """A collective operation failed or timed out; the message names this rank."""
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def add_arguments(group) -> None:
     """The distributed flags (an argparse group)."""
-    group.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    group.add_argument("--dist-timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S,
                        help="under torchrun: seconds a process waits for the others at a "
                             "collective before it exits with an error (a hung or dead rank); "
                             "must exceed the longest rank-0-only pause (checkpoint writing, "
@@ -83,6 +94,16 @@ def digest(value) -> float:
     process for equal values (unlike ``hash``, which Python salts per process)."""
     text = json.dumps(value, sort_keys=True, default=str).encode()
     return float(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 12)
+
+
+def is_communication_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from the process group (a dead or hung peer), not from the
+    computation: torch's DistError family, or gloo's plain RuntimeErrors."""
+    if isinstance(err, DistributedError):
+        return False
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(
+        word in text for word in ("gloo", "nccl", "timed out", "connection", "by peer"))
 
 
 class _LossForward(nn.Module):
@@ -119,7 +140,7 @@ class DistContext:
         try:
             yield
         except RuntimeError as err:
-            if not self.enabled or isinstance(err, DistributedError):
+            if not self.enabled or not is_communication_error(err):
                 raise
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {operation} failed - another rank "

@@ -5,6 +5,7 @@ test metrics.
     python hymoerec/train.py --data-file beauty.txt --format sequences
     python hymoerec/train.py --dataset ml-1m --ffn dense
     python hymoerec/train.py --resume --run-dir runs/X   # continue a killed run
+    torchrun --nproc_per_node 2 hymoerec/train.py ...   # 2 processes (DDP; gloo / nccl)
 """
 from __future__ import annotations
 

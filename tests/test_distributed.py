@@ -188,3 +188,17 @@ def test_loss_weights_timeouts_and_dead_ranks_in_a_gloo_group(tmp_path, monkeypa
     assert all("test values differ across ranks" in r["check_same"] for r in results)
     assert "rank 0 of 2" in results[0]["hung_peer"] and "--dist-timeout 2s" in results[0]["hung_peer"]
     assert "rank 0 of 2" in results[0]["dead_peer"] and "died" in results[0]["dead_peer"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon"])
+def test_dist_timeout_must_be_positive_seconds(value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dist-timeout", value])
+    assert "--dist-timeout" in capsys.readouterr().err
+
+
+def test_only_process_group_failures_count_as_communication_errors():
+    assert distributed.is_communication_error(dist.DistBackendError("NCCL watchdog timeout"))
+    assert distributed.is_communication_error(RuntimeError(
+        "[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"))
+    assert not distributed.is_communication_error(RuntimeError("mat1 and mat2 shapes differ"))
