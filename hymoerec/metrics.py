@@ -70,13 +70,19 @@ def popularity_metrics(ranks: np.ndarray, targets: np.ndarray, head: np.ndarray)
 @torch.no_grad()
 def rank_targets(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
                  targets: np.ndarray, max_len: int, exclude_history: bool = False,
-                 batch_size: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
+                 batch_size: int = 1024, device: str | torch.device = "cpu",
+                 shard: tuple[int, int] = (0, 1),
+                 combine: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """0-based rank (n,) int64 of every user's target among all items, scored by
     ``score_fn(inputs (B, L) int64) -> (B, V + 1)`` in batches of histories sorted by length
     (less padding). The model sees the last max_len items of each history;
-    ``exclude_history`` removes all of the user's earlier items from the ranking."""
-    order = np.argsort([len(h) for h in histories], kind="stable")
-    ranks = np.empty(len(histories), dtype=np.int64)
+    ``exclude_history`` removes all of the user's earlier items from the ranking.
+
+    Sharded evaluation (one shard per process): ``shard`` = (index, count) scores only every
+    count-th user of the length order from index on, leaving the other users' ranks 0, and
+    ``combine`` (e.g. a sum over processes) turns that (n,) int64 array into all users' ranks."""
+    order = np.argsort([len(h) for h in histories], kind="stable")[shard[0]::shard[1]]
+    ranks = np.zeros(len(histories), dtype=np.int64)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch_histories = [histories[i] for i in idx]
@@ -85,13 +91,15 @@ def rank_targets(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarra
         excluded = pad_right(batch_histories).to(device) if exclude_history else None
         batch_targets = torch.from_numpy(targets[idx]).to(device)
         ranks[idx] = target_ranks(scores, batch_targets, excluded).cpu().numpy()
-    return ranks
+    return ranks if combine is None else combine(ranks)
 
 
 def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
                      targets: np.ndarray, head: np.ndarray, max_len: int,
                      exclude_history: bool = False, batch_size: int = 1024,
-                     device: str | torch.device = "cpu") -> dict:
-    """:func:`popularity_metrics` of the ranks of :func:`rank_targets`."""
-    ranks = rank_targets(score_fn, histories, targets, max_len, exclude_history, batch_size, device)
+                     device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1),
+                     combine: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """:func:`popularity_metrics` of the ranks of :func:`rank_targets` (same arguments)."""
+    ranks = rank_targets(score_fn, histories, targets, max_len, exclude_history, batch_size,
+                         device, shard, combine)
     return popularity_metrics(ranks, targets, head)

@@ -5,6 +5,7 @@ test metrics.
     python hymoerec/train.py --data-file beauty.txt --format sequences
     python hymoerec/train.py --dataset ml-1m --ffn dense
     python hymoerec/train.py --resume --run-dir runs/X   # continue a killed run
+    torchrun --nproc_per_node 2 hymoerec/train.py ...   # 2 processes (DDP; gloo / nccl)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from hymoerec.data import (DATASETS, FORMATS, SequenceData, bucketed_batches, collate_windows,
                            leave_one_out, load_dataset, read_file, synthetic, training_windows)
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    distributed.add_arguments(g)  # distributed
     return p
 
 
@@ -197,9 +200,11 @@ class Trainer:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = pick_device(args.device)
-        self.run_dir = Path(args.run_dir or Path("runs") / (
+        self.dist = distributed.setup(self.device, args.dist_timeout)  # distributed
+        self.device = self.dist.device  # distributed: cuda:LOCAL_RANK under torchrun
+        self.run_dir = self.dist.from_main(Path(args.run_dir or Path("runs") / (  # distributed
             f"{Path(args.data_file).stem if args.data_file else args.dataset}-{args.model}-"
-            f"{args.ffn}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            f"{args.ffn}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")), "run folder")
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
         self.log_path = self.run_dir / "log.jsonl"
         if self.last_path.exists() and not args.resume:
@@ -207,7 +212,8 @@ class Trainer:
                              f"or choose another --run-dir")
 
         torch.manual_seed(args.seed)
-        self.data = load_data(args)
+        with self.dist.main_first("loading the data"):  # distributed: one download
+            self.data = load_data(args)
         self.split = leave_one_out(self.data)
         self.windows = training_windows(self.split.train, args.max_len)
         if not self.windows:
@@ -218,6 +224,11 @@ class Trainer:
         self.head = head_items(self.split.train_item_counts())
         self.config = model_config(args)
         self.model = build_model(args.model, self.data.n_items, self.config).to(self.device)
+        # distributed: same data and flags everywhere; DDP wrapper; per-rank dropout stream
+        self.dist.check_same([len(self.windows), distributed.digest(self.data.item_ids),
+                              distributed.digest(vars(args))], "data and flags")
+        self.train_loss = self.dist.train_loss(self.model)
+        self.dist.seed_dropout(args.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr,
                                           weight_decay=args.weight_decay)
         self.batch_rng = torch.Generator().manual_seed(args.seed)
@@ -234,7 +245,8 @@ class Trainer:
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
                 "rng_torch": torch.get_rng_state(), "rng_batches": self.batch_rng.get_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                **self.dist.rng_state()}  # distributed: every rank's generators
 
     def restore(self) -> None:
         state = load_checkpoint(self.last_path, CHECKPOINT_KEYS)
@@ -256,8 +268,9 @@ class Trainer:
         self.batch_rng.set_state(state["rng_batches"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.dist.restore_rng(state.get("rng_ranks"), self.args.seed, self.epoch)  # distributed
         # keep only the log lines of the epochs the checkpoint holds
-        if self.log_path.exists():
+        if self.log_path.exists() and self.dist.is_main:
             lines = [line for line in self.log_path.read_text().splitlines()
                      if line.strip() and json.loads(line)["epoch"] <= self.epoch]
             self.log_path.write_text("".join(line + "\n" for line in lines))
@@ -269,7 +282,8 @@ class Trainer:
             self.model.score_next, self.split.history(stage), self.split.targets(stage),
             self.head, self.args.max_len,
             self.args.exclude_history if exclude_history is None else exclude_history,
-            self.args.eval_batch_size, self.device)
+            self.args.eval_batch_size, self.device,
+            shard=self.dist.eval_shard, combine=self.dist.sum_ranks_array)  # distributed
 
     def train_epoch(self) -> dict:
         self.model.train()
@@ -278,16 +292,17 @@ class Trainer:
         n_targets = 0
         load_sum = None
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
-                   disable=self.args.no_progress, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.dist.is_main, dynamic_ncols=True)
         for batch in bar:
+            batch, stand_in = self.dist.share(batch)  # distributed: this rank's share
             inputs, targets = collate_windows([self.windows[i] for i in batch])
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            task_loss, aux_loss = self.model.loss(inputs, targets)
+            task_loss, aux_loss = self.train_loss(inputs, targets)
+            count = 0 if stand_in else int((targets > 0).sum())
             self.optimizer.zero_grad(set_to_none=True)
-            (task_loss + aux_loss).backward()
+            self.dist.backward(task_loss + aux_loss, count)  # distributed: weighted by count
             self.optimizer.step()
             self.step += 1
-            count = int((targets > 0).sum())
             loss_sum += task_loss.item() * count
             aux_sum += aux_loss.item() * count
             n_targets += count
@@ -295,6 +310,11 @@ class Trainer:
             load_sum = load * count if load_sum is None else load_sum + load * count
             bar.set_postfix(loss=f"{task_loss.item():.4f}",
                             items_per_s=f"{n_targets / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        # distributed: totals over all ranks; HyMoE warm-up counters must agree
+        loss_sum, aux_sum, n_targets, load_sum = self.dist.sum_over_ranks(
+            loss_sum, aux_sum, n_targets, load_sum)
+        self.dist.check_same([float(layer.step) for layer in self.model.hymoe_layers()],
+                             "HyMoE warm-up steps")
         stats = routing_stats(self.model)
         return {"loss": loss_sum / n_targets, "aux_loss": aux_sum / n_targets,
                 "alpha": stats["alpha"],
@@ -305,7 +325,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if args.resume:
             self.restore()
-        else:
+        elif self.dist.is_main:  # distributed: only rank 0 writes files
             saved = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "run_dir")}
             (self.run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         print(f"{self.data.describe()}; {len(self.windows)} training windows; "
@@ -313,7 +333,8 @@ class Trainer:
               f"{self.device}; run dir {self.run_dir}", flush=True)
         started = time.perf_counter()
         while (self.epoch < args.epochs and self.bad_epochs < args.patience
-               and not (args.max_minutes and time.perf_counter() - started >= 60 * args.max_minutes)):
+               and not (args.max_minutes and self.dist.from_main(  # distributed: rank 0's clock
+                   time.perf_counter() - started, "elapsed time") >= 60 * args.max_minutes)):
             wall, cpu = time.perf_counter(), time.process_time()
             record = self.train_epoch()
             record["train_seconds"] = time.perf_counter() - wall
@@ -327,14 +348,17 @@ class Trainer:
                       "seconds": time.perf_counter() - wall}
             if valid["NDCG@10"] > self.best_metric:
                 self.best_metric, self.best_epoch, self.bad_epochs = valid["NDCG@10"], self.epoch, 0
-                save_checkpoint({"model": self.model.state_dict(), "config": vars(args),
-                                 "item_ids": self.data.item_ids, "epoch": self.epoch},
-                                self.best_path)
+                if self.dist.is_main:  # distributed
+                    save_checkpoint({"model": self.model.state_dict(), "config": vars(args),
+                                     "item_ids": self.data.item_ids, "epoch": self.epoch},
+                                    self.best_path)
             else:
                 self.bad_epochs += 1
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(self.state(), self.last_path)
+            state = self.state()  # distributed: gathers every rank's generators
+            if self.dist.is_main:  # distributed
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_checkpoint(state, self.last_path)
             print(f"epoch {self.epoch}: loss {record['loss']:.4f} aux {record['aux_loss']:.4f} "
                   f"valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f} "
                   f"({record['seconds']:.1f}s){' *' if self.best_epoch == self.epoch else ''}",
@@ -342,6 +366,7 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
+        self.dist.barrier("waiting for rank 0's checkpoint")  # distributed
         best = load_checkpoint(self.best_path)
         load_model_state(self.model, best["model"], self.best_path)
         test = self.evaluate("test")
@@ -357,8 +382,9 @@ class Trainer:
             "train_cpu_seconds_per_epoch": self.train_cpu_seconds / max(self.epoch, 1),
             "valid": self.evaluate("valid"), "test": test,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_run(self.log_path, self.run_dir / "curves.png")
+        if self.dist.is_main:  # distributed
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            plot_run(self.log_path, self.run_dir / "curves.png")
         return summary
 
 
@@ -407,8 +433,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         trainer = Trainer(args)
         summary = trainer.fit()
-    except CheckpointError as err:
+    except (CheckpointError, distributed.DistributedError) as err:  # distributed
         raise SystemExit(f"error: {err}") from None
+    finally:
+        distributed.shutdown()  # distributed
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}; test metrics "
           f"({'history excluded' if args.exclude_history else 'history kept'}, "
           f"{summary['test']['n_head']} head / {summary['test']['n_tail']} tail users):")
