@@ -14,7 +14,7 @@ How it differs from the reference (each choice measured with ``benchmarks/``):
   As a custom op it is a single node for torch.compile (``fullgraph=True`` works).
 * Rows move between token order and expert order with gathers whose backward is a gather
   by the inverse permutation (no scatter-add); each token's k expert outputs are combined
-  as a weighted sum over a (N, k, D) view.
+  as a weighted sum over a (N, k, D) view, with a hand-written backward.
 * The router's (H, E) output layer runs as F.linear with a contiguous (E, H) weight, the
   orientation in which its skinny matmuls are fast.
 """
@@ -45,19 +45,24 @@ class _GatherSlotRows(torch.autograd.Function):
         return per_slot.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """out[i] = src[perm[i]] for a permutation ``perm`` with inverse ``inverse`` (both
-    (M,) int64); src (M, C) -> (M, C). Backward is a gather by ``inverse``."""
+class _CombineSlots(torch.autograd.Function):
+    """y_moe[n] = sum_j scale[n, j] * rows[inverse[n*k + j]]: each token's k expert output
+    rows (expert-sorted, (N*k, D)) weighted by scale (N, k) -> (N, D)."""
 
     @staticmethod
-    def forward(ctx, src: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return src.index_select(0, perm)
+    def forward(ctx, rows, scale, order, inverse):
+        n, k = scale.shape
+        per_token = rows.index_select(0, inverse).view(n, k, rows.shape[-1])
+        ctx.save_for_backward(per_token, scale, order)
+        return (per_token * scale.unsqueeze(-1)).sum(1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    def backward(ctx, grad_y):
+        per_token, scale, order = ctx.saved_tensors
+        n, k = scale.shape
+        grad_scale = torch.bmm(per_token, grad_y.unsqueeze(-1)).squeeze(-1)
+        per_slot = (grad_y.unsqueeze(1) * scale.unsqueeze(-1)).view(n * k, grad_y.shape[-1])
+        return per_slot.index_select(0, order), grad_scale, None, None
 
 
 # Rows per chunk of an expert's slice: its (chunk, F) hidden activations take about this
@@ -148,6 +153,7 @@ def _(grad_out, rows, hidden, w1, w2, ends):
 def _expert_ffn_setup(ctx, inputs, output) -> None:
     rows, w1, _b1, w2, _b2, ends, save_hidden = inputs
     ctx.save_hidden = save_hidden
+    ctx.set_materialize_grads(False)       # hidden gets no gradient; skip zero-filling one
     ctx.save_for_backward(rows, output[1], w1, w2, ends)
 
 
@@ -176,7 +182,7 @@ def hymoe_torch(
     """HyMoE forward on a flat batch of tokens; arguments, shapes and returns exactly as
     :func:`hymoe_kernels.reference.hymoe_reference` (y (N, D) in the compute dtype of x,
     prob_sum (E,) float32, load (E,) int64)."""
-    num_tokens, d_model = x.shape
+    num_tokens = x.shape[0]
     num_experts, _, d_ff = expert_w1.shape
     router_hidden = router_w1.shape[1]
     device = x.device
@@ -206,8 +212,7 @@ def hymoe_torch(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (expert_rows, *expert_weights))
     expert_out, _ = expert_ffn(expert_rows, *expert_weights, ends, needs_grad)   # (N*k, D)
-    per_token = _PermuteRows.apply(expert_out, inverse, order).view(num_tokens, top_k, d_model)
-    y_moe = (per_token * slot_scale.to(compute_dtype).unsqueeze(-1)).sum(1)
+    y_moe = _CombineSlots.apply(expert_out, slot_scale.to(compute_dtype), order, inverse)
     y = torch.addmm(dense_b2.to(compute_dtype), dense_hidden, dense_w2.to(compute_dtype)) + y_moe
 
     real = torch.ones(num_tokens, dtype=torch.bool, device=device) if mask is None else mask
