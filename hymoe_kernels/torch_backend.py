@@ -2,21 +2,25 @@
 
 How it differs from the reference (each choice measured with ``benchmarks/``):
 
-* The dense FFN's and the router's first layers are one matmul, x @ [dense_w1 | router_w1]:
-  x is read once and one GELU call covers both hidden layers.
 * The N*k (token, slot) pairs are sorted once by expert (a stable sort of the flat top-k
   ids), so each expert owns a contiguous slice of the gathered rows; no loop over tokens.
-* The experts run as one custom op, :func:`expert_ffn`, with a hand-written backward:
-  per expert slice, in chunks of rows small enough for the cache, addmm -> GELU -> addmm.
-  Only the (N*k, F) pre-activations are kept for the backward, which recomputes the GELU
-  per chunk; the other (chunk, F) buffers are reused, so no full-size temporaries are
-  allocated (on CPU, fresh large buffers cost page faults that rivalled the GELUs).
-  As a custom op it is a single node for torch.compile (``fullgraph=True`` works).
+* FFNs run as one custom op, :func:`expert_ffn`, with a hand-written backward: per expert
+  slice, in chunks of rows small enough for the cache, addmm -> GELU -> addmm. Only the
+  pre-activations are kept for the backward, which recomputes the GELU per chunk; the
+  (chunk, F) work buffers are reused, so no other full-size temporaries are allocated (on
+  CPU, fresh large buffers cost page faults that rivalled the GELUs). The dense FFN is
+  the same op with one "expert" that owns every token. As a custom op it is a single
+  node for torch.compile (``fullgraph=True`` works).
 * Rows move between token order and expert order with gathers whose backward is a gather
   by the inverse permutation (no scatter-add); each token's k expert outputs are combined
   as a weighted sum over a (N, k, D) view, with a hand-written backward.
 * The router's (H, E) output layer runs as F.linear with a contiguous (E, H) weight, the
   orientation in which its skinny matmuls are fast.
+
+Measured and dropped: one matmul for the dense and router first layers (x @ [dense_w1 |
+router_w1]) lost to the chunked dense FFN; torch's grouped_mm (no fp32 under
+torch.compile, and no faster than per-expert addmm on CPU); the experts' first-layer bias
+as an extra all-ones input column.
 """
 from __future__ import annotations
 
@@ -183,18 +187,14 @@ def hymoe_torch(
     :func:`hymoe_kernels.reference.hymoe_reference` (y (N, D) in the compute dtype of x,
     prob_sum (E,) float32, load (E,) int64)."""
     num_tokens = x.shape[0]
-    num_experts, _, d_ff = expert_w1.shape
-    router_hidden = router_w1.shape[1]
+    num_experts = expert_w1.shape[0]
     device = x.device
 
-    # Dense FFN and router hidden layers from one read of x.
-    hidden = F.gelu(torch.addmm(torch.cat([dense_b1, router_b1]), x,
-                                torch.cat([dense_w1, router_w1], dim=1)))
-    compute_dtype = hidden.dtype                       # x's dtype, or autocast's
-    dense_hidden, router_hidden_act = hidden.split([d_ff, router_hidden], dim=1)
-    # As F.linear with a contiguous (E, H) weight: the skinny matmuls run several times
-    # faster in this orientation, forward and backward.
-    logits = F.linear(router_hidden_act, router_w2.to(compute_dtype).t().contiguous(),
+    router_act = F.gelu(torch.addmm(router_b1, x, router_w1))
+    compute_dtype = router_act.dtype                   # x's dtype, or autocast's
+    # F.linear with a contiguous (E, H) weight: the orientation in which the skinny
+    # (N, H) x (H, E) matmuls are fast, forward and backward.
+    logits = F.linear(router_act, router_w2.to(compute_dtype).t().contiguous(),
                       router_b2.to(compute_dtype)).float()
     top_logits, top_ids = logits.topk(top_k, dim=-1)                  # (N, k)
     alpha = torch.sigmoid(alpha_param.float()) * ramp
@@ -207,13 +207,19 @@ def hymoe_torch(
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_slots, device=device))
     ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=device), right=True)
 
-    expert_rows = _GatherSlotRows.apply(x.to(compute_dtype), order, inverse, top_k)
+    xc = x.to(compute_dtype)
+    expert_rows = _GatherSlotRows.apply(xc, order, inverse, top_k)             # (N*k, D)
     expert_weights = [w.to(compute_dtype) for w in (expert_w1, expert_b1, expert_w2, expert_b2)]
+    # The dense FFN is the same op with a single "expert" that owns all N rows.
+    dense_weights = [w.to(compute_dtype).unsqueeze(0)
+                     for w in (dense_w1, dense_b1, dense_w2, dense_b2)]
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (expert_rows, *expert_weights))
+        t.requires_grad for t in (xc, *expert_weights, *dense_weights))
+    all_rows = torch.full((1,), num_tokens, device=device)
+    y_dense, _ = expert_ffn(xc, *dense_weights, all_rows, needs_grad)
     expert_out, _ = expert_ffn(expert_rows, *expert_weights, ends, needs_grad)   # (N*k, D)
     y_moe = _CombineSlots.apply(expert_out, slot_scale.to(compute_dtype), order, inverse)
-    y = torch.addmm(dense_b2.to(compute_dtype), dense_hidden, dense_w2.to(compute_dtype)) + y_moe
+    y = y_dense + y_moe
 
     real = torch.ones(num_tokens, dtype=torch.bool, device=device) if mask is None else mask
     prob_sum = (logits.softmax(dim=-1) * real.unsqueeze(-1)).sum(dim=0)
