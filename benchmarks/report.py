@@ -38,7 +38,15 @@ def machine_line(data: dict) -> str:
     if "torch" in extra:
         parts.append(f"torch {extra['torch']}")
     if "threads" in extra:
-        parts.append(f"{extra['threads']} torch threads")
+        parts.append(f"{extra['threads']} torch thread{'s' if extra['threads'] != 1 else ''}")
+    timer = next((b.get("options", {}).get("timer") for b in data.get("benchmarks", [])), None)
+    if timer:
+        parts.append(f"timer {timer}" + (" (CPU time)" if "process_time" in timer else ""))
+    if data.get("datetime"):
+        parts.append(f"run {data['datetime'][:16].replace('T', ' ')} UTC")
+    commit = data.get("commit_info", {}).get("id")
+    if commit:
+        parts.append(f"commit {commit[:8]}")
     if "gpu" in extra:
         parts.append(f"GPU: {extra['gpu']}")
     return ", ".join(parts)
