@@ -108,11 +108,11 @@ def expert_ffn(rows: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, end
     """Per-expert FFN of contiguous row slices, chunk by chunk.
 
     rows (M, D) sorted by expert; w1 (E, D, F), b1 (E, F), w2 (E, F, D'), b2 (E, D');
-    ends (E,) int64 exclusive slice ends. Expert e's rows [s, t) map to
+    ends (E,) int64 exclusive slice ends, on any device. Expert e's rows [s, t) map to
     gelu(rows[s:t] @ w1[e] + b1[e]) @ w2[e] + b2[e]. Returns (out (M, D'), hidden): hidden
     is the (M, F) pre-activation when ``save_hidden`` (for the backward) and (0, F)
     otherwise. A custom op: torch.compile sees one opaque node; the E slice ends are read
-    on the host once per call (free on CPU, one sync on a GPU).
+    on the host once per call (one sync when they live on a GPU).
     """
     d_ff = w1.shape[-1]
     chunk = _chunk_rows(rows, d_ff)
@@ -228,7 +228,7 @@ def hymoe_torch(
                      for w in (dense_w1, dense_b1, dense_w2, dense_b2)]
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (xc, *expert_weights, *dense_weights))
-    all_rows = torch.full((1,), num_tokens, device=device)
+    all_rows = torch.full((1,), num_tokens)      # on the host: reading it never syncs a GPU
     y_dense, _ = expert_ffn(xc, *dense_weights, all_rows, needs_grad)
     expert_out, _ = expert_ffn(expert_rows, *expert_weights, ends, needs_grad)   # (N*k, D)
     y_moe = _CombineSlots.apply(expert_out, slot_scale.to(compute_dtype), order, inverse)
