@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 def _sum_slots(per_token: Tensor, scale: Tensor | None = None) -> Tensor:
     """sum_j scale[:, j] * per_token[:, j] (or the plain sum over j): per_token (N, k, C),
     scale (N, k) -> (N, C). A loop over the k slots: several times faster on CPU than a
@@ -99,6 +100,7 @@ def _expert_chunks(ends: Tensor, chunk_rows: int):
 
 
 def _chunk_rows(rows: Tensor, d_ff: int) -> int:
+    """Rows per chunk for (M, D) ``rows`` feeding a hidden layer of width ``d_ff``."""
     return max(1, min(rows.shape[0], _CHUNK_BYTES // (d_ff * rows.element_size())))
 
 
@@ -174,7 +176,9 @@ def _expert_ffn_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(rows, output[1], w1, w2, ends)
 
 
-def _expert_ffn_grad(ctx, grad_out: Tensor, _grad_hidden: Tensor | None):
+def _expert_ffn_grad(ctx, grad_out: Tensor | None, _grad_hidden: Tensor | None):
+    if grad_out is None:                   # only the (non-differentiable) hidden was used
+        return (None,) * 7
     if not ctx.save_hidden:
         raise RuntimeError("expert_ffn was called with save_hidden=False, so it cannot be "
                            "differentiated; pass save_hidden=True when gradients are needed")
