@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from typing import Callable
 
@@ -65,11 +66,16 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     return peak
 
 
-def run_benchmark(benchmark, fn: Callable[[], object], device: str) -> None:
+def run_benchmark(benchmark, fn: Callable[[], object], device: str,
+                  baseline: Callable[[], object] | None = None) -> None:
     """Time ``fn`` with pytest-benchmark and record its peak memory in extra_info.
 
     One untimed warm-up call (compilation, allocator warm-up) comes first; the number of
     rounds is chosen from a second call so the benchmark takes about TARGET_SECONDS.
+    ``baseline`` (the group's dense FFN), when given, runs before every round, outside
+    pytest-benchmark's timing but timed here with the same timer; its median goes to
+    extra_info["baseline_median_s"], so the ratio of the two compares them under the same
+    machine load, round by round (on a shared machine the load drifts between tests).
     """
     def call() -> None:
         fn()
@@ -88,4 +94,18 @@ def run_benchmark(benchmark, fn: Callable[[], object], device: str) -> None:
     if device == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
     rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(TARGET_SECONDS / max(once, 1e-6))))
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+    baseline_seconds: list[float] = []
+    timer = getattr(benchmark, "_timer", time.perf_counter)   # the --benchmark-timer
+
+    def time_baseline() -> None:
+        start = timer()
+        baseline()
+        synchronize(device)
+        baseline_seconds.append(timer() - start)
+
+    if baseline is not None:
+        baseline()
+    benchmark.pedantic(call, setup=time_baseline if baseline is not None else None,
+                       rounds=rounds, iterations=1, warmup_rounds=0)
+    if baseline_seconds:
+        benchmark.extra_info["baseline_median_s"] = statistics.median(baseline_seconds)

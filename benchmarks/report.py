@@ -4,9 +4,10 @@
     python -m benchmarks.report run.json [-o table.md]
 
 One table per benchmark group: for each variant its median time, the ratio to the
-group's ``dense`` variant (the dense-FFN floor), its throughput when the benchmark
-recorded how many sequences one call processes, and its peak memory (and ratio) when
-recorded. A header names the machine, torch and thread count the run used.
+group's ``dense`` variant (the dense-FFN floor), the ratio to a dense call interleaved
+with its own rounds when recorded (robust to load drifting between tests), its
+throughput when the benchmark recorded how many sequences one call processes, and its
+peak memory (and ratio) when recorded. A header names the machine, torch and thread count the run used.
 """
 from __future__ import annotations
 
@@ -38,7 +39,15 @@ def machine_line(data: dict) -> str:
     if "torch" in extra:
         parts.append(f"torch {extra['torch']}")
     if "threads" in extra:
-        parts.append(f"{extra['threads']} torch threads")
+        parts.append(f"{extra['threads']} torch thread{'s' if extra['threads'] != 1 else ''}")
+    timer = next((b.get("options", {}).get("timer") for b in data.get("benchmarks", [])), None)
+    if timer:
+        parts.append(f"timer {timer}" + (" (CPU time)" if "process_time" in timer else ""))
+    if data.get("datetime"):
+        parts.append(f"run {data['datetime'][:16].replace('T', ' ')} UTC")
+    commit = data.get("commit_info", {}).get("id")
+    if commit:
+        parts.append(f"commit {commit[:8]}")
     if "gpu" in extra:
         parts.append(f"GPU: {extra['gpu']}")
     return ", ".join(parts)
@@ -50,7 +59,10 @@ def group_table(name: str, benches: list[dict]) -> str:
     base = next((b for b in benches if _variant(b) == BASELINE), None)
     has_mem = any("peak_mem_bytes" in b.get("extra_info", {}) for b in benches)
     has_rate = any("sequences" in b.get("extra_info", {}) for b in benches)
+    has_paired = any("baseline_median_s" in b.get("extra_info", {}) for b in benches)
     header = ["variant", "median (ms)", f"x {BASELINE}"]
+    if has_paired:
+        header.append(f"x {BASELINE}, same rounds")
     if has_rate:
         header.append("sequences/s")
     if has_mem:
@@ -61,6 +73,9 @@ def group_table(name: str, benches: list[dict]) -> str:
         median, extra = bench["stats"]["median"], bench.get("extra_info", {})
         row = [_variant(bench), f"{median * 1e3:.2f}",
                f"{median / base['stats']['median']:.2f}" if base else "-"]
+        if has_paired:
+            paired = extra.get("baseline_median_s")
+            row.append("1.00" if bench is base else f"{median / paired:.2f}" if paired else "-")
         if has_rate:
             row.append(f"{extra['sequences'] / median:,.0f}" if "sequences" in extra else "-")
         if has_mem:
@@ -81,7 +96,9 @@ def render(data: dict) -> str:
         raise ValueError("the JSON file holds no benchmarks (was it written with "
                          "--benchmark-disable?)")
     parts = [f"Machine: {machine_line(data)}. Medians of {min_rounds(data)}+ rounds; "
-             f"'x {BASELINE}' is the ratio to the dense FFN in the same table."]
+             f"'x {BASELINE}' is the ratio to the dense FFN in the same table; "
+             f"'x {BASELINE}, same rounds' divides by the median of a dense FFN call run "
+             f"before each round of that benchmark (same machine load)."]
     parts += [group_table(name, benches) for name, benches in groups.items()]
     return "\n\n".join(parts) + "\n"
 

@@ -111,4 +111,6 @@ def test_layer(benchmark, device: str, mode: str, shape: LayerShape, variant: st
                                 tokens=shape.batch * shape.length)
     layer = make_layer(variant, shape).to(device)
     x = torch.randn(shape.batch, shape.length, shape.d_model, device=device)
-    run_benchmark(benchmark, layer_step(layer, x, mode), device)
+    baseline = None if variant == "dense" else layer_step(make_layer("dense", shape).to(device),
+                                                           x, mode)
+    run_benchmark(benchmark, layer_step(layer, x, mode), device, baseline)

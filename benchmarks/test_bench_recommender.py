@@ -48,29 +48,23 @@ def make_model(variant: str, device: str):
     return model
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("device", DEVICES)
-def test_train_step(benchmark, device: str, variant: str) -> None:
-    benchmark.group = f"recommender train_step | {device} | batch {TRAIN_BATCH} x {MAX_LEN}"
-    benchmark.extra_info.update(variant=variant, sequences=TRAIN_BATCH)
+def train_step(variant: str, device: str):
+    """A no-argument callable: one Adam step of the ``variant`` model on a fixed batch."""
     model = make_model(variant, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     windows = random_histories(TRAIN_BATCH, torch.Generator().manual_seed(1)).to(device)
     inputs, targets = windows[:, :-1], windows[:, 1:]
 
-    def train_step() -> None:
+    def step() -> None:
         task_loss, aux_loss = model.loss(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         (task_loss + aux_loss).backward()
         optimizer.step()
-    run_benchmark(benchmark, train_step, device)
+    return step
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("device", DEVICES)
-def test_full_ranking_eval(benchmark, device: str, variant: str) -> None:
-    benchmark.group = f"recommender full_ranking_eval | {device} | batch {EVAL_BATCH} x {MAX_LEN}"
-    benchmark.extra_info.update(variant=variant, sequences=EVAL_BATCH)
+def full_ranking_eval(variant: str, device: str):
+    """A no-argument callable: rank every target among all items for a fixed batch."""
     model = make_model(variant, device).eval()
     histories = random_histories(EVAL_BATCH, torch.Generator().manual_seed(2)).to(device)
     lengths = (histories > 0).sum(dim=1)
@@ -80,4 +74,22 @@ def test_full_ranking_eval(benchmark, device: str, variant: str) -> None:
     def evaluate() -> None:
         with torch.no_grad():
             target_ranks(model.score_next(inputs), targets)
-    run_benchmark(benchmark, evaluate, device)
+    return evaluate
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_step(benchmark, device: str, variant: str) -> None:
+    benchmark.group = f"recommender train_step | {device} | batch {TRAIN_BATCH} x {MAX_LEN}"
+    benchmark.extra_info.update(variant=variant, sequences=TRAIN_BATCH)
+    baseline = None if variant == "dense" else train_step("dense", device)
+    run_benchmark(benchmark, train_step(variant, device), device, baseline)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_ranking_eval(benchmark, device: str, variant: str) -> None:
+    benchmark.group = f"recommender full_ranking_eval | {device} | batch {EVAL_BATCH} x {MAX_LEN}"
+    benchmark.extra_info.update(variant=variant, sequences=EVAL_BATCH)
+    baseline = None if variant == "dense" else full_ranking_eval("dense", device)
+    run_benchmark(benchmark, full_ranking_eval(variant, device), device, baseline)

@@ -1,25 +1,46 @@
 """Fast pure-PyTorch HyMoE: same function as :func:`hymoe_kernels.reference.hymoe_reference`.
 
-How it differs from the reference (each choice measured, see ``benchmarks/``):
+How it differs from the reference (each choice measured with ``benchmarks/``):
 
-* The dense FFN's and the router's first layers are one matmul: x @ [dense_w1 | router_w1],
-  so x is read once and one GELU call covers both hidden layers.
 * The N*k (token, slot) pairs are sorted once by expert (a stable sort of the flat top-k
-  ids); each expert then owns a contiguous slice, and the experts' two layers are two
-  grouped matmuls (``torch.nn.functional.grouped_mm`` for fp32/bf16/fp16 on CPU: no host sync,
-  traceable by torch.compile with ``fullgraph=True``; otherwise a loop over the E slices).
-* The experts' first-layer bias rides in the matmul as an extra all-ones input column (its
-  gradient then comes out of the weight gradient); the second-layer bias is summed per
-  token as (alpha * gates scattered to (N, E)) @ expert_b2, an N x E x D matmul.
-* Rows move between token order and expert order with two gathers whose backward is a
-  gather by the inverse permutation (no scatter-add), and each token's k expert outputs
-  are combined by a weighted sum over a (N, k, D) view.
+  ids), so each expert owns a contiguous slice of the gathered rows; no loop over tokens.
+* FFNs run as one custom op, :func:`expert_ffn`, with a hand-written backward: per expert
+  slice, in chunks of rows small enough for the cache, addmm -> GELU -> addmm. Only the
+  pre-activations are kept for the backward, which recomputes the GELU per chunk; the
+  (chunk, F) work buffers are reused, so no other full-size temporaries are allocated (on
+  CPU, fresh large buffers cost page faults that rivalled the GELUs). The dense FFN is
+  the same op with one "expert" that owns every token. As a custom op it is a single
+  node for torch.compile (``fullgraph=True`` works).
+* Rows move between token order and expert order with gathers whose backward is a gather
+  by the inverse permutation (no scatter-add); each token's k expert outputs are combined
+  as a weighted sum over a (N, k, D) view, with a hand-written backward.
+* The router's (H, E) output layer runs as F.linear with a contiguous (E, H) weight, the
+  orientation in which its skinny matmuls are fast.
+
+Measured and dropped: one matmul for the dense and router first layers (x @ [dense_w1 |
+router_w1]) lost to the chunked dense FFN; torch's grouped_mm (no fp32 under
+torch.compile, and no faster than per-expert addmm on CPU); the experts' first-layer bias
+as an extra all-ones input column.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _sum_slots(per_token: Tensor, scale: Tensor | None = None) -> Tensor:
+    """sum_j scale[:, j] * per_token[:, j] (or the plain sum over j): per_token (N, k, C),
+    scale (N, k) -> (N, C). A loop over the k slots: several times faster on CPU than a
+    reduction over the middle dimension."""
+    total = per_token[:, 0] if scale is None else per_token[:, 0] * scale[:, :1]
+    for slot in range(1, per_token.shape[1]):
+        if scale is None:
+            total = total + per_token[:, slot]
+        else:
+            total = total.addcmul_(per_token[:, slot], scale[:, slot:slot + 1])
+    return total
+
 
 class _GatherSlotRows(torch.autograd.Function):
     """rows[i] = x[order[i] // k]: token rows in expert-sorted slot order.
@@ -39,82 +60,134 @@ class _GatherSlotRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
         per_slot = grad.index_select(0, inverse)
-        return per_slot.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
+        return _sum_slots(per_slot.view(-1, ctx.top_k, grad.shape[-1])), None, None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """out[i] = src[perm[i]] for a permutation ``perm`` with inverse ``inverse`` (both
-    (M,) int64); src (M, C) -> (M, C). Backward is a gather by ``inverse``."""
-
-    @staticmethod
-    def forward(ctx, src: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return src.index_select(0, perm)
+class _CombineSlots(torch.autograd.Function):
+    """y_moe[n] = sum_j scale[n, j] * rows[inverse[n*k + j]]: each token's k expert output
+    rows (expert-sorted, (N*k, D)) weighted by scale (N, k) -> (N, D)."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    def forward(ctx, rows, scale, order, inverse):
+        n, k = scale.shape
+        per_token = rows.index_select(0, inverse).view(n, k, rows.shape[-1])
+        ctx.save_for_backward(per_token, scale, order)
+        return _sum_slots(per_token, scale)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        per_token, scale, order = ctx.saved_tensors
+        n, k = scale.shape
+        grad_scale = torch.linalg.vecdot(per_token, grad_y.unsqueeze(1))
+        per_slot = (grad_y.unsqueeze(1) * scale.unsqueeze(-1)).view(n * k, grad_y.shape[-1])
+        return per_slot.index_select(0, order), grad_scale, None, None
 
 
-@torch.library.custom_op("hymoe_kernels::grouped_linear", mutates_args=())
-def grouped_linear(rows: Tensor, weight: Tensor, bias: Tensor, ends: Tensor) -> Tensor:
-    """Per-expert affine map of contiguous row slices: rows (M, K) sorted by expert,
-    weight (E, K, P), bias (E, P), ends (E,) int64 exclusive slice ends -> (M, P), where
-    out[s:t] = rows[s:t] @ weight[e] + bias[e] for expert e's slice [s, t).
+# Rows per chunk of an expert's slice: its (chunk, F) hidden activations take about this
+# many bytes, so the chunk's GELU input, output and gradients stay in cache and are
+# reused across chunks instead of being allocated (and page-faulted) at full size.
+_CHUNK_BYTES = 2 << 20
 
-    A custom op so that torch.compile (fullgraph) treats it as one opaque node; the
-    E slice bounds are read on the host once per call (free on CPU, one sync on GPU).
+
+def _expert_chunks(ends: Tensor, chunk_rows: int):
+    """(expert, lo, hi) for every chunk of at most ``chunk_rows`` rows of every expert's
+    slice [ends[e-1], ends[e]) (slices of empty experts yield nothing)."""
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        for lo in range(start, end, chunk_rows):
+            yield expert, lo, min(lo + chunk_rows, end)
+        start = end
+
+
+def _chunk_rows(rows: Tensor, d_ff: int) -> int:
+    """Rows per chunk for (M, D) ``rows`` feeding a hidden layer of width ``d_ff``."""
+    return max(1, min(rows.shape[0], _CHUNK_BYTES // (d_ff * rows.element_size())))
+
+
+@torch.library.custom_op("hymoe_kernels::expert_ffn", mutates_args=())
+def expert_ffn(rows: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ends: Tensor,
+               save_hidden: bool) -> tuple[Tensor, Tensor]:
+    """Per-expert FFN of contiguous row slices, chunk by chunk.
+
+    rows (M, D) sorted by expert; w1 (E, D, F), b1 (E, F), w2 (E, F, D'), b2 (E, D');
+    ends (E,) int64 exclusive slice ends, on any device. Expert e's rows [s, t) map to
+    gelu(rows[s:t] @ w1[e] + b1[e]) @ w2[e] + b2[e]. Returns (out (M, D'), hidden): hidden
+    is the (M, F) pre-activation when ``save_hidden`` (for the backward) and (0, F)
+    otherwise. A custom op: torch.compile sees one opaque node; the E slice ends are read
+    on the host once per call (one sync when they live on a GPU).
     """
-    out = rows.new_empty(rows.shape[0], weight.shape[-1])
-    start = 0
-    for expert, end in enumerate(ends.tolist()):
-        torch.addmm(bias[expert], rows[start:end], weight[expert], out=out[start:end])
-        start = end
-    return out
+    d_ff = w1.shape[-1]
+    chunk = _chunk_rows(rows, d_ff)
+    out = rows.new_empty(rows.shape[0], w2.shape[-1])
+    hidden = rows.new_empty(rows.shape[0] if save_hidden else chunk, d_ff)
+    act = rows.new_empty(chunk, d_ff)
+    for expert, lo, hi in _expert_chunks(ends, chunk):
+        pre = hidden[lo:hi] if save_hidden else hidden[:hi - lo]
+        torch.addmm(b1[expert], rows[lo:hi], w1[expert], out=pre)
+        torch.ops.aten.gelu.out(pre, out=act[:hi - lo])
+        torch.addmm(b2[expert], act[:hi - lo], w2[expert], out=out[lo:hi])
+    return out, hidden if save_hidden else hidden[:0]
 
 
-@grouped_linear.register_fake
-def _(rows: Tensor, weight: Tensor, bias: Tensor, ends: Tensor) -> Tensor:
-    return rows.new_empty(rows.shape[0], weight.shape[-1])
+@expert_ffn.register_fake
+def _(rows, w1, b1, w2, b2, ends, save_hidden):
+    return (rows.new_empty(rows.shape[0], w2.shape[-1]),
+            rows.new_empty(rows.shape[0] if save_hidden else 0, w1.shape[-1]))
 
 
-@torch.library.custom_op("hymoe_kernels::grouped_linear_backward", mutates_args=())
-def grouped_linear_backward(grad_out: Tensor, rows: Tensor, weight: Tensor,
-                            ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`grouped_linear` w.r.t. rows (M, K), weight (E, K, P) and bias
-    (E, P), given grad_out (M, P); an expert with an empty slice gets zero gradients."""
-    grad_rows = rows.new_empty(rows.shape)
-    grad_weight = weight.new_empty(weight.shape)
-    grad_bias = grad_out.new_empty(weight.shape[0], weight.shape[-1])
-    start = 0
-    for expert, end in enumerate(ends.tolist()):
-        torch.mm(grad_out[start:end], weight[expert].t(), out=grad_rows[start:end])
-        torch.mm(rows[start:end].t(), grad_out[start:end], out=grad_weight[expert])
-        torch.sum(grad_out[start:end], dim=0, out=grad_bias[expert])
-        start = end
-    return grad_rows, grad_weight, grad_bias
+@torch.library.custom_op("hymoe_kernels::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(grad_out: Tensor, rows: Tensor, hidden: Tensor, w1: Tensor,
+                        w2: Tensor, ends: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`expert_ffn` w.r.t. rows, w1, b1, w2, b2 given grad_out (M, D')
+    and the saved pre-activation hidden (M, F); the GELU output is recomputed per chunk.
+    Experts with empty slices get zero gradients."""
+    num_experts, _, d_ff = w1.shape
+    chunk = _chunk_rows(rows, d_ff)
+    grad_rows = torch.empty_like(rows)
+    grad_w1, grad_b1 = torch.zeros_like(w1), w1.new_zeros(num_experts, d_ff)
+    grad_w2, grad_b2 = torch.zeros_like(w2), w2.new_zeros(num_experts, w2.shape[-1])
+    act, grad_act, grad_pre = (rows.new_empty(chunk, d_ff) for _ in range(3))
+    for expert, lo, hi in _expert_chunks(ends, chunk):
+        n = hi - lo
+        grad, pre = grad_out[lo:hi], hidden[lo:hi]
+        torch.ops.aten.gelu.out(pre, out=act[:n])
+        grad_w2[expert].addmm_(act[:n].t(), grad)
+        grad_b2[expert] += grad.sum(0)
+        torch.mm(grad, w2[expert].t(), out=grad_act[:n])
+        torch.ops.aten.gelu_backward.grad_input(grad_act[:n], pre, grad_input=grad_pre[:n])
+        grad_w1[expert].addmm_(rows[lo:hi].t(), grad_pre[:n])
+        grad_b1[expert] += grad_pre[:n].sum(0)
+        torch.mm(grad_pre[:n], w1[expert].t(), out=grad_rows[lo:hi])
+    return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-@grouped_linear_backward.register_fake
-def _(grad_out: Tensor, rows: Tensor, weight: Tensor, ends: Tensor):
-    return (rows.new_empty(rows.shape), weight.new_empty(weight.shape),
-            grad_out.new_empty(weight.shape[0], weight.shape[-1]))
+@expert_ffn_backward.register_fake
+def _(grad_out, rows, hidden, w1, w2, ends):
+    num_experts, _, d_ff = w1.shape
+    return (torch.empty_like(rows), torch.empty_like(w1), w1.new_empty(num_experts, d_ff),
+            torch.empty_like(w2), w2.new_empty(num_experts, w2.shape[-1]))
 
 
-def _grouped_linear_setup(ctx, inputs, output) -> None:
-    rows, weight, _bias, ends = inputs
-    ctx.save_for_backward(rows, weight, ends)
+def _expert_ffn_setup(ctx, inputs, output) -> None:
+    rows, w1, _b1, w2, _b2, ends, save_hidden = inputs
+    ctx.save_hidden = save_hidden
+    ctx.set_materialize_grads(False)       # hidden gets no gradient; skip zero-filling one
+    ctx.save_for_backward(rows, output[1], w1, w2, ends)
 
 
-def _grouped_linear_grad(ctx, grad_out: Tensor):
-    rows, weight, ends = ctx.saved_tensors
-    grad_rows, grad_weight, grad_bias = grouped_linear_backward(
-        grad_out.contiguous(), rows, weight, ends)
-    return grad_rows, grad_weight, grad_bias, None
+def _expert_ffn_grad(ctx, grad_out: Tensor | None, _grad_hidden: Tensor | None):
+    if grad_out is None:                   # only the (non-differentiable) hidden was used
+        return (None,) * 7
+    if not ctx.save_hidden:
+        raise RuntimeError("expert_ffn was called with save_hidden=False, so it cannot be "
+                           "differentiated; pass save_hidden=True when gradients are needed")
+    rows, hidden, w1, w2, ends = ctx.saved_tensors
+    grads = expert_ffn_backward(grad_out.contiguous(), rows, hidden, w1, w2, ends)
+    return (*grads, None, None)
 
 
-grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
+expert_ffn.register_autograd(_expert_ffn_grad, setup_context=_expert_ffn_setup)
 
 
 def hymoe_torch(
@@ -130,18 +203,16 @@ def hymoe_torch(
     """HyMoE forward on a flat batch of tokens; arguments, shapes and returns exactly as
     :func:`hymoe_kernels.reference.hymoe_reference` (y (N, D) in the compute dtype of x,
     prob_sum (E,) float32, load (E,) int64)."""
-    num_tokens, d_model = x.shape
-    num_experts, _, d_ff = expert_w1.shape
-    router_hidden = router_w1.shape[1]
+    num_tokens = x.shape[0]
+    num_experts = expert_w1.shape[0]
     device = x.device
 
-    # Dense FFN and router hidden layers from one read of x.
-    hidden = F.gelu(torch.addmm(torch.cat([dense_b1, router_b1]), x,
-                                torch.cat([dense_w1, router_w1], dim=1)))
-    compute_dtype = hidden.dtype                       # x's dtype, or autocast's
-    dense_hidden, router_hidden_act = hidden.split([d_ff, router_hidden], dim=1)
-    logits = torch.addmm(router_b2.to(compute_dtype), router_hidden_act,
-                         router_w2.to(compute_dtype)).float()
+    router_act = F.gelu(torch.addmm(router_b1, x, router_w1))
+    compute_dtype = router_act.dtype                   # x's dtype, or autocast's
+    # F.linear with a contiguous (E, H) weight: the orientation in which the skinny
+    # (N, H) x (H, E) matmuls are fast, forward and backward.
+    logits = F.linear(router_act, router_w2.to(compute_dtype).t().contiguous(),
+                      router_b2.to(compute_dtype)).float()
     top_logits, top_ids = logits.topk(top_k, dim=-1)                  # (N, k)
     alpha = torch.sigmoid(alpha_param.float()) * ramp
     slot_scale = top_logits.softmax(dim=-1) * alpha                    # (N, k) float32
@@ -153,14 +224,19 @@ def hymoe_torch(
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_slots, device=device))
     ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=device), right=True)
 
-    expert_rows = _GatherSlotRows.apply(x.to(compute_dtype), order, inverse, top_k)
-    expert_hidden = F.gelu(grouped_linear(expert_rows, expert_w1.to(compute_dtype),
-                                          expert_b1.to(compute_dtype), ends))
-    expert_out = grouped_linear(expert_hidden, expert_w2.to(compute_dtype),
-                                expert_b2.to(compute_dtype), ends)       # (N*k, D)
-    per_token = _PermuteRows.apply(expert_out, inverse, order).view(num_tokens, top_k, d_model)
-    y_moe = (per_token * slot_scale.to(compute_dtype).unsqueeze(-1)).sum(1)
-    y = torch.addmm(dense_b2.to(compute_dtype), dense_hidden, dense_w2.to(compute_dtype)) + y_moe
+    xc = x.to(compute_dtype)
+    expert_rows = _GatherSlotRows.apply(xc, order, inverse, top_k)             # (N*k, D)
+    expert_weights = [w.to(compute_dtype) for w in (expert_w1, expert_b1, expert_w2, expert_b2)]
+    # The dense FFN is the same op with a single "expert" that owns all N rows.
+    dense_weights = [w.to(compute_dtype).unsqueeze(0)
+                     for w in (dense_w1, dense_b1, dense_w2, dense_b2)]
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (xc, *expert_weights, *dense_weights))
+    all_rows = torch.full((1,), num_tokens)      # on the host: reading it never syncs a GPU
+    y_dense, _ = expert_ffn(xc, *dense_weights, all_rows, needs_grad)
+    expert_out, _ = expert_ffn(expert_rows, *expert_weights, ends, needs_grad)   # (N*k, D)
+    y_moe = _CombineSlots.apply(expert_out, slot_scale.to(compute_dtype), order, inverse)
+    y = y_dense + y_moe
 
     real = torch.ones(num_tokens, dtype=torch.bool, device=device) if mask is None else mask
     prob_sum = (logits.softmax(dim=-1) * real.unsqueeze(-1)).sum(dim=0)

@@ -29,6 +29,8 @@ def test_benchmarks_run_and_report(tmp_path):
     variants = {b["extra_info"]["variant"] for b in layer}
     assert {"dense", "naive_moe", "hymoe_torch", "hymoe_torch_compiled"} <= variants
     assert all(b["extra_info"]["peak_mem_bytes"] > 0 for b in data["benchmarks"])
+    assert all(b["extra_info"]["baseline_median_s"] > 0 for b in data["benchmarks"]
+               if b["extra_info"]["variant"] != "dense")
 
     report = run(["-m", "benchmarks.report", str(json_path), "-o", str(md_path)], tmp_path)
     assert report.returncode == 0, report.stderr

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from hymoe_kernels import HyMoEFFN, hymoe_reference
 from hymoe_kernels.layer import resolve_backend
-from hymoe_kernels.torch_backend import grouped_linear, hymoe_torch
+from hymoe_kernels import torch_backend
+from hymoe_kernels.torch_backend import expert_ffn, hymoe_torch
 
 PARAM_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2", "expert_w1", "expert_b1",
                "expert_w2", "expert_b2", "dense_w1", "dense_b1", "dense_w2", "dense_b2",
@@ -171,15 +172,39 @@ def test_layer_torch_backend_matches_reference_backend():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_linear_op_registration():
-    rows = torch.randn(7, 3, requires_grad=True)
-    weight = torch.randn(3, 3, 5, requires_grad=True)
-    bias = torch.randn(3, 5, requires_grad=True)
+def test_expert_ffn_op_registration():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 3, generator=gen, requires_grad=True)
+    w1, b1 = torch.randn(3, 3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    w2, b2 = torch.randn(3, 5, 3, generator=gen), torch.randn(3, 3, generator=gen)
     ends = torch.tensor([2, 2, 7])                        # expert 1 has no rows
-    torch.library.opcheck(grouped_linear, (rows, weight, bias, ends))
-    out = grouped_linear(rows, weight, bias, ends)
-    want = torch.cat([rows[:2] @ weight[0] + bias[0], rows[2:] @ weight[2] + bias[2]])
-    torch.testing.assert_close(out, want)
+    for weight in (w1, b1, w2, b2):
+        weight.requires_grad_(True)
+    torch.library.opcheck(expert_ffn, (rows, w1, b1, w2, b2, ends, True))
+    inference_args = [t.detach() for t in (rows, w1, b1, w2, b2, ends)]
+    torch.library.opcheck(expert_ffn, (*inference_args, False))
+    out, hidden = expert_ffn(rows, w1, b1, w2, b2, ends, True)
+    with pytest.raises(RuntimeError, match="save_hidden=False"):
+        expert_ffn(*inference_args[:1], w1, *inference_args[2:], False)[0].sum().backward()
+    ffn = lambda r, e: torch.nn.functional.gelu(r @ w1[e] + b1[e]) @ w2[e] + b2[e]
+    torch.testing.assert_close(out, torch.cat([ffn(rows[:2], 0), ffn(rows[2:], 2)]))
+    torch.testing.assert_close(hidden[2:], rows[2:] @ w1[2] + b1[2])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 200])
+def test_chunked_experts_match_reference(monkeypatch, chunk_bytes):
+    """Expert slices split into many chunks (1 row, or a few rows) give the same result."""
+    monkeypatch.setattr(torch_backend, "_CHUNK_BYTES", chunk_bytes)
+    params = make_params(6, 12, 3, 5, seed=8)
+    x = torch.randn(25, 6, generator=torch.Generator().manual_seed(4))
+    mask = torch.arange(25) % 5 != 0
+    ref = run(hymoe_reference, x, mask, params, torch.tensor(0.9), 2)
+    fast = run(hymoe_torch, x, mask, params, torch.tensor(0.9), 2)
+    assert_same(ref, fast, rel=1e-5)
+    with torch.no_grad():                                  # inference path: no saved hidden
+        y_eval = hymoe_torch(x, mask, *(params[n] for n in PARAM_NAMES[:-1]),
+                             params["alpha_param"], torch.tensor(0.9), 2)[0]
+    torch.testing.assert_close(y_eval, ref["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_fullgraph_compile_matches_eager():
