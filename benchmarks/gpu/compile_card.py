@@ -151,10 +151,13 @@ def compile_variant(decl: KernelDecl, dtype: str, variant: Variant) -> dict:
 # --------------------------------------------------------------------------------------
 
 def _fused_tile_variants(configs_name: str, with_top_k: bool):
-    """Each TileConfig of fused_tile.<configs_name> at its widest BLOCK_D, E = 4, k = 2."""
+    """Each TileConfig of fused_tile.<configs_name> for ``dtype`` at its widest BLOCK_D,
+    E = 4, k = 2."""
     def variants(dtype: str) -> Iterator[Variant]:
         fused_tile = importlib.import_module(f"{KERNEL_PACKAGE}.fused_tile")
         for config in getattr(fused_tile, configs_name):
+            if config.fp32 != (dtype == "fp32"):
+                continue
             constexprs = {"BLOCK_M": config.block_m, "BLOCK_D": config.max_block_d,
                           "BLOCK_F": config.block_f}
             if configs_name == "WEIGHT_GRAD_CONFIGS":
@@ -164,7 +167,7 @@ def _fused_tile_variants(configs_name: str, with_top_k: bool):
             if with_top_k:
                 constexprs["TOP_K"] = 2
             yield Variant(f"D<={config.max_block_d} BM={config.block_m} BF={config.block_f}",
-                          constexprs, config.num_warps)
+                          constexprs, config.num_warps, config.num_stages)
     return variants
 
 
