@@ -110,10 +110,12 @@ def test_half_precision_matches_reference(N, D, F, E, dtype, seed):
     check_against_reference(N, D, F, D, E, 2, dtype, seed)
 
 
-@pytest.mark.parametrize("D,F,E,top_k", [(64, 96, 4, 2), (100, 40, 16, 3)])
-def test_wider_shapes_fp32(D, F, E, top_k):
-    """Real tile widths: D = 64 (a full BLOCK_D), D = 100 (masked 128), E = 16 (all bits)."""
-    check_against_reference(70, D, F, 32, E, top_k, torch.float32, seed=D + E)
+@pytest.mark.parametrize("D,F,E,top_k,dtype", [(64, 96, 4, 2, torch.float32),
+                                               (100, 40, 16, 3, torch.bfloat16)])
+def test_wider_shapes(D, F, E, top_k, dtype):
+    """Real tile widths: D = 64 (a full BLOCK_D; fp32's widest), D = 100 (masked 128),
+    E = 16 (every bit of the selection mask)."""
+    check_against_reference(70, D, F, 32, E, top_k, dtype, seed=D + E)
 
 
 def test_bf16_recommender_shape():
@@ -173,11 +175,17 @@ def test_bad_inputs_name_the_argument():
         fused_tile_forward(x, mask[:5], *weights, alpha_t, ramp_t, 2)
     with pytest.raises(ValueError, match="top_k=5"):
         fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 5)
+    wide_x, _, wide_weights, _, _ = make_problem(8, 72, 24, 16, 4, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="D=72"):                # fp32 tiles end at D = 64
+        fused_tile_forward(wide_x, None, *wide_weights, alpha_t, ramp_t, 2)
 
 
 def test_supported_shapes():
-    assert fused_tile_supported(64, 256, 4, 64, 2)
-    assert fused_tile_supported(128, 1024, 16, 256, 16)
-    assert not fused_tile_supported(256, 1024, 4, 256, 2)     # D too wide for one tile
-    assert not fused_tile_supported(64, 256, 17, 64, 2)       # E beyond the bitmask
-    assert not fused_tile_supported(64, 256, 4, 64, 5)        # k > E
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert fused_tile_supported(64, 256, 4, 64, 2, fp32)
+    assert fused_tile_supported(128, 1024, 16, 256, 16, bf16)
+    assert not fused_tile_supported(128, 512, 4, 128, 2, fp32)    # fp32 tiles spill past 64
+    assert not fused_tile_supported(256, 1024, 4, 256, 2, bf16)   # D too wide for one tile
+    assert not fused_tile_supported(64, 256, 17, 64, 2, bf16)     # E beyond the bitmask
+    assert not fused_tile_supported(64, 256, 4, 64, 5, bf16)      # k > E
+    assert not fused_tile_supported(64, 256, 4, 64, 2, torch.float64)

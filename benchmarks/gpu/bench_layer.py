@@ -149,7 +149,7 @@ def make_step(path: str, case: Case, batches, weights, alpha_param, ramp, backwa
 
     fn = path_function(path, compiled_reference)
     if fn is None or (path == "fused_tile" and not fused_tile_supported(
-            case.D, case.F, case.E, case.D, case.top_k)):
+            case.D, case.F, case.E, case.D, case.top_k, DTYPES[case.dtype])):
         return None
 
     def step():

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_FUSED_D = 128          # widest token row a tile keeps in registers (see TileConfig)
+MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
 MAX_FUSED_H = 4096         # router hidden width (looped in chunks, bounded for compile size)
 
@@ -39,9 +39,11 @@ WEIGHT_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2",
 class TileConfig:
     """Block sizes of one kernel for next_pow2(D) <= max_block_d and fp32 (or 16-bit) inputs.
 
-    Chosen so that every config compiles for sm_90 without register spills and with
-    warpgroup MMA (BLOCK_M = 64); see benchmarks/results/h200_resource_card.md. At
-    BLOCK_D = 256 both backward kernels spill at every tile shape tried, hence MAX_FUSED_D.
+    Chosen so that every config compiles for sm_90 without register spills (and, for
+    16-bit inputs, with warpgroup MMA: BLOCK_M = 64); see
+    benchmarks/results/h200_resource_card.md. Both backward kernels spill at every tile shape
+    tried at BLOCK_D = 256 (16-bit) and at BLOCK_D = 128 (fp32, whose dots run as three TF32
+    products), hence MAX_FUSED_D.
     """
 
     max_block_d: int
@@ -56,19 +58,16 @@ FORWARD_CONFIGS = (
     TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=64, num_warps=4, num_stages=1),
     TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
     TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
-    TileConfig(max_block_d=128, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
 )
 BACKWARD_TOKEN_CONFIGS = (
     TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
     TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
-    TileConfig(max_block_d=128, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
+    TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_CONFIGS = (
     TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
     TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=16, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
-    TileConfig(max_block_d=128, fp32=True, block_m=64, block_f=16, num_warps=8, num_stages=1),
+    TileConfig(max_block_d=64, fp32=True, block_m=16, block_f=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_MAX_SPLITS = 32        # token splits of the weight-gradient pass
 WEIGHT_GRAD_MIN_SPLIT_TOKENS = 1024
@@ -90,14 +89,14 @@ def pick_config(configs: tuple[TileConfig, ...], D: int, dtype: torch.dtype) -> 
     for config in configs:
         if config.fp32 == (dtype == torch.float32) and block_d <= config.max_block_d:
             return config
-    raise ValueError(f"D={D} is wider than the fused tile path supports ({MAX_FUSED_D})")
+    raise ValueError(f"D={D} is wider than the fused tile path supports for {dtype} "
+                     f"({MAX_FUSED_D[dtype]})")
 
 
-def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int) -> bool:
-    """Whether the fused token-tile path handles these sizes (any N, any dtype of
-    fp32/bf16/fp16)."""
-    return (1 <= D <= MAX_FUSED_D and F >= 1 and 1 <= E <= MAX_FUSED_E
-            and 1 <= H <= MAX_FUSED_H and 1 <= top_k <= E)
+def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int, dtype: torch.dtype) -> bool:
+    """Whether the fused token-tile path handles these sizes for inputs of ``dtype`` (any N)."""
+    return (dtype in MAX_FUSED_D and 1 <= D <= MAX_FUSED_D[dtype] and F >= 1
+            and 1 <= E <= MAX_FUSED_E and 1 <= H <= MAX_FUSED_H and 1 <= top_k <= E)
 
 
 # --------------------------------------------------------------------------------------
@@ -521,9 +520,9 @@ def _check_inputs(x: Tensor, mask: Tensor | None, weights, alpha_param: Tensor, 
     for name, scalar in (("alpha_param", alpha_param), ("ramp", ramp)):
         if not torch.is_tensor(scalar) or scalar.numel() != 1:
             raise ValueError(f"{name} must be a one-element tensor, got {scalar!r}")
-    if not fused_tile_supported(D, F, E, H, top_k):
+    if not fused_tile_supported(D, F, E, H, top_k, x.dtype):
         raise ValueError(f"fused tile path does not support D={D}, F={F}, E={E}, H={H}, "
-                         f"top_k={top_k} (see fused_tile_supported)")
+                         f"top_k={top_k} for {x.dtype} (see fused_tile_supported)")
     return N, D, F, H, E
 
 
