@@ -7,7 +7,7 @@ in Triton's wheel: registers, stack and local memory (non-zero = spills), shared
 the number of HGMMA (Hopper warpgroup tensor-core) instructions in the SASS.
 
 Nothing is declared by hand. Every @triton.jit kernel of ``hymoe_kernels.kernels`` (a jit
-function that reads ``tl.program_id``) is found by walking the package; during a *recording*
+function no other jit function calls) is found by walking the package; during a *recording*
 pass each kernel object is replaced by a recorder, and the package's own host wrappers are
 driven on CPU tensors (zero-filled; nothing is launched) through forward and backward at
 :data:`DRIVER_SHAPES` x dtypes. The recorder specializes each launch's arguments exactly as
@@ -23,14 +23,16 @@ Run (TRITON_INTERPRET is removed first; @triton.jit reads it when a module is im
     python -m benchmarks.gpu.compile_card [--subset ci|full] [--json PATH] [--markdown PATH]
 
 ``full``: every shape of DRIVER_SHAPES in fp32, bf16 and fp16. ``ci`` (the test suite's set):
-the same shapes in bf16 plus the first shape in fp32.
+CI_SHAPES in bf16 plus the first shape in fp32. Compilations run in parallel processes.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import importlib
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -56,10 +58,12 @@ KERNEL_PACKAGE = "hymoe_kernels.kernels"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (tokens, D, F, E, top_k): recommender widths (fused tile and grouped paths), a wide layer
 # (grouped GEMMs' large tiles), and small batches / widths (the pickers' small configs).
-DRIVER_SHAPES = ((2048, 64, 256, 4, 2), (2048, 128, 512, 4, 2), (8192, 512, 2048, 4, 2),
+DRIVER_SHAPES = ((2048, 64, 256, 4, 2), (8192, 512, 2048, 4, 2), (2048, 128, 512, 4, 2),
                  (64, 64, 256, 4, 2), (64, 16, 32, 4, 1))
-LARGE_TOKENS = 1024        # launches from shapes with >= this many tokens and D >= 64 in a
-                           # 16-bit dtype must use HGMMA if they contain a dot
+CI_SHAPES = DRIVER_SHAPES[:2]
+# a 16-bit tt.dot whose result has >= this many rows could run on HGMMA (one warpgroup = 64)
+WGMMA_MIN_ROWS = 64
+_DOT_RESULT = re.compile(r"tt\.dot .*: tensor<\d+x\d+x(bf16|f16)\b.*-> tensor<(\d+)x(\d+)x")
 
 
 @dataclass(frozen=True)
@@ -82,20 +86,22 @@ class Launch:
 
 
 def discover_kernels() -> dict[str, tuple[object, str, JITFunction]]:
-    """{"module.name": (module, attribute name, JITFunction)} for every kernel (a jit function
-    reading tl.program_id) defined in KERNEL_PACKAGE."""
-    kernels = {}
+    """{"module.name": (module, attribute name, JITFunction)} for every kernel defined in
+    KERNEL_PACKAGE: a @triton.jit function that no other jit function of the package calls."""
+    jit_functions = {}
     package = importlib.import_module(KERNEL_PACKAGE)
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{KERNEL_PACKAGE}.{info.name}")
         for name, value in vars(module).items():
-            if isinstance(value, JITFunction) and value.__module__ == module.__name__ \
-                    and "tl.program_id" in value.src:
-                kernels[f"{info.name}.{name}"] = (module, name, value)
-            elif not isinstance(value, JITFunction) and type(value).__name__ == "InterpretedFunction":
+            if type(value).__name__ == "InterpretedFunction":
                 raise RuntimeError("kernels were decorated under TRITON_INTERPRET=1; run this "
                                    "module in a fresh process without it")
-    return kernels
+            if isinstance(value, JITFunction) and value.__module__ == module.__name__:
+                jit_functions[f"{info.name}.{name}"] = (module, name, value)
+    sources = [fn.src for _, _, fn in jit_functions.values()]
+    return {qualified: entry for qualified, entry in jit_functions.items()
+            if not any(re.search(rf"\b{entry[1]}\s*\(", src) for src in sources
+                       if src is not entry[2].src)}
 
 
 def specialize(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
@@ -203,10 +209,10 @@ def record_launches(subset: str) -> tuple[dict[Launch, set], list[str]]:
     """{launch: {"dtype tokens x D x F" contexts}} for the subset, and the kernels that no
     driver launched."""
     kernels = discover_kernels()
-    plan = [(dtype, shape) for dtype in (("fp32", "bf16", "fp16") if subset == "full" else ("bf16",))
-            for shape in DRIVER_SHAPES]
-    if subset == "ci":
-        plan.append(("fp32", DRIVER_SHAPES[0]))
+    if subset == "full":
+        plan = [(dtype, shape) for dtype in ("fp32", "bf16", "fp16") for shape in DRIVER_SHAPES]
+    else:
+        plan = [("bf16", shape) for shape in CI_SHAPES] + [("fp32", CI_SHAPES[0])]
     launches: dict[Launch, set] = {}
     for dtype, shape in plan:
         for driver in DRIVERS.values():
@@ -223,7 +229,9 @@ _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d
 
 
 def cubin_resources(cubin: bytes) -> dict:
-    """REG/STACK/SHARED/LOCAL from ``cuobjdump -res-usage`` and the HGMMA count of the SASS."""
+    """REG/STACK/SHARED/LOCAL from ``cuobjdump -res-usage``; from the SASS, the local-memory
+    loads/stores (STL/LDL: the kernels declare no local arrays, so these are register spills;
+    a STACK frame without them is reserved, not used) and the HGMMA instructions."""
     cuobjdump = triton.knobs.nvidia.cuobjdump.path
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -236,20 +244,17 @@ def cubin_resources(cubin: bytes) -> dict:
     if match is None:
         raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{usage}")
     registers, stack, shared, local = map(int, match.groups())
+    instructions = [line.split("*/", 1)[-1] for line in sass.splitlines() if "/*" in line]
     return {"registers": registers, "stack": stack, "static_shared": shared, "local": local,
-            "hgmma": sum(1 for line in sass.splitlines() if "HGMMA" in line)}
+            "spill_accesses": sum(1 for ins in instructions if re.search(r"\b(STL|LDL)\b", ins)),
+            "hgmma": sum(1 for ins in instructions if "HGMMA" in ins)}
 
 
-def needs_hgmma(launch: Launch, contexts: set) -> bool:
-    """Whether a GEMM launch seen in ``contexts`` must use HGMMA: 16-bit operands, and a
-    driver shape with >= LARGE_TOKENS tokens and D >= 64."""
-    if not launch.uses_16bit_operands():
-        return False
-    for context in contexts:
-        tokens, D, _ = map(int, context.split()[1].split("x"))
-        if tokens >= LARGE_TOKENS and D >= 64:
-            return True
-    return False
+def dots_missing_wgmma(ttgir: str) -> int:
+    """16-bit tt.dot ops with >= WGMMA_MIN_ROWS result rows that were not lowered to Hopper
+    warpgroup MMA (ttng.warp_group_dot) -- tensor-core GEMMs left on the older mma path."""
+    return sum(1 for line in ttgir.splitlines()
+               if (m := _DOT_RESULT.search(line)) and int(m.group(2)) >= WGMMA_MIN_ROWS)
 
 
 def compile_launch(launch: Launch, contexts: set, kernels: dict) -> dict:
@@ -268,20 +273,30 @@ def compile_launch(launch: Launch, contexts: set, kernels: dict) -> dict:
         row.update(ok=False, error=f"{type(error).__name__}: {str(error)[-2000:]}")
         return row
     ttgir = compiled.asm["ttgir"]
-    is_gemm = "tt.dot" in ttgir or "warp_group_dot" in ttgir
     row.update(ok=True, compile_s=round(time.perf_counter() - start, 2),
-               dynamic_shared=compiled.metadata.shared, gemm=is_gemm,
-               needs_hgmma=is_gemm and needs_hgmma(launch, contexts),
+               dynamic_shared=compiled.metadata.shared,
+               wgmma_dots=ttgir.count("ttng.warp_group_dot "),
+               dots_missing_wgmma=dots_missing_wgmma(ttgir),
                **cubin_resources(compiled.asm["cubin"]))
     return row
+
+
+_WORK: list = []     # (launch, contexts, kernels) handed to forked compile workers
+
+
+def _compile_work_item(index: int) -> dict:
+    return compile_launch(*_WORK[index])
 
 
 def card(subset: str) -> dict:
     """Record, compile and measure; the report (rows, unlaunched kernels, versions)."""
     kernels = discover_kernels()
     launches, unlaunched = record_launches(subset)
-    rows = [compile_launch(launch, contexts, kernels)
-            for launch, contexts in sorted(launches.items(), key=lambda item: item[0].kernel)]
+    _WORK[:] = [(launch, contexts, kernels) for launch, contexts
+                in sorted(launches.items(), key=lambda item: (item[0].kernel, item[0].label()))]
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        rows = list(pool.map(_compile_work_item, range(len(_WORK))))
     return {"triton": triton.__version__, "target": "cuda sm_90", "subset": subset,
             "kernels": sorted(kernels), "unlaunched": unlaunched, "rows": rows}
 
@@ -294,27 +309,32 @@ def markdown(report: dict) -> str:
              "for `GPUTarget('cuda', 90, 32)` without a GPU, every kernel specialization the "
              "package's host code launches at the driver shapes "
              f"(tokens x D x F, E=4: {', '.join(f'{s[0]}x{s[1]}x{s[2]}' for s in DRIVER_SHAPES)}). "
-             "REG = registers per thread; STACK / LOCAL = bytes per thread (non-zero means "
-             "spills); shared = Triton's dynamic shared memory per program (bytes); HGMMA = "
-             "Hopper warpgroup MMA instructions in the SASS.", "",
-             "| kernel | dtype | constexprs | warps | stages | REG | STACK | LOCAL | shared | "
-             "HGMMA | seen at |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "REG = registers per thread; STACK / LOCAL = stack frame / local memory bytes per "
+             "thread; STL+LDL = local-memory stores+loads in the SASS (register spills); shared = Triton's dynamic shared memory per program (bytes); HGMMA = "
+             "Hopper warpgroup MMA instructions in the SASS (0 is expected for kernels "
+             "without dots, fp32 FMA dots and tiles of < 64 rows).", "",
+             "| kernel | dtype | constexprs | warps | stages | REG | STACK | LOCAL | STL+LDL | "
+             "shared | HGMMA | seen at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         seen = ", ".join(row["seen_at"][:3]) + (" ..." if len(row["seen_at"]) > 3 else "")
         head = (f"| {row['kernel']} | {row['dtype']} | {row['config']} | {row['num_warps']} | "
                 f"{row['num_stages']} | ")
         if row["ok"]:
             lines.append(head + f"{row['registers']} | {row['stack']} | {row['local']} | "
-                         f"{row['dynamic_shared']} | {row['hgmma']} | {seen} |")
+                         f"{row['spill_accesses']} | {row['dynamic_shared']} | {row['hgmma']} | "
+                         f"{seen} |")
         else:
-            lines.append(head + f"FAILED: {row['error'][:300]!r} | | | | | {seen} |")
+            lines.append(head + f"FAILED: {row['error'][:300]!r} | | | | | | {seen} |")
     ok = [r for r in report["rows"] if r["ok"]]
     lines += ["", f"{len(report['rows'])} specializations of {len(report['kernels'])} kernels; "
               f"{len(report['rows']) - len(ok)} failed to compile; "
-              f"{sum(1 for r in ok if r['stack'] or r['local'])} spill; "
-              f"{sum(1 for r in ok if r['needs_hgmma'] and not r['hgmma'])} large 16-bit GEMM "
-              "launches without HGMMA."]
+              f"{sum(1 for r in ok if r['spill_accesses'] or r['local'])} spill (STL/LDL "
+              f"in the SASS); {sum(1 for r in ok if r['stack'])} reserve a stack frame; "
+              f"{sum(1 for r in ok if r['dots_missing_wgmma'])} have 16-bit dots of >= "
+              f"{WGMMA_MIN_ROWS} rows not on warpgroup MMA; "
+              f"{sum(1 for r in ok if r['wgmma_dots'] and not r['hgmma'])} plan warpgroup MMA "
+              "but have no HGMMA in the SASS."]
     if report["unlaunched"]:
         lines.append("Kernels no driver launched (not compiled): " + ", ".join(report["unlaunched"]))
     return "\n".join(lines) + "\n"
