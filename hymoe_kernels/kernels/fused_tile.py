@@ -1,6 +1,7 @@
-"""Fused token-tile HyMoE for small model widths (recommender layers, D <= 128).
+"""Fused token-tile HyMoE for small model widths (recommender layers: D <= 128 in bf16/fp16,
+D <= 64 in fp32; see :func:`fused_tile_supported`).
 
-At D = 64..128 the layer is bound by memory traffic and kernel launches, not by FLOPs, so
+At such widths the layer is bound by memory traffic and kernel launches, not by FLOPs, so
 this path keeps everything a tile of BLOCK_M tokens needs on chip, from the router to the
 combine, and evaluates *every* expert on the tile (with E small that costs less than
 permuting tokens), zeroing the gates of the experts a token did not choose:
@@ -106,9 +107,10 @@ def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int, dtype: torc
 # Triton's interpreter (3.9) multiplies the raw uint16 bits of bf16/fp16 operands in tl.dot,
 # so under TRITON_INTERPRET=1 the dots run on fp32 copies (the compiled kernels never do).
 _INTERPRETER_DOTS_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-# fp32 operands: "tf32x3" (three TF32 tensor-core products, relative error ~1e-7, like fp32).
-# "ieee" lowers to FMA dots that hold whole K = BLOCK_D rows per thread and spill at
-# BLOCK_D >= 64 on sm_90 (measured with benchmarks/gpu/compile_card.py).
+# fp32 operands: "tf32x3" (three TF32 tensor-core products: hi*hi + hi*lo + lo*hi, the
+# dropped lo*lo term is ~2^-22 relative, so about fp32 accuracy). "ieee" lowers to FMA dots
+# that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90 (measured
+# with benchmarks/gpu/compile_card.py).
 FP32_DOT_PRECISION = tl.constexpr("tf32x3")
 
 
@@ -527,9 +529,11 @@ def _check_inputs(x: Tensor, mask: Tensor | None, weights, alpha_param: Tensor, 
 
 
 def _mask_arg(mask: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
+    """(pointer argument, HAS_MASK) for the kernels: the mask as contiguous uint8, or x as an
+    unread placeholder when there is no mask."""
     if mask is None:
         return x, False
-    return mask.view(torch.uint8), True
+    return mask.contiguous().view(torch.uint8), True
 
 
 def fused_tile_forward(x: Tensor, mask: Tensor | None,
