@@ -40,8 +40,9 @@ WEIGHT_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2",
 class TileConfig:
     """Block sizes of one kernel for next_pow2(D) <= max_block_d and fp32 (or 16-bit) inputs.
 
-    Chosen so that every config compiles for sm_90 without register spills (and, for
-    16-bit inputs, with warpgroup MMA: BLOCK_M = 64); see
+    Chosen so that every config compiles for sm_90 without register spills under Triton 3.6
+    and 3.9 (and, where registers allow, with BLOCK_M = 64 so the token-side dots run on
+    warpgroup MMA); see
     benchmarks/results/h200_resource_card.md. Both backward kernels spill at every tile shape
     tried at BLOCK_D = 256 (16-bit) and at BLOCK_D = 128 (fp32, whose dots run as three TF32
     products), hence MAX_FUSED_D.
@@ -63,11 +64,12 @@ FORWARD_CONFIGS = (
 BACKWARD_TOKEN_CONFIGS = (
     TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
     TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=16, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=32, fp32=True, block_m=64, block_f=16, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=64, fp32=True, block_m=32, block_f=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_CONFIGS = (
     TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=16, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=128, fp32=False, block_m=32, block_f=32, num_warps=4, num_stages=2),
     TileConfig(max_block_d=64, fp32=True, block_m=16, block_f=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_MAX_SPLITS = 32        # token splits of the weight-gradient pass
@@ -450,15 +452,19 @@ def fused_tile_weight_grad_kernel(
         acc_b2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
         token_begin = split * tokens_per_split
         token_end = tl.minimum(N, token_begin + tokens_per_split)
+        local_rows = tl.arange(0, BLOCK_M)
         for m0 in range(token_begin, token_end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            row_ok = rows < token_end
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            dout = tl.load(dout_ptr + rows[:, None] * stride_out + offs_o[None, :],
-                           mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
-            scale = tl.load(gate_scale_ptr + rows * E + scale_col,
-                            mask=row_ok & (rows * 0 + scale_col >= 0), other=1.0)
+            # 64-bit scalar tile bases + 32-bit in-tile offsets (fewer live registers than
+            # 64-bit pointers per element)
+            m64 = tl.full((), 0, tl.int64) + m0
+            row_ok = m0 + local_rows < token_end
+            x = tl.load(x_ptr + m64 * stride_xm + local_rows[:, None] * stride_xm
+                        + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            dout = tl.load(dout_ptr + m64 * stride_out + local_rows[:, None] * stride_out
+                           + offs_o[None, :], mask=row_ok[:, None] & o_ok[None, :],
+                           other=0.0).to(tl.float32)
+            scale = tl.load(gate_scale_ptr + m64 * E + local_rows * E + scale_col,
+                            mask=row_ok & (local_rows * 0 + scale_col >= 0), other=1.0)
             dout = (dout * scale[:, None]).to(x.dtype)
             # the weight chunks are re-read per token tile (L2-resident) rather than held in
             # registers across the loop (fewer live registers, pipelined into shared memory)
