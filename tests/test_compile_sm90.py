@@ -1,11 +1,14 @@
 """Every Triton kernel of the package compiles for sm_90 (H200) without spilling.
 
 The CPU suite runs kernels in the interpreter, which accepts code the real compiler rejects;
-this test compiles them for real (``benchmarks/gpu/compile_card.py``, in a subprocess without
-TRITON_INTERPRET) at every block configuration their launchers can pick, in bf16, plus each
-kernel's first configuration in fp32 (the "ci" subset; ``--subset full`` adds fp16 and every
-fp32 configuration). Asserts: each compiles; no register spills (LOCAL and STACK 0); kernels
-declared as GEMMs issue HGMMA (Hopper warpgroup MMA) in bf16 (their configs have BLOCK_D >= 64).
+this test compiles them for real with ``benchmarks/gpu/compile_card.py`` (in a subprocess
+without TRITON_INTERPRET): every specialization the package's host code launches at the
+card's CI_SHAPES (tokens x D x F = 2048x64x256 and 8192x512x2048) in bf16, plus the first in
+fp32 (the "ci" subset; ``--subset full`` adds small shapes, D=128, fp16 and fp32 everywhere --
+its output is benchmarks/results/h200_resource_card.md).
+Asserts: every kernel is reached by a driver and compiles; no register spills (no STL/LDL
+local-memory accesses in the SASS, LOCAL 0); every 16-bit dot with a tile of >= 64 rows (the GEMM kernels at D >= 64) runs on
+Hopper warpgroup MMA, i.e. HGMMA in the SASS.
 """
 import os
 import sys
@@ -22,25 +25,30 @@ def card():
     return run_card_subprocess("ci")
 
 
-def test_every_kernel_is_declared(card):
-    assert card["undeclared"] == [], "declare these kernels in benchmarks/gpu/compile_card.py"
-    assert card["rows"], "no kernel was compiled"
+def _where(row):
+    return f"{row['kernel']} [{row['dtype']} {row['config']} warps={row['num_warps']}]"
 
 
-def test_every_kernel_compiles_for_sm90(card):
-    failed = [f"{r['kernel']} {r['dtype']} {r['config']}: {r['error']}" for r in card["rows"]
-              if not r["ok"]]
+def test_every_kernel_is_launched_and_compiles(card):
+    assert card["rows"], "no kernel launch was recorded"
+    assert card["unlaunched"] == [], "no driver in compile_card.DRIVERS reaches these kernels"
+    failed = [f"{_where(r)}: {r['error']}" for r in card["rows"] if not r["ok"]]
     assert not failed, "\n".join(failed)
 
 
 def test_no_register_spills(card):
-    spilling = [f"{r['kernel']} {r['dtype']} {r['config']}: {r['registers']} regs, "
+    spilling = [f"{_where(r)}: {r['registers']} regs, {r['spill_accesses']} STL/LDL, "
                 f"stack {r['stack']} B, local {r['local']} B"
-                for r in card["rows"] if r["ok"] and (r["stack"] or r["local"])]
+                for r in card["rows"] if r["ok"] and (r["spill_accesses"] or r["local"])]
     assert not spilling, "\n".join(spilling)
 
 
-def test_gemm_kernels_use_hgmma_in_bf16(card):
-    without = [f"{r['kernel']} {r['config']}" for r in card["rows"]
-               if r["ok"] and r["gemm"] and r["dtype"] == "bf16" and r["hgmma"] == 0]
-    assert not without, "no HGMMA in: " + ", ".join(without)
+def test_16bit_gemm_tiles_use_hgmma(card):
+    """Every 16-bit dot with a tile of >= 64 rows lowers to warpgroup MMA, and warpgroup MMA
+    shows up as HGMMA in the SASS."""
+    missed = [f"{_where(r)}: {r['dots_missing_wgmma']} dots" for r in card["rows"]
+              if r["ok"] and r["dots_missing_wgmma"]]
+    assert not missed, "16-bit dots of >= 64 rows without warpgroup MMA: " + ", ".join(missed)
+    without = [_where(r) for r in card["rows"] if r["ok"] and r["wgmma_dots"] and not r["hgmma"]]
+    assert not without, "warpgroup MMA planned but no HGMMA in: " + ", ".join(without)
+    assert any(r["hgmma"] for r in card["rows"] if r["ok"] and "bf16" in r["dtype"])

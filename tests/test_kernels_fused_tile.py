@@ -18,6 +18,9 @@ from hymoe_kernels.kernels.fused_tile import (fused_tile_backward, fused_tile_fo
 from hymoe_kernels.reference import hymoe_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# every drawn shape compiles new kernel specializations on a GPU (seconds each); the
+# interpreter has no compile step, so the CPU run draws more
+EXAMPLES = {"cpu": 10, "cuda": 3}[DEVICE]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 GRAD_NAMES = ("x",) + fused_tile.WEIGHT_NAMES + ("alpha_param",)
 
@@ -94,7 +97,7 @@ def check_against_reference(N, D, F, H, E, top_k, dtype, seed, masked=True, ramp
     return errors[worst]
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(N=st.integers(1, 80), D=st.integers(1, 40), F=st.integers(1, 80), H=st.integers(1, 40),
        E=st.integers(1, 6), data=st.data(), masked=st.booleans(),
        ramp=st.sampled_from([0.0, 0.4, 1.0]), seed=st.integers(0, 2**16))
@@ -103,17 +106,20 @@ def test_fp32_matches_reference(N, D, F, H, E, data, masked, ramp, seed):
     check_against_reference(N, D, F, H, E, top_k, torch.float32, seed, masked, ramp)
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(2, EXAMPLES // 2), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(N=st.integers(1, 70), D=st.integers(8, 40), F=st.integers(8, 72), E=st.integers(2, 5),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
 def test_half_precision_matches_reference(N, D, F, E, dtype, seed):
     check_against_reference(N, D, F, D, E, 2, dtype, seed)
 
 
-@pytest.mark.parametrize("D,F,E,top_k", [(64, 96, 4, 2), (100, 40, 16, 3)])
-def test_wider_shapes_fp32(D, F, E, top_k):
-    """Real tile widths: D = 64 (a full BLOCK_D), D = 100 (masked 128), E = 16 (all bits)."""
-    check_against_reference(70, D, F, 32, E, top_k, torch.float32, seed=D + E)
+@pytest.mark.parametrize("D,F,E,top_k,dtype", [(64, 96, 4, 2, torch.float32),
+                                               (100, 40, 16, 3, torch.bfloat16)])
+def test_wider_shapes(D, F, E, top_k, dtype):
+    """Real tile widths: D = 64 (a full BLOCK_D; fp32's widest), D = 100 (masked 128),
+    E = 16 (every bit of the selection mask)."""
+    check_against_reference(70, D, F, 32, E, top_k, dtype, seed=D + E)
 
 
 def test_bf16_recommender_shape():
@@ -173,11 +179,17 @@ def test_bad_inputs_name_the_argument():
         fused_tile_forward(x, mask[:5], *weights, alpha_t, ramp_t, 2)
     with pytest.raises(ValueError, match="top_k=5"):
         fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 5)
+    wide_x, _, wide_weights, _, _ = make_problem(8, 72, 24, 16, 4, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="D=72"):                # fp32 tiles end at D = 64
+        fused_tile_forward(wide_x, None, *wide_weights, alpha_t, ramp_t, 2)
 
 
 def test_supported_shapes():
-    assert fused_tile_supported(64, 256, 4, 64, 2)
-    assert fused_tile_supported(256, 1024, 16, 256, 16)
-    assert not fused_tile_supported(512, 2048, 4, 512, 2)     # D too wide for one tile
-    assert not fused_tile_supported(64, 256, 17, 64, 2)       # E beyond the bitmask
-    assert not fused_tile_supported(64, 256, 4, 64, 5)        # k > E
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert fused_tile_supported(64, 256, 4, 64, 2, fp32)
+    assert fused_tile_supported(128, 1024, 16, 256, 16, bf16)
+    assert not fused_tile_supported(128, 512, 4, 128, 2, fp32)    # fp32 tiles spill past 64
+    assert not fused_tile_supported(256, 1024, 4, 256, 2, bf16)   # D too wide for one tile
+    assert not fused_tile_supported(64, 256, 17, 64, 2, bf16)     # E beyond the bitmask
+    assert not fused_tile_supported(64, 256, 4, 64, 5, bf16)      # k > E
+    assert not fused_tile_supported(64, 256, 4, 64, 2, torch.float64)

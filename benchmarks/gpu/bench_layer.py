@@ -5,7 +5,8 @@ Paths, each on the same inputs, side by side:
 * ``dense``     -- the plain position-wise FFN (torch, cuBLAS): the floor any MoE pays on top of;
 * ``eager``     -- :func:`hymoe_kernels.reference.hymoe_reference`;
 * ``compiled``  -- ``torch.compile`` of the reference (compile time excluded, within a budget);
-* ``triton``    -- :func:`hymoe_kernels.function.hymoe_triton` (the package's Triton layer);
+* ``grouped``   -- :func:`hymoe_kernels.function.hymoe_triton` on its grouped-GEMM path (with
+  ``function.USE_FUSED_TILE = False`` while it runs, when function.py has that switch);
 * ``fused_tile``-- the fused token-tile kernels, where ``fused_tile_supported``.
 
 Times are medians of ``triton.testing.do_bench`` (which also flushes L2 between runs), with the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -42,7 +44,7 @@ H200_HBM_BYTES_PER_S = 4.3e12
 H200_PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}   # dense tensor core / FMA
 L2_ROTATION_BYTES = 256 * 2**20        # rotated inputs span this much memory (H200 L2: 60 MB)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PATHS = ("dense", "eager", "compiled", "triton", "fused_tile")
+PATHS = ("dense", "eager", "compiled", "grouped", "fused_tile")
 FULL_TOKENS = (256 * 50, 256 * 200)
 FULL_SHAPES = ((64, 256), (128, 512), (512, 2048))
 
@@ -86,6 +88,19 @@ def hymoe_fused_tile(x, mask, *weights_alpha_ramp_top_k):
     return FusedTileFunction.apply(x, mask, alpha_param, ramp, top_k, *weights)
 
 
+def hymoe_grouped(function_module, *args):
+    """function.hymoe_triton with its fused-tile dispatch switched off for this call (the
+    backward follows the path the forward took)."""
+    dispatch = getattr(function_module, "USE_FUSED_TILE", None)
+    if dispatch is None:
+        return function_module.hymoe_triton(*args)
+    function_module.USE_FUSED_TILE = False
+    try:
+        return function_module.hymoe_triton(*args)
+    finally:
+        function_module.USE_FUSED_TILE = dispatch
+
+
 def dense_ffn(x, w1, b1, w2, b2):
     """The plain PFFN the layer replaces: gelu(x @ w1 + b1) @ w2 + b2."""
     return F.gelu(F.linear(x, w1.t(), b1)) @ w2 + b2
@@ -118,12 +133,12 @@ def path_function(path: str, compiled_reference: Callable | None) -> Callable | 
         return hymoe_reference
     if path == "compiled":
         return compiled_reference
-    if path == "triton":
+    if path == "grouped":
         try:
-            from hymoe_kernels.function import hymoe_triton
+            from hymoe_kernels import function
         except ImportError:
             return None
-        return hymoe_triton
+        return functools.partial(hymoe_grouped, function)
     if path == "fused_tile":
         return hymoe_fused_tile
     raise ValueError(f"unknown path {path!r}")
@@ -149,7 +164,7 @@ def make_step(path: str, case: Case, batches, weights, alpha_param, ramp, backwa
 
     fn = path_function(path, compiled_reference)
     if fn is None or (path == "fused_tile" and not fused_tile_supported(
-            case.D, case.F, case.E, case.D, case.top_k)):
+            case.D, case.F, case.E, case.D, case.top_k, DTYPES[case.dtype])):
         return None
 
     def step():
@@ -282,7 +297,7 @@ def targets(rows: list[dict]) -> list[str]:
     """The issue's targets, evaluated on the measured rows (reported, never asserted)."""
     lines = []
     for row in rows:
-        fast = [p for p in ("fused_tile", "triton") if p in row["ms"]]
+        fast = [p for p in ("fused_tile", "grouped") if p in row["ms"]]
         if row["dtype"] != "bf16" or row["mode"] != "fwd+bwd" or not fast:
             continue
         best = min(fast, key=lambda p: row["ms"][p])

@@ -1,6 +1,7 @@
-"""Fused token-tile HyMoE for small model widths (recommender layers, D <= 256).
+"""Fused token-tile HyMoE for small model widths (recommender layers: D <= 128 in bf16/fp16,
+D <= 64 in fp32; see :func:`fused_tile_supported`).
 
-At D = 64..256 the layer is bound by memory traffic and kernel launches, not by FLOPs, so
+At such widths the layer is bound by memory traffic and kernel launches, not by FLOPs, so
 this path keeps everything a tile of BLOCK_M tokens needs on chip, from the router to the
 combine, and evaluates *every* expert on the tile (with E small that costs less than
 permuting tokens), zeroing the gates of the experts a token did not choose:
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_FUSED_D = 256          # widest token the tile keeps in registers
+MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
 MAX_FUSED_H = 4096         # router hidden width (looped in chunks, bounded for compile size)
 
@@ -37,28 +38,39 @@ WEIGHT_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2",
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes of one kernel for models with next_pow2(D) <= max_block_d."""
+    """Block sizes of one kernel for next_pow2(D) <= max_block_d and fp32 (or 16-bit) inputs.
+
+    Chosen so that every config compiles for sm_90 without register spills under Triton 3.6
+    and 3.9 (and, where registers allow, with BLOCK_M = 64 so the token-side dots run on
+    warpgroup MMA); see
+    benchmarks/results/h200_resource_card.md. Both backward kernels spill at every tile shape
+    tried at BLOCK_D = 256 (16-bit) and at BLOCK_D = 128 (fp32, whose dots run as three TF32
+    products), hence MAX_FUSED_D.
+    """
 
     max_block_d: int
+    fp32: bool
     block_m: int      # tokens per tile
     block_f: int      # FFN hidden (and router hidden) chunk
     num_warps: int
+    num_stages: int
 
 
 FORWARD_CONFIGS = (
-    TileConfig(max_block_d=64, block_m=64, block_f=64, num_warps=4),
-    TileConfig(max_block_d=128, block_m=64, block_f=64, num_warps=4),
-    TileConfig(max_block_d=256, block_m=64, block_f=32, num_warps=8),
+    TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=64, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
 )
 BACKWARD_TOKEN_CONFIGS = (
-    TileConfig(max_block_d=64, block_m=64, block_f=64, num_warps=4),
-    TileConfig(max_block_d=128, block_m=64, block_f=32, num_warps=4),
-    TileConfig(max_block_d=256, block_m=64, block_f=32, num_warps=8),
+    TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=32, fp32=True, block_m=64, block_f=16, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=64, fp32=True, block_m=32, block_f=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_CONFIGS = (
-    TileConfig(max_block_d=64, block_m=64, block_f=64, num_warps=4),
-    TileConfig(max_block_d=128, block_m=64, block_f=64, num_warps=4),
-    TileConfig(max_block_d=256, block_m=64, block_f=32, num_warps=8),
+    TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=128, fp32=False, block_m=32, block_f=32, num_warps=4, num_stages=2),
+    TileConfig(max_block_d=64, fp32=True, block_m=16, block_f=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_MAX_SPLITS = 32        # token splits of the weight-gradient pass
 WEIGHT_GRAD_MIN_SPLIT_TOKENS = 1024
@@ -74,20 +86,20 @@ def block_e_for(E: int) -> int:
     return max(16, triton.next_power_of_2(E))
 
 
-def pick_config(configs: tuple[TileConfig, ...], D: int) -> TileConfig:
-    """The first config of ``configs`` whose max_block_d covers D (deterministic)."""
+def pick_config(configs: tuple[TileConfig, ...], D: int, dtype: torch.dtype) -> TileConfig:
+    """The first config of ``configs`` for ``dtype`` whose max_block_d covers D."""
     block_d = block_d_for(D)
     for config in configs:
-        if block_d <= config.max_block_d:
+        if config.fp32 == (dtype == torch.float32) and block_d <= config.max_block_d:
             return config
-    raise ValueError(f"D={D} is wider than the fused tile path supports ({MAX_FUSED_D})")
+    raise ValueError(f"D={D} is wider than the fused tile path supports for {dtype} "
+                     f"({MAX_FUSED_D[dtype]})")
 
 
-def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int) -> bool:
-    """Whether the fused token-tile path handles these sizes (any N, any dtype of
-    fp32/bf16/fp16)."""
-    return (1 <= D <= MAX_FUSED_D and F >= 1 and 1 <= E <= MAX_FUSED_E
-            and 1 <= H <= MAX_FUSED_H and 1 <= top_k <= E)
+def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int, dtype: torch.dtype) -> bool:
+    """Whether the fused token-tile path handles these sizes for inputs of ``dtype`` (any N)."""
+    return (dtype in MAX_FUSED_D and 1 <= D <= MAX_FUSED_D[dtype] and F >= 1
+            and 1 <= E <= MAX_FUSED_E and 1 <= H <= MAX_FUSED_H and 1 <= top_k <= E)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,15 +109,22 @@ def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int) -> bool:
 # Triton's interpreter (3.9) multiplies the raw uint16 bits of bf16/fp16 operands in tl.dot,
 # so under TRITON_INTERPRET=1 the dots run on fp32 copies (the compiled kernels never do).
 _INTERPRETER_DOTS_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# fp32 operands: "tf32x3" (three TF32 tensor-core products: hi*hi + hi*lo + lo*hi, the
+# dropped lo*lo term is ~2^-22 relative, so about fp32 accuracy). "ieee" lowers to FMA dots
+# that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90 (measured
+# with benchmarks/gpu/compile_card.py).
+FP32_DOT_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
 def _dot(a, b):
-    """a @ b with fp32 accumulation; fp32 operands use exact IEEE products (no TF32)."""
+    """a @ b with fp32 accumulation; a and b share a dtype (fp32, bf16 or fp16)."""
     if _INTERPRETER_DOTS_IN_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision=FP32_DOT_PRECISION)
     else:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
 
 @triton.jit
@@ -129,7 +148,7 @@ def _router_logits(x, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, offs_d, d_ok, offs_e, 
                      mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(x.dtype)
         pre = _dot(x, w1)
         pre += tl.load(rb1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        hidden, _ = _gelu_and_grad(pre)
+        hidden = _gelu_and_grad(pre)[0]
         w2 = tl.load(rw2_ptr + offs_h[:, None] * E + offs_e[None, :],
                      mask=h_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
         logits += _dot(hidden, w2)
@@ -173,7 +192,7 @@ def _ffn_forward_into(acc, x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale, offs_d, d_o
                      mask=d_ok[:, None] & f_ok[None, :], other=0.0)
         pre = _dot(x, w1)
         pre += tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-        hidden, _ = _gelu_and_grad(pre)
+        hidden = _gelu_and_grad(pre)[0]
         w2 = tl.load(w2_ptr + offs_f[:, None] * D + offs_d[None, :],
                      mask=f_ok[:, None] & d_ok[None, :], other=0.0)
         acc += _dot((hidden * scale[:, None]).to(x.dtype), w2)
@@ -306,9 +325,9 @@ def fused_tile_backward_token_kernel(
     alpha = _load_alpha(alpha_param_ptr, ramp_ptr)
 
     dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dx, _ = _ffn_input_grad_into(dx, x, dy, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+    dx = _ffn_input_grad_into(dx, x, dy, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                                  tl.full((BLOCK_M,), 1.0, tl.float32), offs_d, d_ok, D, F,
-                                 BLOCK_M, BLOCK_F, False)
+                                 BLOCK_M, BLOCK_F, False)[0]
     dy_dot_f_all = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)   # dy . expert_e(x)
     for e in range(0, E):
         is_e = offs_e[None, :] == e
@@ -348,7 +367,7 @@ def fused_tile_backward_token_kernel(
                      mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(x.dtype)
         pre = _dot(x, w1)
         pre += tl.load(rb1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        _, hidden_grad = _gelu_and_grad(pre)
+        hidden_grad = _gelu_and_grad(pre)[1]
         w2 = tl.load(rw2_ptr + offs_h[:, None] * E + offs_e[None, :],
                      mask=h_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
         dpre = _dot(dlogits, tl.trans(w2)) * hidden_grad
@@ -427,27 +446,33 @@ def fused_tile_weight_grad_kernel(
         f_ok = offs_f < hidden_width
         offs_o = tl.arange(0, BLOCK_O)
         o_ok = offs_o < out_width
-        w1 = tl.load(w1_ptr + offs_d[:, None] * hidden_width + offs_f[None, :],
-                     mask=d_ok[:, None] & f_ok[None, :], other=0.0)
-        b1 = tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-        w2 = tl.load(w2_ptr + offs_f[:, None] * out_width + offs_o[None, :],
-                     mask=f_ok[:, None] & o_ok[None, :], other=0.0)
         acc_w1 = tl.zeros((BLOCK_D, BLOCK_F), dtype=tl.float32)
         acc_w2 = tl.zeros((BLOCK_F, BLOCK_O), dtype=tl.float32)
         acc_b1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
         acc_b2 = tl.zeros((BLOCK_O,), dtype=tl.float32)
         token_begin = split * tokens_per_split
         token_end = tl.minimum(N, token_begin + tokens_per_split)
+        local_rows = tl.arange(0, BLOCK_M)
         for m0 in range(token_begin, token_end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            row_ok = rows < token_end
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            dout = tl.load(dout_ptr + rows[:, None] * stride_out + offs_o[None, :],
-                           mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
-            scale = tl.load(gate_scale_ptr + rows * E + scale_col,
-                            mask=row_ok & (rows * 0 + scale_col >= 0), other=1.0)
+            # 64-bit scalar tile bases + 32-bit in-tile offsets (fewer live registers than
+            # 64-bit pointers per element)
+            m64 = tl.full((), 0, tl.int64) + m0
+            row_ok = m0 + local_rows < token_end
+            x = tl.load(x_ptr + m64 * stride_xm + local_rows[:, None] * stride_xm
+                        + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            dout = tl.load(dout_ptr + m64 * stride_out + local_rows[:, None] * stride_out
+                           + offs_o[None, :], mask=row_ok[:, None] & o_ok[None, :],
+                           other=0.0).to(tl.float32)
+            scale = tl.load(gate_scale_ptr + m64 * E + local_rows * E + scale_col,
+                            mask=row_ok & (local_rows * 0 + scale_col >= 0), other=1.0)
             dout = (dout * scale[:, None]).to(x.dtype)
+            # the weight chunks are re-read per token tile (L2-resident) rather than held in
+            # registers across the loop (fewer live registers, pipelined into shared memory)
+            w1 = tl.load(w1_ptr + offs_d[:, None] * hidden_width + offs_f[None, :],
+                         mask=d_ok[:, None] & f_ok[None, :], other=0.0)
+            b1 = tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+            w2 = tl.load(w2_ptr + offs_f[:, None] * out_width + offs_o[None, :],
+                         mask=f_ok[:, None] & o_ok[None, :], other=0.0)
             pre = _dot(x, w1) + b1[None, :]
             hidden, hidden_grad = _gelu_and_grad(pre)
             dhidden = _dot(dout, tl.trans(w2))
@@ -503,16 +528,18 @@ def _check_inputs(x: Tensor, mask: Tensor | None, weights, alpha_param: Tensor, 
     for name, scalar in (("alpha_param", alpha_param), ("ramp", ramp)):
         if not torch.is_tensor(scalar) or scalar.numel() != 1:
             raise ValueError(f"{name} must be a one-element tensor, got {scalar!r}")
-    if not fused_tile_supported(D, F, E, H, top_k):
+    if not fused_tile_supported(D, F, E, H, top_k, x.dtype):
         raise ValueError(f"fused tile path does not support D={D}, F={F}, E={E}, H={H}, "
-                         f"top_k={top_k} (see fused_tile_supported)")
+                         f"top_k={top_k} for {x.dtype} (see fused_tile_supported)")
     return N, D, F, H, E
 
 
 def _mask_arg(mask: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
+    """(pointer argument, HAS_MASK) for the kernels: the mask as contiguous uint8, or x as an
+    unread placeholder when there is no mask."""
     if mask is None:
         return x, False
-    return mask.view(torch.uint8), True
+    return mask.contiguous().view(torch.uint8), True
 
 
 def fused_tile_forward(x: Tensor, mask: Tensor | None,
@@ -538,7 +565,7 @@ def fused_tile_forward(x: Tensor, mask: Tensor | None,
     if N == 0:
         return (y, torch.zeros(E, dtype=torch.float32, device=device),
                 torch.zeros(E, dtype=torch.int64, device=device), (selected_bits,))
-    config = pick_config(FORWARD_CONFIGS, D)
+    config = pick_config(FORWARD_CONFIGS, D, x.dtype)
     num_tiles = triton.cdiv(N, config.block_m)
     prob_partial = _empty((num_tiles, E), torch.float32, device)
     load_partial = _empty((num_tiles, E), torch.int32, device)
@@ -548,7 +575,8 @@ def fused_tile_forward(x: Tensor, mask: Tensor | None,
         y, selected_bits, prob_partial, load_partial,
         N, D, F, H, E, x.stride(0), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_D=block_d_for(D), BLOCK_F=config.block_f,
-        BLOCK_E=block_e_for(E), TOP_K=top_k, HAS_MASK=has_mask, num_warps=config.num_warps)
+        BLOCK_E=block_e_for(E), TOP_K=top_k, HAS_MASK=has_mask, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     prob_sum = prob_partial.sum(dim=0)
     load = load_partial.sum(dim=0, dtype=torch.int64)
     return y, prob_sum, load, (selected_bits,)
@@ -602,7 +630,7 @@ def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights, a
                 torch.zeros_like(alpha_param))
     mask_arg, has_mask = _mask_arg(mask, x)
 
-    token_config = pick_config(BACKWARD_TOKEN_CONFIGS, D)
+    token_config = pick_config(BACKWARD_TOKEN_CONFIGS, D, dtype)
     num_tiles = triton.cdiv(N, token_config.block_m)
     dx = _empty((N, D), dtype, device)
     dlogits = _empty((N, E), dtype, device)
@@ -613,9 +641,10 @@ def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights, a
         dx, dlogits, gate_scale, dalpha_partial,
         N, D, F, H, E, x.stride(0), dy.stride(0), dx.stride(0),
         BLOCK_M=token_config.block_m, BLOCK_D=block_d_for(D), BLOCK_F=token_config.block_f,
-        BLOCK_E=block_e_for(E), HAS_MASK=has_mask, num_warps=token_config.num_warps)
+        BLOCK_E=block_e_for(E), HAS_MASK=has_mask, num_warps=token_config.num_warps,
+        num_stages=token_config.num_stages)
 
-    wgrad_config = pick_config(WEIGHT_GRAD_CONFIGS, D)
+    wgrad_config = pick_config(WEIGHT_GRAD_CONFIGS, D, dtype)
     num_splits, tokens_per_split = weight_grad_splits(N, wgrad_config.block_m)
     offsets, split_stride = _grad_regions(D, F, H, E)
     partial = _empty((num_splits, split_stride), torch.float32, device)
@@ -626,7 +655,8 @@ def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights, a
         N, D, F, H, E, x.stride(0), dy.stride(0), tokens_per_split, split_stride,
         *(offsets[name] for name in WEIGHT_NAMES),
         BLOCK_M=wgrad_config.block_m, BLOCK_D=block_d_for(D), BLOCK_F=wgrad_config.block_f,
-        BLOCK_O=max(block_d_for(D), block_e_for(E)), num_warps=wgrad_config.num_warps)
+        BLOCK_O=max(block_d_for(D), block_e_for(E)), num_warps=wgrad_config.num_warps,
+        num_stages=wgrad_config.num_stages)
     flat_grads = partial.sum(dim=0).to(dtype)
     weight_grads = [flat_grads[offsets[name]:offsets[name] + w.numel()].view(w.shape)
                     for name, w in zip(WEIGHT_NAMES, weights)]
