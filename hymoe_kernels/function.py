@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .kernels.combine import gate_grads
+from .kernels.fused_tile import fused_tile_backward, fused_tile_forward, fused_tile_supported
 from .kernels.grouped_gemm import Routing, row_gemm, weight_grad
 from .kernels.permute import padded_rows, sort_slots_by_expert
 from .kernels.router import router_backward, router_topk
@@ -177,27 +178,126 @@ torch.library.register_autograd("hymoe::forward", HyMoEFunction.backward,
                                 setup_context=HyMoEFunction.setup_context)
 
 
-def hymoe_triton(
+@torch.library.custom_op("hymoe::fused_tile_forward", mutates_args=())
+def fused_tile_forward_op(
     x: Tensor, mask: Tensor | None,
     router_w1: Tensor, router_b1: Tensor, router_w2: Tensor, router_b2: Tensor,
     expert_w1: Tensor, expert_b1: Tensor, expert_w2: Tensor, expert_b2: Tensor,
     dense_w1: Tensor, dense_b1: Tensor, dense_w2: Tensor, dense_b2: Tensor,
     alpha_param: Tensor, ramp: Tensor, top_k: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused token-tile forward: (y, prob_sum, load) as hymoe_reference, then the
+    chosen-expert bitmask (N,) int32 that its backward recomputes from."""
+    weights = (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2,
+               expert_b2, dense_w1, dense_b1, dense_w2, dense_b2)
+    y, prob_sum, load, (selected_bits,) = fused_tile_forward(x, mask, *weights, alpha_param,
+                                                             ramp, top_k)
+    return y, prob_sum, load, selected_bits
+
+
+@fused_tile_forward_op.register_fake
+def _(x, mask, router_w1, *rest):
+    E = rest[1].shape[0]
+    return (x.new_empty(x.shape), x.new_empty(E, dtype=torch.float32),
+            x.new_empty(E, dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.int32))
+
+
+@torch.library.custom_op("hymoe::fused_tile_backward", mutates_args=())
+def fused_tile_backward_op(
+    dy: Tensor, dprob_sum: Tensor, selected_bits: Tensor, x: Tensor, mask: Tensor | None,
+    router_w1: Tensor, router_b1: Tensor, router_w2: Tensor, router_b2: Tensor,
+    expert_w1: Tensor, expert_b1: Tensor, expert_w2: Tensor, expert_b2: Tensor,
+    dense_w1: Tensor, dense_b1: Tensor, dense_w2: Tensor, dense_b2: Tensor,
+    alpha_param: Tensor, ramp: Tensor, top_k: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor, Tensor, Tensor]:
+    """The fused token-tile backward: (dx, the 12 weight gradients, dalpha_param)."""
+    weights = (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2,
+               expert_b2, dense_w1, dense_b1, dense_w2, dense_b2)
+    dx, *grads = fused_tile_backward((selected_bits,), x, mask, weights, alpha_param, ramp,
+                                     top_k, dy, dprob_sum)
+    # the weight gradients are views of one reduction buffer; a custom op's outputs may not
+    # alias each other, so each gets its own (small) copy
+    return (dx, *(g.clone() for g in grads))
+
+
+@fused_tile_backward_op.register_fake
+def _(dy, dprob_sum, selected_bits, x, mask, *weights_alpha_ramp_top_k):
+    *weights, alpha_param, _ramp, _top_k = weights_alpha_ramp_top_k
+    return (x.new_empty(x.shape), *(w.new_empty(w.shape) for w in weights),
+            alpha_param.new_empty(()))
+
+
+def _fused_tile_setup_context(ctx, inputs, output):
+    x, mask, *weights, alpha_param, ramp, top_k = inputs
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.top_k = top_k
+    ctx.save_for_backward(output[3], x, mask, *weights, alpha_param, ramp)
+
+
+def _fused_tile_backward(ctx, dy, dprob_sum, *_unused):
+    selected_bits, x, mask, *weights, alpha_param, ramp = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    if dprob_sum is None:
+        dprob_sum = x.new_zeros(weights[2].shape[1], dtype=torch.float32)
+    grads = torch.ops.hymoe.fused_tile_backward(dy, dprob_sum, selected_bits, x, mask, *weights,
+                                                alpha_param, ramp, ctx.top_k)
+    return (grads[0], None, *grads[1:], None, None)
+
+
+torch.library.register_autograd("hymoe::fused_tile_forward", _fused_tile_backward,
+                                setup_context=_fused_tile_setup_context)
+
+PATHS = ("auto", "grouped", "fused")
+
+
+def pick_path(x: Tensor, expert_w1: Tensor, router_w1: Tensor, top_k: int) -> str:
+    """"fused" when the fused token-tile kernels support the shape and evaluating every
+    expert for a tile costs at most 4x the chosen experts (E <= 4k), else "grouped".
+
+    Provisional rule, not yet measured on a GPU: benchmarks/gpu/run.sh times both paths
+    per shape, and this rule is to be set from its table."""
+    E, D, F = expert_w1.shape
+    supported = fused_tile_supported(D, F, E, router_w1.shape[1], top_k, x.dtype)
+    return "fused" if supported and E <= 4 * top_k else "grouped"
+
+
+def hymoe_triton(
+    x: Tensor, mask: Tensor | None,
+    router_w1: Tensor, router_b1: Tensor, router_w2: Tensor, router_b2: Tensor,
+    expert_w1: Tensor, expert_b1: Tensor, expert_w2: Tensor, expert_b2: Tensor,
+    dense_w1: Tensor, dense_b1: Tensor, dense_w2: Tensor, dense_b2: Tensor,
+    alpha_param: Tensor, ramp: Tensor, top_k: int, *, path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HyMoE forward on Triton kernels; same arguments and returns as ``hymoe_reference``.
 
     x (N, D) float32/bfloat16/float16, any strides; weights are cast to x's dtype (the
     casts are differentiable); mask (N,) bool or None. Returns y (N, D) in x's dtype,
     prob_sum (E,) float32, load (E,) int64.
+
+    ``path``: "grouped" (router -> counting-sort permutation -> gather-fused grouped expert
+    GEMMs -> combine epilogue; any shape), "fused" (one kernel per token tile from router to
+    combine, every expert evaluated, unchosen gates zero; small D only, see
+    ``fused_tile_supported``) or "auto" (:func:`pick_path`).
     """
     weights = (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2,
                expert_b2, dense_w1, dense_b1, dense_w2, dense_b2)
     _check_inputs(x, mask, weights, alpha_param, ramp, top_k)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     weights = tuple(w.to(x.dtype) for w in weights)
-    # Dispatch point for the fused small-D "token tile" path (kernels/fused_tile.py): when
-    # fused_tile_supported(D, F, E, H, top_k), apply its own Function / custom-op pair here
-    # (its saved tensors differ from hymoe::forward's outputs, so it cannot share the op).
-    outputs = HyMoEFunction.apply(x, mask, *weights, alpha_param, ramp.detach(), top_k)
+    if path == "auto":
+        path = pick_path(x, expert_w1, router_w1, top_k)
+    if path == "fused":
+        E, D, F = expert_w1.shape
+        if not fused_tile_supported(D, F, E, router_w1.shape[1], top_k, x.dtype):
+            raise ValueError(f"path 'fused' does not support D={D}, F={F}, E={E}, "
+                             f"top_k={top_k} in {x.dtype}; use path 'grouped'")
+        outputs = torch.ops.hymoe.fused_tile_forward(x, mask, *weights, alpha_param,
+                                                     ramp.detach(), top_k)
+    else:
+        outputs = HyMoEFunction.apply(x, mask, *weights, alpha_param, ramp.detach(), top_k)
     return outputs[0], outputs[1], outputs[2]
 
 

@@ -183,7 +183,10 @@ def _resolve_loss_backend(backend: str, hidden: Tensor) -> str:
         raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
     triton_dtype = hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
-        return "triton" if hidden.is_cuda and triton_dtype else "torch"
+        if not (hidden.is_cuda and triton_dtype):
+            return "torch"
+        from .kernels.linear_cross_entropy import triton_supports
+        return "triton" if triton_supports(hidden.shape[1], hidden.dtype) else "torch"
     if backend == "triton":
         if not triton_dtype:
             raise TypeError(f"backend='triton' takes float32/bfloat16/float16 hidden and weight, "
@@ -211,7 +214,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         ignore_index: target value of unscored positions.
         chunk_size: items per chunk of the torch backend (default 2048); the Triton backend
             picks its own tiles.
-        backend: "auto" (Triton for CUDA tensors, else torch), "torch" or "triton".
+        backend: "auto" (Triton for CUDA tensors of a width the kernels take -- D <= 256 in
+            bf16/fp16, D <= 64 in fp32 -- else torch), "torch" or "triton".
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs), the mean over non-ignored

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
     g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
     g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
+    g.add_argument("--plain-loss", dest="fused_loss", action="store_false",
+                   help="score all items with one (positions x items) matrix instead of the "
+                        "fused linear cross-entropy that never stores it")
     g.add_argument("--rnn-hidden", type=int, default=128, help="GRU width (gru4rec, narm)")
     g.add_argument("--d-state", type=int, default=32, help="SSM state size (mamba4rec)")
     g.add_argument("--d-conv", type=int, default=4, help="causal conv width (mamba4rec)")

@@ -1,6 +1,8 @@
 """HyMoEFunction / hymoe_triton against hymoe_reference: forward and every gradient."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -12,8 +14,8 @@ from kernel_cases import DEVICE, TOL, make_weights, poisoned_outputs, rel_err
 
 
 def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, noncontig=False,
-                    seed=0, weights=None, mask=None):
-    """Run hymoe_triton (outputs poisoned) and hymoe_reference in float64 on the same inputs;
+                    seed=0, weights=None, mask=None, path="grouped"):
+    """Run hymoe_triton on ``path`` (outputs poisoned) and hymoe_reference in float64 on the same inputs;
     assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param agree (the
     loss weighs y and prob_sum with random cotangents)."""
     gen = torch.Generator().manual_seed(seed)
@@ -29,7 +31,7 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
     dy = torch.randn(N, D, generator=gen, dtype=torch.float64).to(DEVICE)
     dprob = torch.randn(E, generator=gen, dtype=torch.float64).to(DEVICE)
     with poisoned_outputs():
-        y, prob_sum, load = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k)
+        y, prob_sum, load = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k, path=path)
         grads = torch.autograd.grad((y.double() * dy).sum() + (prob_sum.double() * dprob).sum(),
                                     [x, *weights, alpha_param])
 
@@ -76,19 +78,20 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
 @settings(max_examples=10, deadline=None)
 @given(N=st.integers(0, 24), D=st.integers(3, 20), H=st.integers(2, 12), E=st.integers(1, 8),
        F=st.integers(3, 24), k_frac=st.floats(0, 1), masked=st.booleans(),
-       seed=st.integers(0, 2 ** 31))
-def test_matches_reference_fp32(N, D, H, E, F, k_frac, masked, seed):
+       seed=st.integers(0, 2 ** 31), path=st.sampled_from(["grouped", "fused"]))
+def test_matches_reference_fp32(N, D, H, E, F, k_frac, masked, seed, path):
     # widths >= 2-3: a 1-element gradient summed over tokens of both signs can lose 1e-5
     # relative accuracy in any fp32 summation order (test_edge_shapes covers tiny widths)
     top_k = 1 + int(k_frac * (E - 1))
-    run_and_compare(N, D, H, E, F, top_k, masked=masked, seed=seed)
+    run_and_compare(N, D, H, E, F, top_k, masked=masked, seed=seed, path=path)
 
 
 @settings(max_examples=4, deadline=None)
 @given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), N=st.integers(1, 24),
-       D=st.integers(3, 20), E=st.integers(2, 6), seed=st.integers(0, 2 ** 31))
-def test_matches_reference_low_precision(dtype, N, D, E, seed):
-    run_and_compare(N, D, 9, E, 19, 2, dtype=dtype, seed=seed)
+       D=st.integers(3, 20), E=st.integers(2, 6), seed=st.integers(0, 2 ** 31),
+       path=st.sampled_from(["grouped", "fused"]))
+def test_matches_reference_low_precision(dtype, N, D, E, seed, path):
+    run_and_compare(N, D, 9, E, 19, 2, dtype=dtype, seed=seed, path=path)
 
 
 @pytest.mark.parametrize("N,D,H,E,F,top_k", [
@@ -99,8 +102,9 @@ def test_matches_reference_low_precision(dtype, N, D, E, seed):
     (9, 5, 3, 16, 6, 3),     # 16 experts, most of them empty
     (70, 33, 17, 5, 70, 2),  # several row tiles per expert, D and F not powers of two
 ])
-def test_edge_shapes(N, D, H, E, F, top_k):
-    run_and_compare(N, D, H, E, F, top_k)
+@pytest.mark.parametrize("path", ["grouped", "fused"])
+def test_edge_shapes(N, D, H, E, F, top_k, path):
+    run_and_compare(N, D, H, E, F, top_k, path=path)
 
 
 def test_expert_without_tokens():
@@ -152,6 +156,21 @@ def test_custom_op_registration():
     alpha_param = torch.tensor(0.2, device=DEVICE, requires_grad=True)
     args = (x, mask, *weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
     torch.library.opcheck(torch.ops.hymoe.forward.default, args)
+    torch.library.opcheck(torch.ops.hymoe.fused_tile_forward.default, args)
+
+
+def test_path_choice():
+    from hymoe_kernels.function import pick_path
+    x = torch.randn(4, 64, device=DEVICE)
+    small, wide = make_weights(64, 64, 4, 256), make_weights(64, 64, 16, 256)
+    assert pick_path(x, small[4], small[0], 2) == "fused"     # E=4 <= 4k
+    assert pick_path(x, wide[4], wide[0], 2) == "grouped"     # E=16 > 4k
+    x_wide = torch.randn(4, 512, device=DEVICE, dtype=torch.bfloat16)
+    big = make_weights(512, 64, 4, 32)
+    assert pick_path(x_wide, big[4], big[0], 2) == "grouped"  # D beyond the fused tile
+    with pytest.raises(ValueError, match="path 'fused' does not support"):
+        hymoe_triton(x_wide, None, *[w.to(torch.bfloat16) for w in big],
+                     torch.zeros((), device=DEVICE), torch.ones((), device=DEVICE), 2, path="fused")
 
 
 def test_torch_compile_fullgraph():
@@ -160,14 +179,16 @@ def test_torch_compile_fullgraph():
     x = torch.randn(6, 5, generator=gen).to(DEVICE).requires_grad_()
     alpha_param = torch.tensor(0.2, device=DEVICE, requires_grad=True)
     args = (x, None, *weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
-    compiled = torch.compile(hymoe_triton, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (hymoe_triton, compiled):
-        y, prob_sum, load = fn(*args)
-        results.append((y, prob_sum, load, *torch.autograd.grad(
-            y.sum() + prob_sum[1], [x, *weights, alpha_param])))
-    for eager, traced in zip(*results):
-        assert torch.equal(eager, traced)
+    for path in ("grouped", "fused"):
+        eager = functools.partial(hymoe_triton, path=path)
+        compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
+        results = []
+        for fn in (eager, compiled):
+            y, prob_sum, load = fn(*args)
+            results.append((y, prob_sum, load, *torch.autograd.grad(
+                y.sum() + prob_sum[1], [x, *weights, alpha_param])))
+        for from_eager, from_compiled in zip(*results):
+            assert torch.equal(from_eager, from_compiled), path
 
 
 def test_bad_arguments():

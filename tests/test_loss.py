@@ -85,9 +85,14 @@ def test_triton_path_matches_cross_entropy(dtype):
 
 
 def test_triton_path_wide_features():
-    """D = 130 pads to BLOCK_D = 256 (the second tile config); few rows, many splits."""
+    """D = 130 pads to BLOCK_D = 256 (the second 16-bit tile config); few rows, many splits.
+    fp32 takes D <= 64 only (wider fp32 tiles spill on sm_90): a clear error, and "auto"
+    leaves it to the torch path."""
+    hidden, weight, target = make_inputs(20, 75, 130, torch.float16, seed=17, ignore_every=3)
+    assert_matches_dense(hidden, weight, target, TOL[torch.float16], backend="triton")
     hidden, weight, target = make_inputs(20, 75, 130, torch.float32, seed=17, ignore_every=3)
-    assert_matches_dense(hidden, weight, target, TOL[torch.float32], backend="triton")
+    with pytest.raises(ValueError, match="D <= 64 in torch.float32"):
+        linear_cross_entropy(hidden, weight, target, backend="triton")
 
 
 @settings(max_examples=50, deadline=None)

@@ -95,3 +95,18 @@ def test_registry_and_config_validation():
         ModelConfig(d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="exceeds max_len"):
         small_model().encode(torch.ones(1, 9, dtype=torch.long))
+
+
+def test_fused_and_plain_loss_agree():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 8, requires_grad=True)
+    emb = torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(1, 30, (37,))
+    fused = full_softmax_loss(hidden, emb, targets)
+    grads_fused = torch.autograd.grad(fused, [hidden, emb])
+    plain = full_softmax_loss(hidden, emb, targets, fused=False)
+    grads_plain = torch.autograd.grad(plain, [hidden, emb])
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(a, b)
+    assert grads_fused[1][0].abs().sum() == 0  # the padding row is never a candidate

@@ -5,9 +5,9 @@ Paths, each on the same inputs, side by side:
 * ``dense``     -- the plain position-wise FFN (torch, cuBLAS): the floor any MoE pays on top of;
 * ``eager``     -- :func:`hymoe_kernels.reference.hymoe_reference`;
 * ``compiled``  -- ``torch.compile`` of the reference (compile time excluded, within a budget);
-* ``grouped``   -- :func:`hymoe_kernels.function.hymoe_triton` on its grouped-GEMM path (with
-  ``function.USE_FUSED_TILE = False`` while it runs, when function.py has that switch);
-* ``fused_tile``-- the fused token-tile kernels, where ``fused_tile_supported``.
+* ``grouped``   -- :func:`hymoe_kernels.function.hymoe_triton` with ``path="grouped"``;
+* ``fused_tile``-- the same with ``path="fused"`` (the fused token-tile kernels), where
+  ``fused_tile_supported``.
 
 Times are medians of ``triton.testing.do_bench`` (which also flushes L2 between runs), with the
 inputs rotated over copies that together exceed L2. For each row the table gives the ratios to
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hymoe_kernels.kernels.fused_tile import (fused_tile_backward, fused_tile_forward,
-                                              fused_tile_supported)
+from hymoe_kernels.function import hymoe_triton
+from hymoe_kernels.kernels.fused_tile import fused_tile_supported
 from hymoe_kernels.reference import hymoe_reference
 
 H200_HBM_BYTES_PER_S = 4.3e12
@@ -59,46 +59,6 @@ class Case:
     E: int
     top_k: int
     dtype: str
-
-
-class FusedTileFunction(torch.autograd.Function):
-    """Autograd over fused_tile_forward/backward (what function.py dispatches to)."""
-
-    @staticmethod
-    def forward(ctx, x, mask, alpha_param, ramp, top_k, *weights):
-        y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_param, ramp, top_k)
-        ctx.save_for_backward(x, alpha_param, ramp, *weights, *saved)
-        ctx.mask, ctx.top_k = mask, top_k
-        ctx.mark_non_differentiable(load)
-        return y, prob_sum, load
-
-    @staticmethod
-    def backward(ctx, dy, dprob_sum, _dload):
-        x, alpha_param, ramp, *rest = ctx.saved_tensors
-        weights, saved = rest[:12], tuple(rest[12:])
-        dx, *grads = fused_tile_backward(saved, x, ctx.mask, weights, alpha_param, ramp,
-                                         ctx.top_k, dy, dprob_sum)
-        weight_grads, dalpha_param = grads[:12], grads[12]
-        return (dx, None, dalpha_param, None, None, *weight_grads)
-
-
-def hymoe_fused_tile(x, mask, *weights_alpha_ramp_top_k):
-    """The fused token-tile path with hymoe_reference's signature."""
-    *weights, alpha_param, ramp, top_k = weights_alpha_ramp_top_k
-    return FusedTileFunction.apply(x, mask, alpha_param, ramp, top_k, *weights)
-
-
-def hymoe_grouped(function_module, *args):
-    """function.hymoe_triton with its fused-tile dispatch switched off for this call (the
-    backward follows the path the forward took)."""
-    dispatch = getattr(function_module, "USE_FUSED_TILE", None)
-    if dispatch is None:
-        return function_module.hymoe_triton(*args)
-    function_module.USE_FUSED_TILE = False
-    try:
-        return function_module.hymoe_triton(*args)
-    finally:
-        function_module.USE_FUSED_TILE = dispatch
 
 
 def dense_ffn(x, w1, b1, w2, b2):
@@ -133,14 +93,8 @@ def path_function(path: str, compiled_reference: Callable | None) -> Callable | 
         return hymoe_reference
     if path == "compiled":
         return compiled_reference
-    if path == "grouped":
-        try:
-            from hymoe_kernels import function
-        except ImportError:
-            return None
-        return functools.partial(hymoe_grouped, function)
-    if path == "fused_tile":
-        return hymoe_fused_tile
+    if path in ("grouped", "fused_tile"):
+        return functools.partial(hymoe_triton, path="fused" if path == "fused_tile" else "grouped")
     raise ValueError(f"unknown path {path!r}")
 
 

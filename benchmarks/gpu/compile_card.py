@@ -199,9 +199,24 @@ def drive_hymoe_triton(shape: tuple, dtype: torch.dtype) -> None:
                         allow_unused=True)
 
 
+def drive_linear_cross_entropy(shape: tuple, dtype: torch.dtype) -> None:
+    """Forward + backward of the fused linear cross-entropy kernels on (tokens, D) hidden
+    states against 4F + 3 items, where the kernels take D in this dtype."""
+    from hymoe_kernels.kernels import linear_cross_entropy as lce
+    tokens, D, Fh, _, _ = shape
+    if not lce.triton_supports(D, dtype):
+        return
+    n_items = 4 * Fh + 3
+    hidden, weight = torch.randn(tokens, D, dtype=dtype), torch.randn(n_items, D, dtype=dtype)
+    target = torch.randint(0, n_items, (tokens,))
+    lse, _ = lce.triton_lce_forward(hidden, weight, target)
+    lce.triton_lce_backward(hidden, weight, target, lse, torch.ones(()))
+
+
 DRIVERS: dict[str, Callable[[tuple, torch.dtype], None]] = {
     "fused_tile": drive_fused_tile,
     "hymoe_triton": drive_hymoe_triton,
+    "linear_cross_entropy": drive_linear_cross_entropy,
 }
 
 

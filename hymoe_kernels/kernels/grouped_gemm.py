@@ -40,7 +40,7 @@ ROW_GEMM_CONFIGS = (
 # (BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages): a (BLOCK_K, BLOCK_N) tile of dW,
 # reducing BLOCK_R rows a step
 WEIGHT_GRAD_CONFIGS = (
-    (64, 64, 32, 4, 3),
+    (64, 64, 32, 4, 2),
     (32, 64, 16, 4, 2),
     (16, 32, 16, 2, 2),
 )

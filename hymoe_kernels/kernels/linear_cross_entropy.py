@@ -18,9 +18,10 @@ when the tiles alone fill the GPU, so partial buffers only exist for small N or 
 partial is written by exactly one program with a fixed summation order and the host sums
 the splits in a fixed order: no atomics, bit-reproducible gradients.
 
-Dots accumulate in fp32. fp32 inputs use input_precision="ieee" (exact fp32, like torch's
-default ``allow_tf32 = False``) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, then
-"tf32" (constexpr ALLOW_TF32). bf16/fp16 inputs multiply in their own type (the P tile is
+Dots accumulate in fp32. fp32 inputs use input_precision="tf32x3" (three TF32 tensor-core
+products, about fp32 accuracy; "ieee" FMA dots spill registers at these tiles on sm_90, as
+benchmarks/gpu/compile_card.py shows) unless ``torch.backends.cuda.matmul.allow_tf32`` is
+set, then "tf32" (constexpr ALLOW_TF32). bf16/fp16 inputs multiply in their own type (the P tile is
 cast to it before the second dot, as in flash attention).
 
 Kernel arguments are plain pointers, ints and constexprs; tile shapes come from
@@ -35,11 +36,13 @@ from torch import Tensor
 
 # (BLOCK_M rows, BLOCK_V items, num_warps, num_stages); pick_config chooses by BLOCK_D.
 LCE_CONFIGS = (
-    (64, 64, 4, 2),
-    (64, 32, 4, 2),
+    (64, 64, 4, 2),   # 16-bit, D <= 128
+    (64, 32, 4, 2),   # 16-bit, D <= 256
+    (32, 32, 4, 2),   # fp32 (tf32x3 dots hold more registers), D <= 64
 )
-# Widest D the kernels take: h / W tiles of BLOCK_D columns live in registers.
-MAX_BLOCK_D = 256
+# Widest D the kernels take per input dtype: h / W tiles of BLOCK_D columns live in
+# registers, and wider fp32 tiles spill on sm_90 (benchmarks/gpu/compile_card.py).
+MAX_BLOCK_D = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 64}
 # Programs a launch aims for per streaming multiprocessor, and the most splits of the
 # streamed dimension used to get there.
 PROGRAMS_PER_SM = 4
@@ -49,11 +52,17 @@ MAX_SPLIT = 16
 INTERPRETER_PROGRAMS = 8
 
 
-def pick_config(block_d: int) -> tuple[int, int, int, int]:
-    """The LCE_CONFIGS entry for a feature width padded to ``block_d`` (a power of 2)."""
-    if block_d <= 128:
-        return LCE_CONFIGS[0]
-    return LCE_CONFIGS[1]
+def pick_config(block_d: int, fp32: bool) -> tuple[int, int, int, int]:
+    """The LCE_CONFIGS entry for a feature width padded to ``block_d`` (a power of 2) and
+    fp32 or 16-bit inputs."""
+    if fp32:
+        return LCE_CONFIGS[2]
+    return LCE_CONFIGS[0 if block_d <= 128 else 1]
+
+
+def triton_supports(dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take hidden states of width ``dim`` in ``dtype``."""
+    return dtype in MAX_BLOCK_D and max(16, triton.next_power_of_2(dim)) <= MAX_BLOCK_D[dtype]
 
 
 def pick_split(n_tiles: int, n_streamed_tiles: int, target_programs: int) -> tuple[int, int]:
@@ -69,7 +78,7 @@ def _dot(a, b, ALLOW_TF32: tl.constexpr):
     if ALLOW_TF32:
         product = tl.dot(a, b, input_precision="tf32")
     else:
-        product = tl.dot(a, b, input_precision="ieee")
+        product = tl.dot(a, b, input_precision="tf32x3")
     return product
 
 
@@ -180,16 +189,17 @@ def _launch_params(hidden: Tensor) -> tuple[int, tuple[int, int, int, int], bool
     """(BLOCK_D, config, ALLOW_TF32, target program count) for a launch on hidden."""
     dim = hidden.shape[1]
     block_d = max(16, triton.next_power_of_2(dim))
-    if block_d > MAX_BLOCK_D:
-        raise ValueError(f"the Triton linear_cross_entropy takes D <= {MAX_BLOCK_D}, got "
-                         f"D = {dim}; use backend='torch'")
+    if not triton_supports(dim, hidden.dtype):
+        raise ValueError(f"the Triton linear_cross_entropy takes D <= "
+                         f"{MAX_BLOCK_D.get(hidden.dtype)} in {hidden.dtype}, got D = {dim}; "
+                         f"use backend='torch'")
     allow_tf32 = hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     if hidden.is_cuda:
         sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count
         target_programs = PROGRAMS_PER_SM * sm_count
     else:
         target_programs = INTERPRETER_PROGRAMS
-    return block_d, pick_config(block_d), allow_tf32, target_programs
+    return block_d, pick_config(block_d, hidden.dtype == torch.float32), allow_tf32, target_programs
 
 
 def triton_lce_forward(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ class ModelConfig:
     warmup_steps: int = 500
     lb_weight: float = 0.02
     backend: str = "auto"
+    fused_loss: bool = True    # full-softmax loss without storing the scores (False: plain)
     rnn_hidden: int = 128      # GRU width of gru4rec / narm
     d_state: int = 32          # mamba4rec: SSM state size N
     d_conv: int = 4            # mamba4rec: causal depthwise conv width
@@ -112,7 +113,8 @@ class SequentialRecommender(nn.Module):
         int64; only real target positions (target > 0) enter the loss."""
         hidden = self.encode(inputs)
         real = targets > 0
-        task = full_softmax_loss(hidden[real], self.item_emb.weight, targets[real])
+        task = full_softmax_loss(hidden[real], self.item_emb.weight, targets[real],
+                                 self.config.fused_loss)
         return task, self.aux_loss()
 
     def score_next(self, inputs: Tensor) -> Tensor:

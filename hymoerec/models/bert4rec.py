@@ -87,7 +87,8 @@ class BERT4Rec(SequentialRecommender):
         masked, cloze_targets = self.mask_items(windows)
         hidden = self.encode(masked)
         chosen = cloze_targets > 0
-        task = full_softmax_loss(hidden[chosen], self.candidates(), cloze_targets[chosen])
+        task = full_softmax_loss(hidden[chosen], self.candidates(), cloze_targets[chosen],
+                                 self.config.fused_loss)
         return task, self.aux_loss()
 
     def score_next(self, inputs: Tensor) -> Tensor:
