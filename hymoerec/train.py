@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--user-col", default="user", help="user column of csv/tsv data")
     g.add_argument("--item-col", default="item", help="item column of csv/tsv data")
     g.add_argument("--time-col", default="timestamp", help="time column of csv/tsv data")
-    g.add_argument("--synthetic-users", type=int, default=3000)
-    g.add_argument("--synthetic-items", type=int, default=500)
-    g.add_argument("--synthetic-length", type=int, default=20, help="mean sequence length")
+    g.add_argument("--synthetic-users", type=int, default=2000)
+    g.add_argument("--synthetic-items", type=int, default=400)
+    g.add_argument("--synthetic-length", type=int, default=15, help="mean sequence length")
     g.add_argument("--max-len", type=int, default=None,
                    help="most recent items the model sees (default 200 for ml-1m, else 50)")
     g = p.add_argument_group("model")
@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
     g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=200, help="maximum epochs")
-    g.add_argument("--batch-size", type=int, default=2048)
+    g.add_argument("--epochs", type=int, default=None,
+                   help="maximum epochs (default 200; 20 on synthetic data)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="training sequences per step (default 2048; 256 on synthetic data)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--patience", type=int, default=10,
@@ -118,8 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             config.pop(transient, None)
         parser.set_defaults(**config)
         args = parser.parse_args(argv)
+    synthetic_data = args.dataset == "synthetic" and not args.data_file
     if args.max_len is None:
         args.max_len = 200 if (args.dataset == "ml-1m" or args.format == "ml-1m") else 50
+    if args.epochs is None:
+        args.epochs = 20 if synthetic_data else 200
+    if args.batch_size is None:
+        args.batch_size = 256 if synthetic_data else 2048
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
