@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hymoerec.checkpoint import load_checkpoint  # noqa: E402
 from hymoerec.evaluate import evaluate_checkpoint  # noqa: E402
 
 PAPER = {"HR@10": 0.0756, "NDCG@10": 0.0442}  # the paper's HyMoERec test numbers on Beauty
@@ -23,18 +24,20 @@ METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_record(run_dir: Path) -> dict:
-    """Config, test metrics, epochs and CPU seconds per epoch of one run folder."""
+def run_record(run_dir: Path, launch_commit: str | None = None) -> dict:
+    """Config, test metrics, epochs and CPU seconds per epoch of one run folder
+    (``launch_commit``, when given, replaces the commit the run recorded)."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         config, test, finished = summary["config"], summary["test"], True
-        commit = summary["commit"]
+        commit = launch_commit or summary["commit"]
     else:
         config = json.loads((run_dir / "config.json").read_text())
         test = evaluate_checkpoint(run_dir / "best.pt", device="cpu")["test"]
-        finished, commit = False, None
+        finished = False
+        commit = launch_commit or load_checkpoint(run_dir / "last.pt").get("commits", [None])[0]
     best = max(log, key=lambda r: r["valid"]["NDCG@10"])
     return {"run": run_dir.name, "ffn": config["ffn"], "seed": config["seed"],
             "finished": finished, "commit": commit, "epochs_run": len(log),
@@ -89,8 +92,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=RESULTS / "beauty_table")
+    p.add_argument("--launch-commit", help="commit the runs were started from (overrides what "
+                                           "they recorded; for runs older than that record)")
     args = p.parse_args()
-    result = aggregate([run_record(d) for d in args.run_dirs])
+    result = aggregate([run_record(d, args.launch_commit) for d in args.run_dirs])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

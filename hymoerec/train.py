@@ -212,6 +212,7 @@ class Trainer:
         self.best_metric, self.best_epoch, self.bad_epochs = -math.inf, 0, 0
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0
+        self.commits = [git_commit()]  # code of this process (and of earlier ones on resume)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -220,6 +221,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "commits": self.commits,
                 "rng_torch": torch.get_rng_state(), "rng_batches": self.batch_rng.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -239,6 +241,7 @@ class Trainer:
         self.bad_epochs = state["bad_epochs"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
+        self.commits = state.get("commits", []) + self.commits
         torch.set_rng_state(state["rng_torch"])
         self.batch_rng.set_state(state["rng_batches"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -334,7 +337,8 @@ class Trainer:
             "data": self.data.describe(), "n_users": self.data.n_users,
             "n_items": self.data.n_items, "n_interactions": self.data.n_interactions,
             "config": {k: v for k, v in vars(self.args).items() if k not in ("config", "resume")},
-            "commit": git_commit(), "torch": torch.__version__, "device": str(self.device),
+            "commit": self.commits[0], "commits": self.commits,
+            "torch": torch.__version__, "device": str(self.device),
             "threads": torch.get_num_threads(),
             "epochs_run": self.epoch, "best_epoch": self.best_epoch, "steps": self.step,
             "stopped_early": self.bad_epochs >= self.args.patience,
