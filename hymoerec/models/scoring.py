@@ -52,8 +52,8 @@ def full_softmax_loss(hidden: Tensor, item_emb: Tensor, targets: Tensor) -> Tens
 
     hidden (M, D) float: representations of real (non-padding) positions only (M >= 1);
     item_emb (V + 1, D) float: item embeddings, row 0 = padding (never a candidate);
-    targets (M,) int64 in 1..V. Returns a 0-d float32 (float64 for float64 input) tensor; differentiable in hidden
-    and item_emb (row 0 gets no gradient).
+    targets (M,) int64 in 1..V. Returns a 0-d float32 tensor (float64 for float64 input),
+    differentiable in hidden and item_emb (row 0 gets no gradient).
     """
     if hidden.shape[0] == 0:
         raise ValueError("full_softmax_loss needs at least one position (hidden has 0 rows)")
