@@ -109,3 +109,10 @@ def test_entry_points_run_as_script_and_module(entry):
     out = subprocess.run([sys.executable, *entry, "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_learning_curves_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (optional 'plot' extra)")
+    run(tmp_path, "a", "--epochs", "2")
+    png = tmp_path / "a" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
