@@ -34,11 +34,20 @@ CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", 
                    "best_epoch", "bad_epochs", "rng_torch", "rng_batches")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except unset ones (None / False), whose help explains them."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a sequential recommender with HyMoE (or dense) FFNs; full-ranking "
                     "HR/NDCG@{5,10,20} on a leave-one-out split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--config", help="JSON config saved by an earlier run (config.json); "
                                     "flags given on the command line override it")
     g = p.add_argument_group("data")
@@ -53,22 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--user-col", default="user", help="user column of csv/tsv data")
     g.add_argument("--item-col", default="item", help="item column of csv/tsv data")
     g.add_argument("--time-col", default="timestamp", help="time column of csv/tsv data")
-    g.add_argument("--synthetic-users", type=int, default=2000)
-    g.add_argument("--synthetic-items", type=int, default=400)
+    g.add_argument("--synthetic-users", type=int, default=2000, help="synthetic users")
+    g.add_argument("--synthetic-items", type=int, default=400, help="synthetic items")
     g.add_argument("--synthetic-length", type=int, default=15, help="mean sequence length")
     g.add_argument("--max-len", type=int, default=None,
                    help="most recent items the model sees (default 200 for ml-1m, else 50)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sasrec", choices=sorted(MODELS))
+    g.add_argument("--model", default="sasrec", choices=sorted(MODELS), help="backbone")
     g.add_argument("--ffn", default="hymoe", choices=FFN_KINDS,
                    help="position-wise FFN: HyMoE or the plain dense ablation")
-    g.add_argument("--d-model", type=int, default=64)
-    g.add_argument("--n-layers", type=int, default=2)
-    g.add_argument("--n-heads", type=int, default=2)
+    g.add_argument("--d-model", type=int, default=64, help="embedding / hidden width d")
+    g.add_argument("--n-layers", type=int, default=2, help="transformer blocks")
+    g.add_argument("--n-heads", type=int, default=2, help="attention heads")
     g.add_argument("--ffn-mult", type=int, default=4, help="FFN width = ffn_mult * d_model")
-    g.add_argument("--dropout", type=float, default=0.2)
-    g.add_argument("--num-experts", type=int, default=4)
-    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
+    g.add_argument("--num-experts", type=int, default=4, help="sparse experts E")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token k")
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
     g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
     g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
@@ -77,17 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum epochs (default 200; 20 on synthetic data)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="training sequences per step (default 2048; 256 on synthetic data)")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs without a better validation NDCG@10")
-    g.add_argument("--seed", type=int, default=2024)
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--seed", type=int, default=2024,
+                   help="seed of initialisation, batching, dropout and synthetic data")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     g.add_argument("--exclude-history", action="store_true",
                    help="remove each user's earlier items from the ranking (S3-Rec protocol); "
                         "default keeps them (RecBole protocol)")
-    g.add_argument("--eval-batch-size", type=int, default=1024)
+    g.add_argument("--eval-batch-size", type=int, default=1024, help="users scored at once")
     g.add_argument("--run-dir", help="output folder (default runs/<data>-<model>-<ffn>-s<seed>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last checkpoint")
