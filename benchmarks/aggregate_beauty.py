@@ -45,11 +45,11 @@ def run_record(run_dir: Path, launch_commit: str | None = None) -> dict:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        config, finished = summary["config"], True
+        config, finished, test = summary["config"], True, summary["test"]
         commit = summary["commits"][0] if "commits" in summary else launch_commit
     else:
         config = json.loads((run_dir / "config.json").read_text())
-        finished = False
+        finished, test = False, best_checkpoint_metrics(run_dir, False)["test"]
         commit = load_checkpoint(run_dir / "last.pt").get("commits", [launch_commit])[0]
     best = max(log, key=lambda r: r["valid"]["NDCG@10"])
     return {"run": run_dir.name, "ffn": config["ffn"], "seed": config["seed"],
@@ -58,7 +58,7 @@ def run_record(run_dir: Path, launch_commit: str | None = None) -> dict:
             "train_cpu_seconds_per_epoch": statistics.mean(r["train_cpu_seconds"] for r in log),
             "train_wall_seconds_per_epoch": statistics.mean(r["train_seconds"] for r in log),
             "config": config,
-            "test": best_checkpoint_metrics(run_dir, False)["test"],
+            "test": test,
             "test_exclude_history": best_checkpoint_metrics(run_dir, True)["test"]}
 
 
