@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The Beauty benchmark: 3 seeds x {hymoe, dense}, two runs at a time with one thread each.
-# Usage: benchmarks/beauty_runs.sh BEAUTY_FILE OUT_DIR [extra train.py flags...]
-# Then: python benchmarks/aggregate_beauty.py OUT_DIR/beauty_*/summary.json
+# The Beauty benchmark: seeds x {hymoe, dense} in two slots (one per FFN kind), each slot
+# running its seeds one after another with one thread, so two runs go at a time.
+# Usage: [SEEDS="1 2 3"] benchmarks/beauty_runs.sh BEAUTY_FILE OUT_DIR [extra train.py flags...]
+# Then:  python benchmarks/aggregate_beauty.py OUT_DIR/beauty_*_s*
+# A run cut short continues with: python hymoerec/train.py --resume --run-dir OUT_DIR/beauty_<ffn>_s<seed>
 set -euo pipefail
 data=$1; out=$2; shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-for seed in 1 2 3; do
-  for ffn in hymoe dense; do
-    python hymoerec/train.py --data-file "$data" --format sequences --ffn "$ffn" \
-      --seed "$seed" --threads 1 --no-progress --run-dir "$out/beauty_${ffn}_s${seed}" "$@" \
-      > "$out/beauty_${ffn}_s${seed}.log" 2>&1 &
-  done
-  wait
+for ffn in hymoe dense; do
+  (
+    for seed in ${SEEDS:-1 2 3}; do
+      python hymoerec/train.py --data-file "$data" --format sequences --ffn "$ffn" \
+        --seed "$seed" --threads 1 --no-progress --run-dir "$out/beauty_${ffn}_s${seed}" "$@" \
+        > "$out/beauty_${ffn}_s${seed}.log" 2>&1
+    done
+  ) &
 done
+wait

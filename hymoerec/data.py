@@ -305,13 +305,14 @@ def fetch(name: str, root: Path | None = None) -> Path:
 
 
 def load_dataset(name: str, root: Path | None = None, k_core: int = 5) -> SequenceData:
-    """Named dataset ``ml-1m`` or ``beauty``: fetched, read and cached as a prepared
-    ``.npz`` next to the raw file (prepared once)."""
+    """Named dataset ``ml-1m`` or ``beauty`` (k_core-filtered): fetched, read and cached
+    as a prepared ``.npz`` next to the raw file (prepared once)."""
     if name not in REMOTE:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     root = root or cache_dir()
     raw = fetch(name, root)
-    prepared = root / f"{name}.prepared.npz"
+    prepared = root / (f"{name}.prepared.npz" if name == "ml-1m" else
+                       f"{name}-{k_core}core.prepared.npz")
     if prepared.is_file() and prepared.stat().st_mtime >= raw.stat().st_mtime:
         return load_prepared(prepared)
     if name == "ml-1m":

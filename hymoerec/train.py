@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -37,13 +36,22 @@ CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", 
                    "best_epoch", "bad_epochs", "rng_torch", "rng_batches")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except unset ones (None / False), whose help explains them."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a sequential recommender with HyMoE (or dense) FFNs; full-ranking "
                     "HR/NDCG@{5,10,20} on a leave-one-out split.",
         epilog="Each --model starts from its paper's configuration (its class's paper_defaults, "
                "e.g. mamba4rec: 1 layer, dense FFN); --config and flags override it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--config", help="JSON config saved by an earlier run (config.json); "
                                     "flags given on the command line override it")
     g = p.add_argument_group("data")
@@ -58,24 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--user-col", default="user", help="user column of csv/tsv data")
     g.add_argument("--item-col", default="item", help="item column of csv/tsv data")
     g.add_argument("--time-col", default="timestamp", help="time column of csv/tsv data")
-    g.add_argument("--synthetic-users", type=int, default=3000)
-    g.add_argument("--synthetic-items", type=int, default=500)
-    g.add_argument("--synthetic-length", type=int, default=20, help="mean sequence length")
+    g.add_argument("--synthetic-users", type=int, default=2000, help="synthetic users")
+    g.add_argument("--synthetic-items", type=int, default=400, help="synthetic items")
+    g.add_argument("--synthetic-length", type=int, default=15, help="mean sequence length")
     g.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic data (default: --seed)")
     g.add_argument("--max-len", type=int, default=None,
                    help="most recent items the model sees (default 200 for ml-1m, else 50)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sasrec", choices=sorted(MODELS))
+    g.add_argument("--model", default="sasrec", choices=sorted(MODELS), help="backbone")
     g.add_argument("--ffn", default="hymoe", choices=FFN_KINDS,
                    help="position-wise FFN: HyMoE or the plain dense ablation")
-    g.add_argument("--d-model", type=int, default=64)
-    g.add_argument("--n-layers", type=int, default=2)
-    g.add_argument("--n-heads", type=int, default=2)
+    g.add_argument("--d-model", type=int, default=64, help="embedding / hidden width d")
+    g.add_argument("--n-layers", type=int, default=2, help="transformer blocks")
+    g.add_argument("--n-heads", type=int, default=2, help="attention heads")
     g.add_argument("--ffn-mult", type=int, default=4, help="FFN width = ffn_mult * d_model")
-    g.add_argument("--dropout", type=float, default=0.2)
-    g.add_argument("--num-experts", type=int, default=4)
-    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
+    g.add_argument("--num-experts", type=int, default=4, help="sparse experts E")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token k")
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
     g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
     g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
@@ -88,22 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expand", type=int, default=2, help="inner width factor (mamba4rec)")
     g.add_argument("--mask-prob", type=float, default=0.6, help="Cloze mask rate (bert4rec)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=200, help="maximum epochs")
-    g.add_argument("--batch-size", type=int, default=2048)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=None,
+                   help="maximum epochs (default 200; 20 on synthetic data)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="training sequences per step (default 2048; 256 on synthetic data)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs without a better validation NDCG@10")
     g.add_argument("--max-minutes", type=float, default=0.0,
                    help="start no new epoch after this many minutes of this invocation's "
                         "training (0: no limit)")
-    g.add_argument("--seed", type=int, default=2024)
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--seed", type=int, default=2024,
+                   help="seed of initialisation, batching, dropout and synthetic data")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     g.add_argument("--exclude-history", action="store_true",
                    help="remove each user's earlier items from the ranking (S3-Rec protocol); "
                         "default keeps them (RecBole protocol)")
-    g.add_argument("--eval-batch-size", type=int, default=1024)
+    g.add_argument("--eval-batch-size", type=int, default=1024, help="users scored at once")
     g.add_argument("--run-dir", help="output folder (default runs/<data>-<model>-<ffn>-s<seed>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last checkpoint")
@@ -141,8 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # precedence: command line > saved config > the model's paper defaults > shared defaults
     parser.set_defaults(**{**MODELS[args.model].paper_defaults, **config})
     args = parser.parse_args(argv)
+    synthetic_data = args.dataset == "synthetic" and not args.data_file
     if args.max_len is None:
         args.max_len = 200 if (args.dataset == "ml-1m" or args.format == "ml-1m") else 50
+    if args.epochs is None:
+        args.epochs = 20 if synthetic_data else 200
+    if args.batch_size is None:
+        args.batch_size = 256 if synthetic_data else 2048
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -239,6 +256,7 @@ class Trainer:
         self.best_metric, self.best_epoch, self.bad_epochs = -math.inf, 0, 0
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0
+        self.commits = [git_commit()]  # code of this process (and of earlier ones on resume)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -247,6 +265,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "commits": self.commits,
                 "rng_torch": torch.get_rng_state(), "rng_batches": self.batch_rng.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 **self.dist.rng_state()}  # distributed: every rank's generators
@@ -267,6 +286,7 @@ class Trainer:
         self.bad_epochs = state["bad_epochs"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
+        self.commits = state.get("commits", []) + self.commits
         torch.set_rng_state(state["rng_torch"])
         self.batch_rng.set_state(state["rng_batches"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -377,7 +397,8 @@ class Trainer:
             "data": self.data.describe(), "n_users": self.data.n_users,
             "n_items": self.data.n_items, "n_interactions": self.data.n_interactions,
             "config": {k: v for k, v in vars(self.args).items() if k not in ("config", "resume")},
-            "commit": git_commit(), "torch": torch.__version__, "device": str(self.device),
+            "commit": self.commits[0], "commits": self.commits,
+            "torch": torch.__version__, "device": str(self.device),
             "threads": torch.get_num_threads(),
             "epochs_run": self.epoch, "best_epoch": self.best_epoch, "steps": self.step,
             "stopped_early": self.bad_epochs >= self.args.patience,

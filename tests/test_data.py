@@ -163,3 +163,13 @@ def beauty_file():
 def test_beauty_file_statistics():
     data = D.read_sequences(beauty_file())
     assert (data.n_users, data.n_items, data.n_interactions) == (22363, 12101, 198502)
+
+
+def test_manually_placed_beauty_csv_is_k_core_filtered(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HYMOEREC_DATA", str(tmp_path))
+    rows = [f"u{u},i{i},5,{u * 10 + i}" for u in range(3) for i in range(3)] + ["lone,i0,1,99"]
+    (tmp_path / "ratings_Beauty.csv").write_text("\n".join(rows) + "\n")
+    data = D.load_dataset("beauty", k_core=3)
+    assert (data.n_users, data.n_items, data.n_interactions) == (3, 3, 9)
+    assert "sha256" in capsys.readouterr().out       # no pinned checksum: the used one is shown
+    assert D.load_dataset("beauty", k_core=1).n_users == 4   # its own prepared cache

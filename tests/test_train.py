@@ -5,13 +5,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hymoerec import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
         "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
-        "--device", "cpu", "--seed", "7"]
+        "--device", "cpu", "--seed", "7", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """train.main(--threads 1) sets torch's thread count for the process; restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def run(tmp_path, name, *extra):
@@ -100,3 +109,10 @@ def test_entry_points_run_as_script_and_module(entry):
     out = subprocess.run([sys.executable, *entry, "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_learning_curves_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (optional 'plot' extra)")
+    run(tmp_path, "a", "--epochs", "2")
+    png = tmp_path / "a" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
