@@ -2,8 +2,8 @@
 
 * train_step: one Adam step on a batch of right-padded training windows (next-item full
   softmax loss + the HyMoE load-balance loss), as ``hymoerec.train`` runs it.
-* full_ranking_eval: scores of every item for a batch of histories and the rank of each
-  target among all items (``hymoerec.metrics.target_ranks``), as evaluation runs it.
+* full_ranking_eval: the rank of each target among all items for a batch of histories
+  (the model's ``rank_next``, streamed over item chunks), as evaluation runs it.
 
 Each benchmark records ``sequences`` (histories per call) in extra_info, so the report
 shows sequences per second. Data are random item sequences of lengths drawn from
@@ -19,7 +19,6 @@ from benchmarks.harness import DEVICES, TINY, run_benchmark
 
 hymoerec = pytest.importorskip("hymoerec", reason="the hymoerec package is not in this checkout")
 try:
-    from hymoerec.metrics import target_ranks
     from hymoerec.models import ModelConfig, build_model
 except ImportError as err:       # the package exists but lacks the API this file uses
     pytest.skip(f"hymoerec lacks the model/metrics API these benchmarks use: {err}",
@@ -73,7 +72,7 @@ def full_ranking_eval(variant: str, device: str):
 
     def evaluate() -> None:
         with torch.no_grad():
-            target_ranks(model.score_next(inputs), targets)
+            model.rank_next(inputs, targets)
     return evaluate
 
 

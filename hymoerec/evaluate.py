@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 
+from hymoe_kernels.loss import streaming_topk
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.data import leave_one_out
 from hymoerec.metrics import evaluate_ranking, head_items
@@ -71,11 +72,15 @@ class Recommender:
         if not history:
             raise ValueError("history must contain at least one item")
         items = [self.item_index[str(item)] for item in history][-self.model.config.max_len:]
-        scores = self.model.score_next(torch.tensor([items], device=self.device))[0]
+        query = self.model.query(torch.tensor([items], device=self.device))
+        excluded = None
         if exclude_history:
-            scores[[self.item_index[str(item)] for item in history]] = float("-inf")
-        top = scores.topk(min(k, len(self.item_ids) - 1)).indices.tolist()
-        return [self.item_ids[i] for i in top if np.isfinite(float(scores[i]))]
+            excluded = torch.tensor([[self.item_index[str(item)] for item in history]],
+                                    device=self.device)
+        scores, top = streaming_topk(query, self.model.candidates(), min(k, len(self.item_ids) - 1),
+                                     exclude=excluded, padding_idx=0)
+        return [self.item_ids[i] for i, score in zip(top[0].tolist(), scores[0].tolist())
+                if np.isfinite(score)]
 
 
 def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
@@ -91,7 +96,7 @@ def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
     split = leave_one_out(data)
     head = head_items(split.train_item_counts())
     exclude = args.exclude_history if exclude_history is None else exclude_history
-    return {stage: evaluate_ranking(rec.model.score_next, split.history(stage),
+    return {stage: evaluate_ranking(rec.model.rank_next, split.history(stage),
                                     split.targets(stage), head, args.max_len, exclude,
                                     batch_size, rec.device)
             for stage in ("valid", "test")}

@@ -68,14 +68,16 @@ def popularity_metrics(ranks: np.ndarray, targets: np.ndarray, head: np.ndarray)
 
 
 @torch.no_grad()
-def rank_targets(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
+def rank_targets(rank_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+                 histories: list[np.ndarray],
                  targets: np.ndarray, max_len: int, exclude_history: bool = False,
                  batch_size: int = 1024, device: str | torch.device = "cpu",
                  shard: tuple[int, int] = (0, 1),
                  combine: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """0-based rank (n,) int64 of every user's target among all items, scored by
-    ``score_fn(inputs (B, L) int64) -> (B, V + 1)`` in batches of histories sorted by length
-    (less padding). The model sees the last max_len items of each history;
+    """0-based rank (n,) int64 of every user's target among all items, from
+    ``rank_fn(inputs (B, L), targets (B,), excluded (B, H) or None) -> (B,)`` int64 (e.g. a
+    model's ``rank_next``, or :func:`target_ranks` of full scores) in batches of histories
+    sorted by length (less padding). The model sees the last max_len items of each history;
     ``exclude_history`` removes all of the user's earlier items from the ranking.
 
     Sharded evaluation (one shard per process): ``shard`` = (index, count) scores only every
@@ -87,19 +89,19 @@ def rank_targets(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarra
         idx = order[start:start + batch_size]
         batch_histories = [histories[i] for i in idx]
         inputs = pad_right(last_items(batch_histories, max_len)).to(device)
-        scores = score_fn(inputs)
         excluded = pad_right(batch_histories).to(device) if exclude_history else None
         batch_targets = torch.from_numpy(targets[idx]).to(device)
-        ranks[idx] = target_ranks(scores, batch_targets, excluded).cpu().numpy()
+        ranks[idx] = rank_fn(inputs, batch_targets, excluded).cpu().numpy()
     return ranks if combine is None else combine(ranks)
 
 
-def evaluate_ranking(score_fn: Callable[[Tensor], Tensor], histories: list[np.ndarray],
+def evaluate_ranking(rank_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+                     histories: list[np.ndarray],
                      targets: np.ndarray, head: np.ndarray, max_len: int,
                      exclude_history: bool = False, batch_size: int = 1024,
                      device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1),
                      combine: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """:func:`popularity_metrics` of the ranks of :func:`rank_targets` (same arguments)."""
-    ranks = rank_targets(score_fn, histories, targets, max_len, exclude_history, batch_size,
+    ranks = rank_targets(rank_fn, histories, targets, max_len, exclude_history, batch_size,
                          device, shard, combine)
     return popularity_metrics(ranks, targets, head)

@@ -131,7 +131,7 @@ def run_entry(entry: Entry, seed: int, common: list[str], run_root: Path) -> dic
 def test_ranks(run_dir: Path, split, args: Namespace) -> np.ndarray:
     """Per-user test ranks (n,) int64 of the best checkpoint in run_dir."""
     rec = Recommender.from_checkpoint(run_dir, args.device)
-    return rank_targets(rec.model.score_next, split.history("test"), split.targets("test"),
+    return rank_targets(rec.model.rank_next, split.history("test"), split.targets("test"),
                         args.max_len, args.exclude_history, args.eval_batch_size, rec.device)
 
 

@@ -302,7 +302,7 @@ class Trainer:
     def evaluate(self, stage: str, exclude_history: bool | None = None) -> dict:
         self.model.eval()
         return evaluate_ranking(
-            self.model.score_next, self.split.history(stage), self.split.targets(stage),
+            self.model.rank_next, self.split.history(stage), self.split.targets(stage),
             self.head, self.args.max_len,
             self.args.exclude_history if exclude_history is None else exclude_history,
             self.args.eval_batch_size, self.device,

@@ -65,6 +65,7 @@ def test_evaluate_ranking_matches_a_direct_computation_for_any_batching():
             expected.append(int((s > s[t]).sum()))
         want = popularity_metrics(np.array(expected), targets, head)
         for batch_size in (1, 7, 100):
-            got = evaluate_ranking(score_fn, histories, targets, head, max_len=3,
+            got = evaluate_ranking(lambda inputs, t, h: target_ranks(score_fn(inputs), t, h),
+                                   histories, targets, head, max_len=3,
                                    exclude_history=exclude, batch_size=batch_size)
             assert got == pytest.approx(want, nan_ok=True)

@@ -110,3 +110,16 @@ def test_fused_and_plain_loss_agree():
     for a, b in zip(grads_fused, grads_plain):
         torch.testing.assert_close(a, b)
     assert grads_fused[1][0].abs().sum() == 0  # the padding row is never a candidate
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_streamed_ranks_equal_ranks_of_full_scores(exclude):
+    from hymoerec.metrics import target_ranks
+    model = small_model(n_items=300)
+    inputs = torch.tensor([[3, 7, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]])
+    targets = torch.tensor([12, 5, 250])
+    history = inputs if exclude else None
+    with torch.no_grad():
+        want = target_ranks(model.score_next(inputs), targets, history)
+        got = model.rank_next(inputs, targets, history)
+    assert torch.equal(got, want)

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from hymoe_kernels import HyMoEFFN
 
+from hymoe_kernels.loss import streaming_rank
+
 from .scoring import full_item_scores, full_softmax_loss
 
 FFN_KINDS = ("hymoe", "dense")
@@ -117,10 +119,26 @@ class SequentialRecommender(nn.Module):
                                  self.config.fused_loss)
         return task, self.aux_loss()
 
-    def score_next(self, inputs: Tensor) -> Tensor:
-        """Full-ranking scores (B, n_items + 1) of the item after each right-padded history
-        (B, L) int64 (every history non-empty); column 0 is -inf."""
+    def query(self, inputs: Tensor) -> Tensor:
+        """Representation (B, D) that scores the item after each right-padded history
+        (B, L) int64 (every history non-empty): the output at its last real position."""
         hidden = self.encode(inputs)
         last = (inputs > 0).sum(dim=1) - 1
-        query = hidden[torch.arange(inputs.shape[0], device=inputs.device), last]
-        return full_item_scores(query, self.item_emb.weight)
+        return hidden[torch.arange(inputs.shape[0], device=inputs.device), last]
+
+    def candidates(self) -> Tensor:
+        """Embedding rows (V + 1, D) the queries are scored against; row 0 = padding."""
+        return self.item_emb.weight
+
+    def score_next(self, inputs: Tensor) -> Tensor:
+        """Full-ranking scores (B, n_items + 1) of the item after each right-padded history
+        (B, L) int64; column 0 is -inf."""
+        return full_item_scores(self.query(inputs), self.candidates())
+
+    def rank_next(self, inputs: Tensor, targets: Tensor, history: Tensor | None = None) -> Tensor:
+        """0-based rank (B,) int64 of each target (B,) among all items after each history
+        (B, L): the number of items scoring strictly higher, streamed over item chunks so no
+        (B, n_items) score matrix is stored. ``history`` (B, H) right-padded with 0: items
+        left out of the ranking (the target itself always counts)."""
+        return streaming_rank(self.query(inputs), self.candidates(), targets, exclude=history,
+                              padding_idx=0)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import register
 from .base import ModelConfig, SequentialRecommender
 from .sasrec import Block
-from .scoring import full_item_scores, full_softmax_loss
+from .scoring import full_softmax_loss
 
 
 @register("bert4rec")
@@ -91,11 +91,11 @@ class BERT4Rec(SequentialRecommender):
                                  self.config.fused_loss)
         return task, self.aux_loss()
 
-    def score_next(self, inputs: Tensor) -> Tensor:
-        """Full-ranking scores (B, n_items + 1) of the next item: [mask] is appended after
-        each right-padded history (B, L <= max_len) and its output is scored; column 0 is -inf."""
+    def query(self, inputs: Tensor) -> Tensor:
+        """[mask] is appended after each right-padded history (B, L <= max_len); its output
+        (B, D) scores the next item."""
         rows = torch.arange(inputs.shape[0], device=inputs.device)
         lengths = (inputs > 0).sum(dim=1)
         extended = torch.cat([inputs, inputs.new_zeros(inputs.shape[0], 1)], dim=1)
         extended[rows, lengths] = self.mask_token
-        return full_item_scores(self.encode(extended)[rows, lengths], self.candidates())
+        return self.encode(extended)[rows, lengths]
