@@ -4,6 +4,8 @@
 * :mod:`.permute` -- on-device counting sort of token slots by expert (padded groups).
 * :mod:`.grouped_gemm` -- gather-fused grouped GEMMs with fused epilogues, weight gradients.
 * :mod:`.combine` -- the combine epilogue y = y_dense + alpha * sum_j g_j f_j and its backward.
+* :mod:`.fused_tile` -- the small-D path: one kernel per token tile from router to combine.
+* :mod:`.linear_cross_entropy` -- the full-catalog cross-entropy without stored scores.
 """
 import os
 
