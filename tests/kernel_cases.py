@@ -22,6 +22,10 @@ def poisoned_outputs():
     """Make torch.empty / empty_like return NaN (floats) or -2**30 (ints) filled tensors, so
     that an output element a kernel fails to write, or garbage it reads, shows up."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    # torch.compile fills its table of torch functions on first use; fill it now, so the
+    # stand-ins below never enter it (else later compiles treat torch.empty_like as unknown)
+    from torch._dynamo.trace_rules import get_torch_obj_rule_map
+    get_torch_obj_rule_map()
 
     def poison(t):
         return t.fill_(float("nan") if t.is_floating_point() else -(2 ** 30)) if t.numel() else t
