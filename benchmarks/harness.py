@@ -38,6 +38,26 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def warm_up(device: str, seconds: float) -> None:
+    """Run fp32 matmuls, GELUs and their backward on ``device`` for about ``seconds``, so
+    that the first benchmark of a process does not pay for thread-pool start-up, allocator
+    growth and the CPU clocking up (the first group measured slow without it).
+
+    On the CPU it first allocates and frees buffers of up to 32 MiB: glibc serves a large
+    block with a fresh mmap (page faults on every touch) until a freed mmapped block raises
+    its threshold, so without this the first benchmarks pay page faults the later ones
+    do not, in a steady-state training process none do."""
+    if device == "cpu":
+        for mib in (1, 4, 16, 32):
+            torch.ones(mib << 18)            # mib MiB of float32, touched, then freed
+    x = torch.randn(4096, 256, device=device, requires_grad=True)
+    w = torch.randn(256, 256, device=device, requires_grad=True)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        torch.nn.functional.gelu(x @ w).sum().backward()
+        synchronize(device)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak bytes allocated during one call of ``fn`` beyond those live before it."""
     if device == "cuda":
@@ -67,16 +87,19 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
 
 
 def run_benchmark(benchmark, fn: Callable[[], object], device: str,
-                  baseline: Callable[[], object] | None = None) -> None:
+                  references: dict[str, Callable[[], object]] | None = None) -> None:
     """Time ``fn`` with pytest-benchmark and record its peak memory in extra_info.
 
     One untimed warm-up call (compilation, allocator warm-up) comes first; the number of
     rounds is chosen from a second call so the benchmark takes about TARGET_SECONDS.
-    ``baseline`` (the group's dense FFN), when given, runs before every round, outside
-    pytest-benchmark's timing but timed here with the same timer; its median goes to
-    extra_info["baseline_median_s"], so the ratio of the two compares them under the same
-    machine load, round by round (on a shared machine the load drifts between tests).
+    ``references`` (e.g. the group's dense FFN and naive expert loop), when given, each run
+    before every round, outside pytest-benchmark's timing but timed here with the same
+    timer; their medians go to extra_info["reference_median_s"][name], so ``fn``'s median
+    divided by a reference's compares the two under the same machine load, round by round
+    (on a shared machine the load drifts between tests).
     """
+    references = references or {}
+
     def call() -> None:
         fn()
         synchronize(device)
@@ -94,18 +117,20 @@ def run_benchmark(benchmark, fn: Callable[[], object], device: str,
     if device == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
     rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(TARGET_SECONDS / max(once, 1e-6))))
-    baseline_seconds: list[float] = []
+    reference_seconds: dict[str, list[float]] = {name: [] for name in references}
     timer = getattr(benchmark, "_timer", time.perf_counter)   # the --benchmark-timer
 
-    def time_baseline() -> None:
-        start = timer()
-        baseline()
-        synchronize(device)
-        baseline_seconds.append(timer() - start)
+    def time_references() -> None:
+        for name, reference in references.items():
+            start = timer()
+            reference()
+            synchronize(device)
+            reference_seconds[name].append(timer() - start)
 
-    if baseline is not None:
-        baseline()
-    benchmark.pedantic(call, setup=time_baseline if baseline is not None else None,
+    for reference in references.values():                    # their own warm-up call
+        reference()
+    benchmark.pedantic(call, setup=time_references if references else None,
                        rounds=rounds, iterations=1, warmup_rounds=0)
-    if baseline_seconds:
-        benchmark.extra_info["baseline_median_s"] = statistics.median(baseline_seconds)
+    if references:
+        benchmark.extra_info["reference_median_s"] = {
+            name: statistics.median(seconds) for name, seconds in reference_seconds.items()}

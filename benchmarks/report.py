@@ -4,8 +4,8 @@
     python -m benchmarks.report run.json [-o table.md]
 
 One table per benchmark group: for each variant its median time, the ratio to the
-group's ``dense`` variant (the dense-FFN floor), the ratio to a dense call interleaved
-with its own rounds when recorded (robust to load drifting between tests), its
+group's ``dense`` variant (the dense-FFN floor), the ratios to the reference variants
+interleaved with its own rounds when recorded (robust to load drifting between tests), its
 throughput when the benchmark recorded how many sequences one call processes, and its
 peak memory (and ratio) when recorded. A header names the machine, torch and thread count the run used.
 """
@@ -59,10 +59,10 @@ def group_table(name: str, benches: list[dict]) -> str:
     base = next((b for b in benches if _variant(b) == BASELINE), None)
     has_mem = any("peak_mem_bytes" in b.get("extra_info", {}) for b in benches)
     has_rate = any("sequences" in b.get("extra_info", {}) for b in benches)
-    has_paired = any("baseline_median_s" in b.get("extra_info", {}) for b in benches)
+    references = list(dict.fromkeys(            # reference variants, in order of first use
+        ref for b in benches for ref in b.get("extra_info", {}).get("reference_median_s", {})))
     header = ["variant", "median (ms)", f"x {BASELINE}"]
-    if has_paired:
-        header.append(f"x {BASELINE}, same rounds")
+    header += [f"x {ref}, same rounds" for ref in references]
     if has_rate:
         header.append("sequences/s")
     if has_mem:
@@ -73,9 +73,10 @@ def group_table(name: str, benches: list[dict]) -> str:
         median, extra = bench["stats"]["median"], bench.get("extra_info", {})
         row = [_variant(bench), f"{median * 1e3:.2f}",
                f"{median / base['stats']['median']:.2f}" if base else "-"]
-        if has_paired:
-            paired = extra.get("baseline_median_s")
-            row.append("1.00" if bench is base else f"{median / paired:.2f}" if paired else "-")
+        for ref in references:
+            paired = extra.get("reference_median_s", {}).get(ref)
+            row.append("1.00" if _variant(bench) == ref else
+                       f"{median / paired:.2f}" if paired else "-")
         if has_rate:
             row.append(f"{extra['sequences'] / median:,.0f}" if "sequences" in extra else "-")
         if has_mem:
@@ -97,8 +98,8 @@ def render(data: dict) -> str:
                          "--benchmark-disable?)")
     parts = [f"Machine: {machine_line(data)}. Medians of {min_rounds(data)}+ rounds; "
              f"'x {BASELINE}' is the ratio to the dense FFN in the same table; "
-             f"'x {BASELINE}, same rounds' divides by the median of a dense FFN call run "
-             f"before each round of that benchmark (same machine load)."]
+             f"'x V, same rounds' divides by the median of calls of variant V run before "
+             f"each round of that benchmark (the same machine load)."]
     parts += [group_table(name, benches) for name, benches in groups.items()]
     return "\n\n".join(parts) + "\n"
 

@@ -10,6 +10,10 @@ into a table with ``python -m benchmarks.report out.json``. One pytest-benchmark
 * hymoe_torch_compiled: the same module under ``torch.compile(fullgraph=True)``.
 * hymoe_triton: ``HyMoEFFN(backend="triton")``, CUDA only.
 
+Every non-dense variant's rounds are interleaved with calls of the dense FFN (and, for the
+HyMoE variants, of the naive loop), so the report's "same rounds" ratios compare variants
+under the same machine load.
+
 Modes: ``forward`` (eval mode, no grad) and ``forward_backward`` (training mode: forward,
 then backward of sum(y * seed) + aux_loss into x and every parameter). fp32, no padding.
 """
@@ -46,6 +50,10 @@ SHAPES = ([LayerShape(4, 8, 16, 32)] if TINY else
            LayerShape(256, 50, 256, 1024)])
 VARIANTS = ["dense", "naive_moe", "hymoe_torch", "hymoe_torch_compiled", "hymoe_triton"]
 MODES = ["forward", "forward_backward"]
+# Variants timed before every round of each variant, for ratios under the same load: the
+# dense floor for all, and the naive loop for the HyMoE variants (the speed-up to beat).
+REFERENCES = {"dense": [], "naive_moe": ["dense"],
+              **{v: ["dense", "naive_moe"] for v in VARIANTS if v.startswith("hymoe")}}
 
 
 def triton_skip_reason(device: str) -> str | None:
@@ -111,6 +119,6 @@ def test_layer(benchmark, device: str, mode: str, shape: LayerShape, variant: st
                                 tokens=shape.batch * shape.length)
     layer = make_layer(variant, shape).to(device)
     x = torch.randn(shape.batch, shape.length, shape.d_model, device=device)
-    baseline = None if variant == "dense" else layer_step(make_layer("dense", shape).to(device),
-                                                           x, mode)
-    run_benchmark(benchmark, layer_step(layer, x, mode), device, baseline)
+    run_benchmark(benchmark, layer_step(layer, x, mode), device, {
+        name: layer_step(make_layer(name, shape).to(device), x, mode)
+        for name in REFERENCES[variant]})

@@ -81,8 +81,8 @@ def full_ranking_eval(variant: str, device: str):
 def test_train_step(benchmark, device: str, variant: str) -> None:
     benchmark.group = f"recommender train_step | {device} | batch {TRAIN_BATCH} x {MAX_LEN}"
     benchmark.extra_info.update(variant=variant, sequences=TRAIN_BATCH)
-    baseline = None if variant == "dense" else train_step("dense", device)
-    run_benchmark(benchmark, train_step(variant, device), device, baseline)
+    references = {} if variant == "dense" else {"dense": train_step("dense", device)}
+    run_benchmark(benchmark, train_step(variant, device), device, references)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -90,5 +90,5 @@ def test_train_step(benchmark, device: str, variant: str) -> None:
 def test_full_ranking_eval(benchmark, device: str, variant: str) -> None:
     benchmark.group = f"recommender full_ranking_eval | {device} | batch {EVAL_BATCH} x {MAX_LEN}"
     benchmark.extra_info.update(variant=variant, sequences=EVAL_BATCH)
-    baseline = None if variant == "dense" else full_ranking_eval("dense", device)
-    run_benchmark(benchmark, full_ranking_eval(variant, device), device, baseline)
+    references = {} if variant == "dense" else {"dense": full_ranking_eval("dense", device)}
+    run_benchmark(benchmark, full_ranking_eval(variant, device), device, references)

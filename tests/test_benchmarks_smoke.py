@@ -29,8 +29,13 @@ def test_benchmarks_run_and_report(tmp_path):
     variants = {b["extra_info"]["variant"] for b in layer}
     assert {"dense", "naive_moe", "hymoe_torch", "hymoe_torch_compiled"} <= variants
     assert all(b["extra_info"]["peak_mem_bytes"] > 0 for b in data["benchmarks"])
-    assert all(b["extra_info"]["baseline_median_s"] > 0 for b in data["benchmarks"]
-               if b["extra_info"]["variant"] != "dense")
+    for b in data["benchmarks"]:
+        references = b["extra_info"].get("reference_median_s", {})
+        expected = {"dense"} if b["extra_info"]["variant"] != "dense" else set()
+        if b["extra_info"]["variant"].startswith("hymoe") and b["group"].startswith("layer "):
+            expected.add("naive_moe")
+        assert set(references) == expected, (b["name"], references)
+        assert all(seconds > 0 for seconds in references.values())
 
     report = run(["-m", "benchmarks.report", str(json_path), "-o", str(md_path)], tmp_path)
     assert report.returncode == 0, report.stderr
@@ -39,7 +44,9 @@ def test_benchmarks_run_and_report(tmp_path):
     for group in groups:
         table = text.split(f"#### {group}\n")[1].split("####")[0]
         assert "| dense | " in table and " | 1.00 | " in table.split("| dense |")[1].split("\n")[0]
-        assert "| hymoe" in table
+        assert "| hymoe" in table and "x dense, same rounds" in table
+        if group.startswith("layer "):
+            assert "x naive_moe, same rounds" in table
 
 
 def test_report_rejects_a_non_benchmark_file(tmp_path):
