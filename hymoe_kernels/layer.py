@@ -102,16 +102,27 @@ class HyMoEFFN(nn.Module):
         self._stats: dict[str, Tensor] = {}
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Initialise every weight and bias, and alpha_param = 0.
+
+        Default: nn.Linear's init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and
+        biases. ``std``: weights ~ N(0, std) and zero biases, the init of backbones such
+        as SASRec / BERT4Rec (std 0.02), so the layer starts like the dense FFN it replaces.
+        """
         D, Fh, H = self.d_model, self.d_ff, self.router_w1.shape[1]
         fan_in = {"router_w1": D, "router_b1": D, "router_w2": H, "router_b2": H,
                   "expert_w1": D, "expert_b1": D, "expert_w2": Fh, "expert_b2": Fh,
                   "dense_w1": D, "dense_b1": D, "dense_w2": Fh, "dense_b2": Fh}
         with torch.no_grad():
             for name, fan in fan_in.items():
-                bound = 1.0 / math.sqrt(fan)
-                getattr(self, name).uniform_(-bound, bound)
+                param = getattr(self, name)
+                if std is None:
+                    bound = 1.0 / math.sqrt(fan)
+                    param.uniform_(-bound, bound)
+                elif "_w" in name:
+                    param.normal_(0.0, std)
+                else:
+                    param.zero_()
             self.alpha_param.zero_()
 
     def weights(self) -> tuple[Tensor, ...]:

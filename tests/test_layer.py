@@ -93,6 +93,22 @@ def test_aux_loss_is_negative_entropy_of_gbar_with_grad():
     assert layer.expert_w1.grad is None or layer.expert_w1.grad.abs().sum() == 0
 
 
+def test_reset_parameters_default_and_normal_init():
+    layer = make_layer(d_model=64, d_ff=256)
+    bound = 1 / 64 ** 0.5                        # nn.Linear's U(+-1/sqrt(fan_in)), fan_in = D
+    assert layer.dense_w1.abs().max() <= bound and layer.dense_w1.abs().max() > 0.9 * bound
+    assert layer.dense_b1.abs().max() > 0
+    layer.alpha_param.data.fill_(1.0)
+    layer.reset_parameters(std=0.02)
+    for name, param in layer.named_parameters():
+        if name == "alpha_param":
+            assert float(param) == 0.0
+        elif "_w" in name:
+            assert abs(float(param.std()) - 0.02) < 0.004, name
+        else:
+            assert not param.any(), name           # biases zero
+
+
 def test_state_dict_round_trip_keeps_step():
     layer = make_layer()
     layer.set_step(123)

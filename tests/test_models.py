@@ -123,3 +123,16 @@ def test_streamed_ranks_equal_ranks_of_full_scores(exclude):
         want = target_ranks(model.score_next(inputs), targets, history)
         got = model.rank_next(inputs, targets, history)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_hymoe_starts_like_the_dense_ffn_it_replaces(model):
+    config = dict(max_len=8, d_model=32, n_heads=2, dropout=0.0)
+    dense = build_model(model, 40, ModelConfig(ffn="dense", **config))
+    hymoe = build_model(model, 40, ModelConfig(ffn="hymoe", **config))
+    dense_ffn, hymoe_ffn = dense.blocks[0].ffn, hymoe.blocks[0].ffn
+    for dense_w, hymoe_w in ((dense_ffn.fc1.weight, hymoe_ffn.dense_w1),
+                             (dense_ffn.fc2.weight, hymoe_ffn.expert_w2)):
+        assert abs(float(dense_w.std()) - 0.02) < 0.003
+        assert abs(float(hymoe_w.std()) - 0.02) < 0.003
+    assert not hymoe_ffn.dense_b1.any() and not dense_ffn.fc1.bias.any()

@@ -78,6 +78,19 @@ def make_ffn(config: ModelConfig) -> nn.Module:
     return DenseFFN(config.d_model, d_ff, config.dropout)
 
 
+def init_normal(model: nn.Module, std: float = 0.02) -> None:
+    """SASRec / BERT4Rec's init: Linear and Embedding weights ~ N(0, std), Linear biases 0,
+    every HyMoEFFN likewise (so HyMoE and the dense FFN start alike), padding row 0 zero."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        if isinstance(module, HyMoEFFN):
+            module.reset_parameters(std)
+    model.item_emb.weight.data[0].zero_()
+
+
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``encode(items (B, L) int64) -> (B, L, D)`` (right
     padded with 0, causal: position t sees items 0..t) and own ``item_emb`` (nn.Embedding

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelConfig, SequentialRecommender
+from .base import ModelConfig, SequentialRecommender, init_normal
 from .sasrec import Block
 from .scoring import full_softmax_loss
 
 
 @register("bert4rec")
 class BERT4Rec(SequentialRecommender):
-    """Linear / embedding weights ~ N(0, 0.02) (HyMoEFFN keeps its own init)."""
+    """Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
     paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1,
                       "mask_prob": 0.6}
 
@@ -47,12 +47,7 @@ class BERT4Rec(SequentialRecommender):
         self.input_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal=False) for _ in range(config.n_layers))
         self.head = nn.Linear(D, D)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-        self.item_emb.weight.data[0].zero_()
+        init_normal(self)
 
     def candidates(self) -> Tensor:
         """Item embedding rows 0..n_items (padding + items; [mask] excluded), (V + 1, D)."""

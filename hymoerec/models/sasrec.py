@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelConfig, SequentialRecommender, make_ffn
+from .base import ModelConfig, SequentialRecommender, init_normal, make_ffn
 
 
 class SelfAttention(nn.Module):
@@ -50,7 +50,7 @@ class Block(nn.Module):
 @register("sasrec")
 class SASRec(SequentialRecommender):
     """Item + learned position embeddings -> LayerNorm -> dropout -> n_layers blocks.
-    Linear / embedding weights ~ N(0, 0.02) (HyMoEFFN keeps its own init)."""
+    Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__(n_items, config)
@@ -58,12 +58,7 @@ class SASRec(SequentialRecommender):
         self.input_norm = nn.LayerNorm(config.d_model)
         self.input_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-        self.item_emb.weight.data[0].zero_()
+        init_normal(self)
 
     def encode(self, items: Tensor) -> Tensor:
         """items (B, L) int64 right-padded, L <= max_len -> hidden (B, L, D) float32."""
