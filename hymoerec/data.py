@@ -462,17 +462,32 @@ def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
     return torch.from_numpy(out)
 
 
-def bucketed_batches(windows: list[np.ndarray], batch_size: int,
+def bucketed_batches(windows: list[np.ndarray], batch_targets: int,
                      generator: torch.Generator) -> list[list[int]]:
-    """Window indices grouped into batches of similar length (less padding): shuffle,
-    sort by length within chunks of 50 batches, cut into batches, shuffle the batches."""
+    """Window indices grouped into batches of similar length that hold at most
+    ``batch_targets`` next-item targets each (a window of n items has n - 1; a window with
+    more is a batch of its own): shuffle, sort by length within chunks of about 50 batches'
+    targets, cut greedily, shuffle the batches. Counting targets, not windows, makes a
+    batch of 2048 the same amount of training signal as RecBole's batch of 2048 one-target
+    prefixes, whatever the sequence lengths."""
     order = torch.randperm(len(windows), generator=generator).tolist()
-    lengths = [len(w) for w in windows]
-    chunk = batch_size * 50
-    batches = []
-    for start in range(0, len(order), chunk):
-        block = sorted(order[start:start + chunk], key=lambda i: lengths[i])
-        batches += [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+    targets = [len(w) - 1 for w in windows]
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        end, chunk_targets = start, 0
+        while end < len(order) and chunk_targets < 50 * batch_targets:
+            chunk_targets += targets[order[end]]
+            end += 1
+        batch, batch_count = [], 0
+        for i in sorted(order[start:end], key=lambda i: targets[i]):
+            if batch and batch_count + targets[i] > batch_targets:
+                batches.append(batch)
+                batch, batch_count = [], 0
+            batch.append(i)
+            batch_count += targets[i]
+        batches.append(batch)
+        start = end
     shuffle = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffle]
 

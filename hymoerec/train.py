@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None,
                    help="maximum epochs (default 200; 20 on synthetic data)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="training sequences per step (default 2048; 256 on synthetic data)")
+                   help="next-item targets per step, over whole training windows (default "
+                        "2048, RecBole's batch of 2048 one-target prefixes; 256 on synthetic "
+                        "data)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--patience", type=int, default=10,

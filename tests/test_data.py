@@ -144,9 +144,12 @@ def test_training_windows_predict_every_next_item_once():
 
 
 def test_batches_cover_each_window_once_and_pad_right():
-    windows = [np.arange(1, n + 2) for n in [1, 5, 2, 7, 3, 3, 1]]
+    windows = [np.arange(1, n + 2) for n in [1, 5, 2, 7, 3, 3, 1]]    # n targets each
     batches = D.bucketed_batches(windows, 3, torch.Generator().manual_seed(0))
     assert sorted(i for b in batches for i in b) == list(range(7))
+    # at most 3 targets a batch; the 5- and 7-target windows are batches of their own
+    assert all(sum(len(windows[i]) - 1 for i in b) <= 3 or len(b) == 1 for b in batches)
+    assert [1] in batches and [3] in batches
     inputs, targets = D.collate_windows([windows[1], windows[0]])
     assert inputs.tolist() == [[1, 2, 3, 4, 5], [1, 0, 0, 0, 0]]
     assert targets.tolist() == [[2, 3, 4, 5, 6], [2, 0, 0, 0, 0]]
@@ -173,3 +176,12 @@ def test_manually_placed_beauty_csv_is_k_core_filtered(tmp_path, monkeypatch, ca
     assert (data.n_users, data.n_items, data.n_interactions) == (3, 3, 9)
     assert "sha256" in capsys.readouterr().out       # no pinned checksum: the used one is shown
     assert D.load_dataset("beauty", k_core=1).n_users == 4   # its own prepared cache
+
+
+def test_batches_fill_up_to_the_target_budget():
+    windows = [np.arange(1, 2 + n) for n in np.random.default_rng(0).integers(1, 9, 500)]
+    batches = D.bucketed_batches(windows, 64, torch.Generator().manual_seed(1))
+    sizes = [sum(len(windows[i]) - 1 for i in b) for b in batches]
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert max(sizes) <= 64
+    assert sum(sizes) / len(sizes) > 56       # greedy cuts leave little of the budget unused
