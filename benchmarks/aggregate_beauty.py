@@ -13,12 +13,18 @@ import argparse
 import json
 import statistics
 import sys
+from argparse import Namespace
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hymoerec.checkpoint import load_checkpoint  # noqa: E402
-from hymoerec.evaluate import evaluate_checkpoint  # noqa: E402
+from hymoerec.data import leave_one_out  # noqa: E402
+from hymoerec.evaluate import Recommender, evaluate_checkpoint  # noqa: E402
+from hymoerec.metrics import rank_targets  # noqa: E402
+from hymoerec.train import load_data  # noqa: E402
 
 PAPER = {"HR@10": 0.0756, "NDCG@10": 0.0442}  # the paper's HyMoERec test numbers on Beauty
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
@@ -35,6 +41,21 @@ def best_checkpoint_metrics(run_dir: Path, exclude_history: bool) -> dict:
     if not cache.is_file():
         metrics = evaluate_checkpoint(run_dir / "best.pt", exclude_history, device="cpu")
         cache.write_text(json.dumps(metrics, indent=2) + "\n")
+    return json.loads(cache.read_text())
+
+
+def last_item_first_share(run_dir: Path) -> float:
+    """Share of test users whose most recent history item run_dir/best.pt ranks first among
+    all items (history kept). Beauty has no repeated items, so each such top slot is wasted:
+    the tied item embeddings score an item high right after it was consumed. Cached."""
+    cache = run_dir / "last_item_first_share.json"
+    if not cache.is_file():
+        rec = Recommender.from_checkpoint(run_dir / "best.pt", "cpu")
+        args = Namespace(**rec.config)
+        histories = leave_one_out(load_data(args)).history("test")
+        ranks = rank_targets(rec.model.rank_next, histories,
+                             np.array([h[-1] for h in histories]), args.max_len)
+        cache.write_text(json.dumps(float((ranks == 0).mean())) + "\n")
     return json.loads(cache.read_text())
 
 
@@ -59,7 +80,8 @@ def run_record(run_dir: Path, launch_commit: str | None = None) -> dict:
             "train_wall_seconds_per_epoch": statistics.mean(r["train_seconds"] for r in log),
             "config": config,
             "test": test,
-            "test_exclude_history": best_checkpoint_metrics(run_dir, True)["test"]}
+            "test_exclude_history": best_checkpoint_metrics(run_dir, True)["test"],
+            "last_item_first_share": last_item_first_share(run_dir)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -78,7 +100,9 @@ def aggregate(records: list[dict]) -> dict:
                    "epochs_run": [r["epochs_run"] for r in runs],
                    "best_epoch": [r["best_epoch"] for r in runs],
                    "train_cpu_seconds_per_epoch": statistics.mean(
-                       r["train_cpu_seconds_per_epoch"] for r in runs)}
+                       r["train_cpu_seconds_per_epoch"] for r in runs),
+                   "last_item_first_share": statistics.mean(
+                       r["last_item_first_share"] for r in runs)}
             for prefix in ("", "head/", "tail/"):
                 for metric in METRICS:
                     row[prefix + metric], row[prefix + metric + "_std"] = mean_std(
@@ -119,6 +143,10 @@ def markdown(result: dict) -> str:
         lines += ["", "Head (top 20% items by training frequency) / tail NDCG@10: "
                   + "; ".join(f"{ffn} {row['head/NDCG@10']:.4f} / {row['tail/NDCG@10']:.4f}"
                               for ffn, row in result["tables"][protocol].items()), ""]
+    shares = result["tables"]["test"]
+    lines += ["Test users whose most recent item (never their next one here) the model ranks "
+              "first, history kept: " + "; ".join(f"{ffn} {100 * row['last_item_first_share']:.1f}%"
+                                                   for ffn, row in shares.items()), ""]
     lines += [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in result["checks"].items()]
     lines += ["", "Runs: " + "; ".join(
         f"{r['run']} ({'finished' if r['finished'] else 'cut'}, {r['epochs_run']} epochs, "

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-layers", type=int, default=2, help="transformer blocks")
     g.add_argument("--n-heads", type=int, default=2, help="attention heads")
     g.add_argument("--ffn-mult", type=int, default=4, help="FFN width = ffn_mult * d_model")
-    g.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate (default: the model's paper value; sasrec, as in the "
+                        "SASRec paper: 0.2 for ml-1m and synthetic data, 0.5 for other, sparse "
+                        "data such as Amazon's)")
     g.add_argument("--num-experts", type=int, default=4, help="sparse experts E")
     g.add_argument("--top-k", type=int, default=2, help="experts per token k")
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
@@ -156,8 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**{**MODELS[args.model].paper_defaults, **config})
     args = parser.parse_args(argv)
     synthetic_data = args.dataset == "synthetic" and not args.data_file
+    movielens = args.dataset == "ml-1m" if not args.data_file else args.format == "ml-1m"
     if args.max_len is None:
-        args.max_len = 200 if (args.dataset == "ml-1m" or args.format == "ml-1m") else 50
+        args.max_len = 200 if movielens else 50
+    if args.dropout is None:
+        args.dropout = 0.2 if movielens or synthetic_data else 0.5
     if args.epochs is None:
         args.epochs = 20 if synthetic_data else 200
     if args.batch_size is None:

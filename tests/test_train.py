@@ -103,6 +103,20 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
         train.parse_args(["--config", str(tmp_path / "missing.json")])
 
 
+@pytest.mark.parametrize("flags, max_len, dropout, batch", [
+    ([], 50, 0.2, 256),                                               # synthetic
+    (["--dataset", "ml-1m"], 200, 0.2, 2048),
+    (["--dataset", "beauty"], 50, 0.5, 2048),                         # sparse: SASRec's 0.5
+    (["--data-file", "x.dat", "--format", "ml-1m"], 200, 0.2, 2048),
+    (["--data-file", "x.txt", "--dataset", "ml-1m"], 50, 0.5, 2048),  # the file decides
+    (["--dataset", "beauty", "--model", "mamba4rec"], 50, 0.2, 2048),  # its paper's value
+    (["--dataset", "beauty", "--dropout", "0.3", "--batch-size", "512"], 50, 0.3, 512),
+])
+def test_data_dependent_defaults(flags, max_len, dropout, batch):
+    args = train.parse_args(flags)
+    assert (args.max_len, args.dropout, args.batch_size) == (max_len, dropout, batch)
+
+
 @pytest.mark.parametrize("entry", [["hymoerec/train.py"], ["-m", "hymoerec.train"],
                                    ["hymoerec/evaluate.py"]])
 def test_entry_points_run_as_script_and_module(entry):
