@@ -9,4 +9,4 @@ def warm_up_devices(request) -> None:
     if request.config.getoption("benchmark_disable") or TINY:
         return
     for device in DEVICES:
-        warm_up(device, seconds=3.0)
+        warm_up(device, seconds=2.0)

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", choices=DATASETS)
     p.add_argument("--data-file", help="your own interaction file (overrides --dataset)")
     p.add_argument("--format", default="sequences", choices=FORMATS)
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds 1..N per model (as benchmarks/beauty_runs.sh)")
     p.add_argument("--budget", type=parse_budget, default=[],
                    help="per-model training budget: epochs (e.g. 5) or minutes (e.g. 10m); "
                         "default: full training (early stopping)")
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for entry in entries:
         runs, ndcg = [], []
-        for seed in range(opts.seeds):
+        for seed in range(1, opts.seeds + 1):
             summary = run_entry(entry, seed, common, run_root)
             run_args = Namespace(**summary["config"])
             ranks = test_ranks(run_root / f"{entry.model}-{entry.ffn}-s{seed}", split, run_args)
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"Leave-one-out split, full ranking over all {data.n_items} items on "
               f"{len(split.eval_users)} test users "
               f"({'history excluded' if train_args.exclude_history else 'history kept'}); "
-              f"seeds 0..{opts.seeds - 1}, mean ± sample std over seeds when more than one.",
+              f"seeds 1..{opts.seeds}, mean ± sample std over seeds when more than one.",
               f"Training budget per model: {budget}."
               + (" **Budgeted run: models are not trained to convergence; the numbers are "
                  "not comparable to published ones.**" if opts.budget else ""),
