@@ -6,6 +6,7 @@
 * :mod:`.combine` -- the combine epilogue y = y_dense + alpha * sum_j g_j f_j and its backward.
 * :mod:`.fused_tile` -- the small-D path: one kernel per token tile from router to combine.
 * :mod:`.linear_cross_entropy` -- the full-catalog cross-entropy without stored scores.
+* :mod:`.device_math` -- device functions the kernels share (dot, rounding cast, GELU).
 """
 import os
 

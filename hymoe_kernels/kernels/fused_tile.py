@@ -19,13 +19,14 @@ bitwise reproducible. Block configurations are module-level tuples picked by mod
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .device_math import cast_to, gelu_and_grad, mma
 
 MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
@@ -103,36 +104,14 @@ def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int, dtype: torc
 
 
 # --------------------------------------------------------------------------------------
-# Shared device functions
+# Tile device functions
 # --------------------------------------------------------------------------------------
 
-# Triton's interpreter (3.9) multiplies the raw uint16 bits of bf16/fp16 operands in tl.dot,
-# so under TRITON_INTERPRET=1 the dots run on fp32 copies (the compiled kernels never do).
-_INTERPRETER_DOTS_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # fp32 operands: "tf32x3" (three TF32 tensor-core products: hi*hi + hi*lo + lo*hi, the
 # dropped lo*lo term is ~2^-22 relative, so about fp32 accuracy). "ieee" lowers to FMA dots
 # that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90 (measured
 # with benchmarks/gpu/compile_card.py).
 FP32_DOT_PRECISION = tl.constexpr("tf32x3")
-
-
-@triton.jit
-def _dot(a, b):
-    """a @ b with fp32 accumulation; a and b share a dtype (fp32, bf16 or fp16)."""
-    if _INTERPRETER_DOTS_IN_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision=FP32_DOT_PRECISION)
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _gelu_and_grad(u):
-    """Exact-erf GELU of u (fp32) and its derivative."""
-    cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
-    return u * cdf, cdf + u * pdf
 
 
 @triton.jit
@@ -146,12 +125,12 @@ def _router_logits(x, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, offs_d, d_ok, offs_e, 
         h_ok = offs_h < H
         w1 = tl.load(rw1_ptr + offs_d[:, None] * H + offs_h[None, :],
                      mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(x.dtype)
-        pre = _dot(x, w1)
+        pre = mma(x, w1, None, FP32_DOT_PRECISION)
         pre += tl.load(rb1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        hidden = _gelu_and_grad(pre)[0]
+        hidden = gelu_and_grad(pre)[0]
         w2 = tl.load(rw2_ptr + offs_h[:, None] * E + offs_e[None, :],
                      mask=h_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
-        logits += _dot(hidden, w2)
+        logits += mma(hidden, w2, None, FP32_DOT_PRECISION)
     logits += tl.load(rb2_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(e_ok[None, :], logits, float("-inf"))
 
@@ -190,12 +169,12 @@ def _ffn_forward_into(acc, x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale, offs_d, d_o
         f_ok = offs_f < F
         w1 = tl.load(w1_ptr + offs_d[:, None] * F + offs_f[None, :],
                      mask=d_ok[:, None] & f_ok[None, :], other=0.0)
-        pre = _dot(x, w1)
+        pre = mma(x, w1, None, FP32_DOT_PRECISION)
         pre += tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-        hidden = _gelu_and_grad(pre)[0]
+        hidden = gelu_and_grad(pre)[0]
         w2 = tl.load(w2_ptr + offs_f[:, None] * D + offs_d[None, :],
                      mask=f_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _dot((hidden * scale[:, None]).to(x.dtype), w2)
+        acc += mma(cast_to(hidden * scale[:, None], x.dtype), w2, None, FP32_DOT_PRECISION)
     b2 = tl.load(b2_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     return acc + scale[:, None] * b2[None, :]
 
@@ -211,16 +190,16 @@ def _ffn_input_grad_into(dx, x, dy, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale, offs_
         f_ok = offs_f < F
         w1 = tl.load(w1_ptr + offs_d[:, None] * F + offs_f[None, :],
                      mask=d_ok[:, None] & f_ok[None, :], other=0.0)
-        pre = _dot(x, w1)
+        pre = mma(x, w1, None, FP32_DOT_PRECISION)
         pre += tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-        hidden, hidden_grad = _gelu_and_grad(pre)
+        hidden, hidden_grad = gelu_and_grad(pre)
         w2 = tl.load(w2_ptr + offs_f[:, None] * D + offs_d[None, :],
                      mask=f_ok[:, None] & d_ok[None, :], other=0.0)
-        dhidden = _dot(dy, tl.trans(w2))          # (BLOCK_M, BLOCK_F)
+        dhidden = mma(dy, tl.trans(w2), None, FP32_DOT_PRECISION)    # (BLOCK_M, BLOCK_F)
         if WANT_DY_DOT_F:
             dy_dot_f += tl.sum(hidden * dhidden, axis=1)
         dpre = dhidden * scale[:, None] * hidden_grad
-        dx += _dot(dpre.to(x.dtype), tl.trans(w1))
+        dx += mma(cast_to(dpre, x.dtype), tl.trans(w1), None, FP32_DOT_PRECISION)
     if WANT_DY_DOT_F:
         b2 = tl.load(b2_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         dy_dot_f += tl.sum(dy.to(tl.float32) * b2[None, :], axis=1)
@@ -288,7 +267,8 @@ def fused_tile_forward_kernel(
             acc = _ffn_forward_into(acc, x, ew1_ptr + e64 * D * F, eb1_ptr + e64 * F,
                                     ew2_ptr + e64 * F * D, eb2_ptr + e64 * D,
                                     scale, offs_d, d_ok, D, F, BLOCK_F)
-    tl.store(y_ptr + rows[:, None] * stride_ym + offs_d[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_d[None, :],
+             cast_to(acc, y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -356,7 +336,7 @@ def fused_tile_backward_token_kernel(
                         0.0)
     row_e = rows[:, None] * E + offs_e[None, :]
     store_e = row_ok[:, None] & e_ok[None, :]
-    tl.store(dlogits_ptr + row_e, dlogits.to(dlogits_ptr.dtype.element_ty), mask=store_e)
+    tl.store(dlogits_ptr + row_e, cast_to(dlogits, dlogits_ptr.dtype.element_ty), mask=store_e)
     tl.store(gate_scale_ptr + row_e, alpha * gates, mask=store_e)
 
     # router backward into dx (the router's weight gradients come from the weight pass)
@@ -365,15 +345,15 @@ def fused_tile_backward_token_kernel(
         h_ok = offs_h < H
         w1 = tl.load(rw1_ptr + offs_d[:, None] * H + offs_h[None, :],
                      mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(x.dtype)
-        pre = _dot(x, w1)
+        pre = mma(x, w1, None, FP32_DOT_PRECISION)
         pre += tl.load(rb1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        hidden_grad = _gelu_and_grad(pre)[1]
+        hidden_grad = gelu_and_grad(pre)[1]
         w2 = tl.load(rw2_ptr + offs_h[:, None] * E + offs_e[None, :],
                      mask=h_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
-        dpre = _dot(dlogits, tl.trans(w2)) * hidden_grad
-        dx += _dot(dpre.to(x.dtype), tl.trans(w1))
+        dpre = mma(dlogits, tl.trans(w2), None, FP32_DOT_PRECISION) * hidden_grad
+        dx += mma(cast_to(dpre, x.dtype), tl.trans(w1), None, FP32_DOT_PRECISION)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_d[None, :],
-             dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+             cast_to(dx, dx_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -465,7 +445,7 @@ def fused_tile_weight_grad_kernel(
                            other=0.0).to(tl.float32)
             scale = tl.load(gate_scale_ptr + m64 * E + local_rows * E + scale_col,
                             mask=row_ok & (local_rows * 0 + scale_col >= 0), other=1.0)
-            dout = (dout * scale[:, None]).to(x.dtype)
+            dout = cast_to(dout * scale[:, None], x.dtype)
             # the weight chunks are re-read per token tile (L2-resident) rather than held in
             # registers across the loop (fewer live registers, pipelined into shared memory)
             w1 = tl.load(w1_ptr + offs_d[:, None] * hidden_width + offs_f[None, :],
@@ -473,12 +453,12 @@ def fused_tile_weight_grad_kernel(
             b1 = tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
             w2 = tl.load(w2_ptr + offs_f[:, None] * out_width + offs_o[None, :],
                          mask=f_ok[:, None] & o_ok[None, :], other=0.0)
-            pre = _dot(x, w1) + b1[None, :]
-            hidden, hidden_grad = _gelu_and_grad(pre)
-            dhidden = _dot(dout, tl.trans(w2))
+            pre = mma(x, w1, None, FP32_DOT_PRECISION) + b1[None, :]
+            hidden, hidden_grad = gelu_and_grad(pre)
+            dhidden = mma(dout, tl.trans(w2), None, FP32_DOT_PRECISION)
             dpre = dhidden * hidden_grad
-            acc_w1 += _dot(tl.trans(x), dpre.to(x.dtype))
-            acc_w2 += _dot(tl.trans(hidden.to(x.dtype)), dout)
+            acc_w1 += mma(tl.trans(x), cast_to(dpre, x.dtype), None, FP32_DOT_PRECISION)
+            acc_w2 += mma(tl.trans(cast_to(hidden, x.dtype)), dout, None, FP32_DOT_PRECISION)
             acc_b1 += tl.sum(dpre, axis=0)
             acc_b2 += tl.sum(dout.to(tl.float32), axis=0)
         base = partial_ptr + split.to(tl.int64) * split_stride

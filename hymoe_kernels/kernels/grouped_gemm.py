@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import INTERPRETING
 from .combine import combine_gathered_rows
+from .device_math import cast_to, dot_precision, gelu, gelu_and_grad, mma
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 ROW_GEMM_CONFIGS = (
@@ -65,46 +66,6 @@ class Routing(NamedTuple):
     group_start: Tensor
     group_count: Tensor
     top_k: int
-
-
-# Two bf16 faults of Triton's CPU interpreter (3.9), worked around under TRITON_INTERPRET=1
-# only (the branches are compiled away on a GPU): it keeps bf16 as uint16 and multiplies the
-# raw bits in tl.dot, and its fp32 -> bf16 cast truncates instead of rounding to nearest.
-_INTERPRETER_BF16_FIXES = tl.constexpr(INTERPRETING)
-
-
-@triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; a and b share a dtype."""
-    if _INTERPRETER_BF16_FIXES:
-        if a.dtype == tl.bfloat16:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def cast_to(x, dtype: tl.constexpr):
-    """x cast to ``dtype``, fp32 -> bf16/fp16 rounding to nearest even (as on the GPU)."""
-    if _INTERPRETER_BF16_FIXES:
-        if dtype == tl.bfloat16:
-            if x.dtype == tl.float32:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = bits + 0x7FFF + ((bits >> 16) & 1)
-                x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def gelu(x):
-    """Exact (erf) GELU of an fp32 tensor."""
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def gelu_grad(x):
-    """d/dx of the exact GELU, fp32."""
-    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
 @triton.jit
@@ -176,7 +137,7 @@ def _row_gemm_kernel(
     if EPI_GELU_GRAD:
         pre = tl.load(pre_ptr + out_rows[:, None] * stride_pm + cols[None, :] * stride_pn,
                       mask=tile_ok, other=0.0)
-        acc *= gelu_grad(pre.to(tl.float32))
+        acc *= gelu_and_grad(pre.to(tl.float32))[1]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + out_rows[:, None] * stride_rm + cols[None, :] * stride_rn,
                        mask=tile_ok, other=0.0).to(tl.float32)
@@ -252,11 +213,6 @@ def _weight_grad_kernel(
              mask=k_ok[:, None] & col_ok[None, :])
     if pid_k == 0:
         tl.store(db_ptr + pid.to(tl.int64) * N + cols, db_acc, mask=col_ok)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """Triton dot input precision for operands of ``dtype``: exact fp32 for fp32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def pick_row_gemm_config(rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRETING
-from .grouped_gemm import cast_to, dot_precision, gelu, mma
+from .device_math import cast_to, dot_precision, gelu, mma
 
 # (BLOCK_T tokens, BLOCK_H hidden columns per step, num_warps, num_stages)
 ROUTER_CONFIGS = (
