@@ -8,8 +8,9 @@ leave-one-out split with the same full-ranking evaluation, over several seeds.
 Rows: GRU4Rec, NARM, BERT4Rec, Mamba4Rec, SASRec (dense FFN) and HyMoERec on the SASRec
 and on the Mamba4Rec backbone (``--ffn hymoe``); each model starts from its paper's
 configuration (``paper_defaults``). Writes a Markdown table (HR@5, HR@10, NDCG@5, NDCG@10,
-mean ± std over seeds on the test users, beside the published numbers where known) with a
-paired test of each HyMoERec row against the best baseline, and the raw results as JSON.
+mean ± std over seeds on the test users, beside the published numbers where known, and the
+baselines beside independent RecBole runs of them on Beauty) with a paired test of each
+HyMoERec row against the best baseline, and the raw results as JSON.
 Flags it does not know are passed to every training run (e.g. ``--batch-size 256``).
 Finished runs in ``--run-root`` are reused, interrupted ones resumed.
 """
@@ -63,6 +64,21 @@ PUBLISHED = {
     "ml-1m": {"HyMoERec": {"HR@10": 0.3103, "NDCG@10": 0.1790}},
 }
 NOT_AVAILABLE = "n/a"  # not available offline
+
+# Independent full-ranking runs of the baselines under the protocol the paper follows
+# (RecBole: 5-core Beauty, max length 50, leave-one-out by time, full softmax CE, full
+# ranking with history kept, early stopping on validation NDCG@10, patience 10, batch 128,
+# one seed), published in github.com/kanishkaRandunu/pswrec2k26: GRU4Rec and SASRec from
+# results/beauty_results.md, BERT4Rec from archives/results/results_old/benchmark_beauty.md.
+# Not the paper's Table 1: a yardstick for "is this baseline trained as well as usual".
+INDEPENDENT = {
+    "beauty": {
+        "GRU4Rec": {"HR@5": 0.0414, "HR@10": 0.0623, "NDCG@5": 0.0274, "NDCG@10": 0.0342},
+        "BERT4Rec": {"HR@5": 0.0242, "HR@10": 0.0404, "NDCG@5": 0.0158, "NDCG@10": 0.0211},
+        "SASRec (dense FFN)": {"HR@5": 0.0556, "HR@10": 0.0842, "NDCG@5": 0.0329,
+                               "NDCG@10": 0.0421},
+    },
+}
 
 
 def parse_budget(text: str | None) -> list[str]:
@@ -176,6 +192,27 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
     return "\n".join(lines)
 
 
+def independent_section(results: dict, paper_key: str | None) -> str:
+    """Our mean test metrics beside the independent RecBole runs of the same baselines."""
+    reference = INDEPENDENT.get(paper_key or "", {})
+    rows = [label for label in results if label in reference]
+    if not rows:
+        return ""
+    lines = ["Baselines beside independent RecBole runs on the same data and protocol (batch "
+             "128, one seed; github.com/kanishkaRandunu/pswrec2k26, not the paper's Table 1):",
+             "", "| Model | " + " | ".join(METRICS) + " | "
+             + " | ".join(f"RecBole {m}" for m in METRICS) + " | gap NDCG@10 |",
+             "|---" * (2 * len(METRICS) + 2) + "|"]
+    for label in rows:
+        ours = {m: float(np.mean([run["test"][m] for run in results[label]["runs"]]))
+                for m in METRICS}
+        ref = reference[label]
+        gap = 100 * (ours["NDCG@10"] - ref["NDCG@10"]) / ref["NDCG@10"]
+        lines.append(f"| {label} | " + " | ".join(f"{ours[m]:.4f}" for m in METRICS) + " | "
+                     + " | ".join(f"{ref[m]:.4f}" for m in METRICS) + f" | {gap:+.1f}% |")
+    return "\n".join(lines)
+
+
 def significance_section(results: dict) -> tuple[str, dict]:
     """Paired tests (per-user test NDCG@10, averaged over seeds) of each HyMoERec row
     against the baseline with the best mean NDCG@10."""
@@ -285,13 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"({paper_key or 'none for this data'}); every other published cell is "
               f"'{NOT_AVAILABLE}' (not available offline) rather than a guessed value."]
     table = markdown_table(results, paper_key, header)
+    independent = independent_section(results, paper_key)
+    if independent:
+        table += "\n\n" + independent
     significance, tests = significance_section(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n\n" + significance + "\n")
     raw = {label: {k: v for k, v in r.items() if k != "ndcg10_per_user"} for label, r in results.items()}
     out.with_suffix(".json").write_text(json.dumps(
         {"command": ["python", "-m", "hymoerec.reproduce"] + list(sys.argv[1:] if argv is None else argv),
-         "data": data.describe(), "results": raw, "significance": tests}, indent=2) + "\n")
+         "data": data.describe(), "results": raw, "significance": tests,
+         "independent_reference": INDEPENDENT.get(paper_key or "", {})}, indent=2) + "\n")
     print(table + "\n\n" + significance)
     print(f"[reproduce] wrote {out} and {out.with_suffix('.json')}")
     return {"results": results, "significance": tests, "table": out}
