@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
                      for line in log.read_text().splitlines() if line.strip()]
             runs.append({**{k: summary[k] for k in ("test", "valid", "epochs_run", "best_epoch",
                                                     "train_seconds_per_epoch", "config")},
-                         "valid_curve": curve})
+                         "commits": summary.get("commits", []), "valid_curve": curve})
             ndcg.append(ndcg_gains(ranks, 10))
         results[entry.label] = {"model": entry.model, "ffn": entry.ffn,
                                 "is_hymoerec": entry.is_hymoerec, "runs": runs,

@@ -9,6 +9,14 @@ when stacked; out = LayerNorm(h + FFN(h)), FFN from :func:`.base.make_ffn`, so
 Defaults (``paper_defaults``, Mamba4Rec's published configuration): one layer, d_model 64,
 d_state 32, d_conv 4, expand 2, dropout 0.2, dense FFN of width 4 d_model.
 
+Measured on Beauty (``python -m hymoerec.reproduce``, batch 512 targets, seeds 1-3, history
+kept): HR@10 0.0652 ± 0.0017, NDCG@10 0.0392 ± 0.0008 with the dense FFN, 0.0654 ± 0.0029 /
+0.0395 ± 0.0016 with HyMoE. Its paper reports Mamba4Rec above SASRec; here it is 4% below
+SASRec on NDCG@10 and 21% below on HR@10, although it does not waste the top slot on the
+item just consumed as SASRec does (1% of test users against 90%). Dropout is the likely
+lever on this sparse data: with 0.4 instead of 0.2, HyMoE on this backbone reached HR@10
+0.0744 (NDCG@10 0.0409, seed 1), against 0.0686 / 0.0413 at 0.2 for the same seed.
+
 Mamba block (Gu & Dao, 2023): [x, z] = in_proj(u); x = SiLU(causal depthwise conv(x));
 (dt, B, C) = x_proj(x); delta = softplus(dt_proj(dt)); the selective scan
 h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t, y_t = C_t h_t + D x_t (per channel, state

@@ -1,5 +1,12 @@
 """SASRec-style causal self-attention recommender whose position-wise FFN is HyMoE
-(``ffn="hymoe"``) or a plain dense FFN (``ffn="dense"``, the ablation)."""
+(``ffn="hymoe"``) or a plain dense FFN (``ffn="dense"``, the ablation).
+
+Measured on Beauty (``python -m hymoerec.reproduce``, batch 512 targets, dropout 0.5, seeds
+1-3, history kept): HR@10 0.0823 ± 0.0005, NDCG@10 0.0409 ± 0.0007 with the dense FFN, 2.9%
+below an independent RecBole SASRec on the same data (0.0842 / 0.0421); 0.0833 ± 0.0011 /
+0.0421 ± 0.0004 with HyMoE. For 90% of test users it ranks the item just consumed first
+(README, "The last item comes first"), which costs NDCG more than HR.
+"""
 from __future__ import annotations
 
 import torch.nn.functional as F
