@@ -65,11 +65,12 @@ PUBLISHED = {
 }
 NOT_AVAILABLE = "n/a"  # not available offline
 
-# Independent full-ranking runs of the baselines under the protocol the paper follows
-# (RecBole: 5-core Beauty, max length 50, leave-one-out by time, full softmax CE, full
+# Independent full-ranking runs of the baselines under RecBole's protocol, the default here
+# (5-core Beauty, max length 50, leave-one-out by time, full softmax CE, full
 # ranking with history kept, early stopping on validation NDCG@10, patience 10, batch 128,
 # one seed), published in github.com/kanishkaRandunu/pswrec2k26: GRU4Rec and SASRec from
-# results/beauty_results.md, BERT4Rec from archives/results/results_old/benchmark_beauty.md.
+# results/beauty_results.md, BERT4Rec (mask ratio 0.2, dropout 0.2) from
+# archives/results/results_old/benchmark_beauty.md.
 # Not the paper's Table 1: a yardstick for "is this baseline trained as well as usual".
 INDEPENDENT = {
     "beauty": {
