@@ -159,6 +159,16 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.4f} ± {float(np.std(values, ddof=1)):.4f}"
 
 
+def mean_test(result: dict, metric: str) -> float:
+    """Mean over seeds of one row's test ``metric``."""
+    return float(np.mean([run["test"][metric] for run in result["runs"]]))
+
+
+def ndcg10_gap(result: dict, reference: dict) -> str:
+    """Relative gap of one row's mean test NDCG@10 to a reference number, as "+x.x%"."""
+    return f"{100 * (mean_test(result, 'NDCG@10') / reference['NDCG@10'] - 1):+.1f}%"
+
+
 def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> str:
     published = PUBLISHED.get(paper_key or "", {})
     lines = header + ["", "| Model | " + " | ".join(METRICS) + " | "
@@ -168,11 +178,7 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
         ours = [fmt([run["test"][m] for run in result["runs"]]) for m in METRICS]
         paper = published.get("HyMoERec", {}) if result["is_hymoerec"] else {}
         paper_cells = [f"{paper[m]:.4f}" if m in paper else NOT_AVAILABLE for m in METRICS]
-        if "NDCG@10" in paper:
-            ours_ndcg = float(np.mean([run["test"]["NDCG@10"] for run in result["runs"]]))
-            gap = f"{100 * (ours_ndcg - paper['NDCG@10']) / paper['NDCG@10']:+.1f}%"
-        else:
-            gap = "n/a"
+        gap = ndcg10_gap(result, paper) if "NDCG@10" in paper else NOT_AVAILABLE
         lines.append(f"| {label} | " + " | ".join(ours) + " | " + " | ".join(paper_cells)
                      + f" | {gap} |")
     lines += ["", "| Model | epochs run (per seed) | best epoch | train s / epoch |", "|---|---|---|---|"]
@@ -205,12 +211,11 @@ def independent_section(results: dict, paper_key: str | None) -> str:
              + " | ".join(f"RecBole {m}" for m in METRICS) + " | gap NDCG@10 |",
              "|---" * (2 * len(METRICS) + 2) + "|"]
     for label in rows:
-        ours = {m: float(np.mean([run["test"][m] for run in results[label]["runs"]]))
-                for m in METRICS}
         ref = reference[label]
-        gap = 100 * (ours["NDCG@10"] - ref["NDCG@10"]) / ref["NDCG@10"]
-        lines.append(f"| {label} | " + " | ".join(f"{ours[m]:.4f}" for m in METRICS) + " | "
-                     + " | ".join(f"{ref[m]:.4f}" for m in METRICS) + f" | {gap:+.1f}% |")
+        lines.append(f"| {label} | "
+                     + " | ".join(f"{mean_test(results[label], m):.4f}" for m in METRICS) + " | "
+                     + " | ".join(f"{ref[m]:.4f}" for m in METRICS)
+                     + f" | {ndcg10_gap(results[label], ref)} |")
     return "\n".join(lines)
 
 
