@@ -123,10 +123,10 @@ def aggregate(records: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     runs = result["runs"]
     config = runs[0]["config"]
-    settings = ", ".join(f"{k}={config[k]}" for k in
+    settings = ", ".join(f"{k}={config.get(k, False)}" for k in  # output_head: False if unset
                          ("batch_size", "lr", "epochs", "patience", "d_model", "n_layers",
-                          "n_heads", "dropout", "max_len", "num_experts", "top_k",
-                          "warmup_steps", "lb_weight", "threads"))
+                          "n_heads", "dropout", "max_len", "output_head", "num_experts",
+                          "top_k", "warmup_steps", "lb_weight", "threads"))
     lines = [f"Beauty ({config.get('data_file')}), test metrics of the best-validation "
              f"checkpoint, mean ± std over seeds. Settings: {settings}.", ""]
     for protocol, title in result["protocols"].items():

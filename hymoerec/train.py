@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--d-conv", type=int, default=4, help="causal conv width (mamba4rec)")
     g.add_argument("--expand", type=int, default=2, help="inner width factor (mamba4rec)")
     g.add_argument("--mask-prob", type=float, default=0.6, help="Cloze mask rate (bert4rec)")
+    g.add_argument("--output-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="sasrec: pass the last block's output through LayerNorm(GELU(Linear)) "
+                        "before scoring it against the tied item embeddings, so the item just "
+                        "consumed no longer scores highest (README, 'The last item comes "
+                        "first')")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None,
                    help="maximum epochs (default 200; 20 on synthetic data)")

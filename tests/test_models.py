@@ -43,9 +43,9 @@ def test_full_item_scores_never_rank_padding():
     assert scores.shape == (2, 5) and torch.isinf(scores[:, 0]).all() and (scores[:, 1:] == 3).all()
 
 
-@pytest.mark.parametrize("ffn", ["hymoe", "dense"])
-def test_padding_and_later_items_do_not_change_earlier_positions(ffn):
-    model = small_model(ffn)
+@pytest.mark.parametrize("ffn,output_head", [("hymoe", False), ("dense", False), ("hymoe", True)])
+def test_padding_and_later_items_do_not_change_earlier_positions(ffn, output_head):
+    model = small_model(ffn, output_head=output_head)
     short = torch.tensor([[3, 7, 9]])
     padded = torch.tensor([[3, 7, 9, 0, 0, 0]])
     longer = torch.tensor([[3, 7, 9, 12, 5, 1]])
@@ -95,6 +95,23 @@ def test_registry_and_config_validation():
         ModelConfig(d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="exceeds max_len"):
         small_model().encode(torch.ones(1, 9, dtype=torch.long))
+
+
+def test_output_head_transforms_the_last_block_output():
+    plain, headed = small_model(), small_model(output_head=True)
+    assert isinstance(plain.head, torch.nn.Identity)
+    linear, norm = headed.head[0], headed.head[2]
+    assert abs(linear.weight.std().item() - 0.02) < 0.005 and not linear.bias.any()
+    headed.load_state_dict(plain.state_dict() | {f"head.{k}": v for k, v in
+                                                  headed.head.state_dict().items()})
+    items = torch.tensor([[3, 7, 9, 0], [5, 1, 2, 8]])
+    with torch.no_grad():
+        want = norm(F.gelu(linear(plain.encode(items))))
+        torch.testing.assert_close(headed.encode(items), want)
+        assert not torch.allclose(headed.encode(items), plain.encode(items))
+    for model in ("gru4rec", "bert4rec", "mamba4rec", "narm"):
+        with pytest.raises(ValueError, match="no output head"):
+            build_model(model, 10, ModelConfig(output_head=True, ffn="dense"))
 
 
 def test_fused_and_plain_loss_agree():

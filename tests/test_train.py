@@ -99,6 +99,8 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "a" / "config.json"
     args = train.parse_args(["--config", str(config), "--epochs", "4"])
     assert args.ffn == "dense" and args.epochs == 4 and args.synthetic_users == 120
+    assert not args.output_head
+    assert train.parse_args(["--config", str(config), "--output-head"]).output_head
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(tmp_path / "missing.json")])
 

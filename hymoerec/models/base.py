@@ -38,6 +38,7 @@ class ModelConfig:
     d_conv: int = 4            # mamba4rec: causal depthwise conv width
     expand: int = 2            # mamba4rec: inner width = expand * d_model
     mask_prob: float = 0.6     # bert4rec: Cloze masking probability rho
+    output_head: bool = False  # sasrec: LayerNorm(GELU(Linear)) before the tied-embedding scores
 
     def __post_init__(self):
         if self.ffn not in FFN_KINDS:
@@ -99,16 +100,21 @@ class SequentialRecommender(nn.Module):
     ``paper_defaults`` holds the ModelConfig fields (and training flags) where the
     backbone's published configuration differs from the shared defaults; the command line
     applies them unless overridden. ``has_ffn`` is False for backbones without a
-    position-wise FFN (``--ffn`` must then stay "dense", meaning: the model as published).
+    position-wise FFN (``--ffn`` must then stay "dense", meaning: the model as published);
+    ``has_output_head`` is True for backbones that implement ``config.output_head``.
     """
     paper_defaults: dict = {}
     has_ffn: bool = True
+    has_output_head: bool = False
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__()
         if not self.has_ffn and config.ffn != "dense":
             raise ValueError(f"{type(self).__name__} has no position-wise FFN to replace: "
                              f"ffn must be 'dense' (the published model), got {config.ffn!r}")
+        if config.output_head and not self.has_output_head:
+            raise ValueError(f"{type(self).__name__} has no output head option: output_head "
+                             "must be False (only sasrec implements it)")
         self.n_items, self.config = n_items, config
         self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
 

@@ -56,15 +56,24 @@ class Block(nn.Module):
 
 @register("sasrec")
 class SASRec(SequentialRecommender):
-    """Item + learned position embeddings -> LayerNorm -> dropout -> n_layers blocks.
-    Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
+    """Item + learned position embeddings -> LayerNorm -> dropout -> n_layers blocks
+    [-> output head]. Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`).
+
+    ``config.output_head``: the last block's output goes through LayerNorm(GELU(Linear(D, D)))
+    (BERT4Rec's transform, plus a LayerNorm) before it is scored against the tied item
+    embeddings. Without it the residual stream carries the input item's own embedding to the
+    scores, and the item just consumed ranks first (README, "The last item comes first")."""
+    has_output_head = True
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__(n_items, config)
-        self.pos_emb = nn.Embedding(config.max_len, config.d_model)
-        self.input_norm = nn.LayerNorm(config.d_model)
+        D = config.d_model
+        self.pos_emb = nn.Embedding(config.max_len, D)
+        self.input_norm = nn.LayerNorm(D)
         self.input_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D)) \
+            if config.output_head else nn.Identity()
         init_normal(self)
 
     def encode(self, items: Tensor) -> Tensor:
@@ -77,4 +86,4 @@ class SASRec(SequentialRecommender):
         x = self.input_dropout(self.input_norm(x))
         for block in self.blocks:
             x = block(x, mask)
-        return x
+        return self.head(x)
