@@ -122,8 +122,8 @@ def aggregate(records: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    config = runs[0]["config"]
-    settings = ", ".join(f"{k}={config.get(k, False)}" for k in  # output_head: False if unset
+    config = {"output_head": False} | runs[0]["config"]  # runs from before the flag: no head
+    settings = ", ".join(f"{k}={config[k]}" for k in
                          ("batch_size", "lr", "epochs", "patience", "d_model", "n_layers",
                           "n_heads", "dropout", "max_len", "output_head", "num_experts",
                           "top_k", "warmup_steps", "lb_weight", "threads"))
