@@ -24,6 +24,7 @@ from hymoerec.checkpoint import load_checkpoint  # noqa: E402
 from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.evaluate import Recommender, evaluate_checkpoint  # noqa: E402
 from hymoerec.metrics import rank_targets  # noqa: E402
+from hymoerec.models import ModelConfig  # noqa: E402
 from hymoerec.train import load_data  # noqa: E402
 
 PAPER = {"HR@10": 0.0756, "NDCG@10": 0.0442}  # the paper's HyMoERec test numbers on Beauty
@@ -122,7 +123,7 @@ def aggregate(records: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    config = {"output_head": False} | runs[0]["config"]  # runs from before the flag: no head
+    config = ModelConfig().to_dict() | runs[0]["config"]  # older runs: later fields' defaults
     settings = ", ".join(f"{k}={config[k]}" for k in
                          ("batch_size", "lr", "epochs", "patience", "d_model", "n_layers",
                           "n_heads", "dropout", "max_len", "output_head", "num_experts",
