@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "before scoring it against the tied item embeddings, so the item just "
                         "consumed no longer scores highest (README, 'The last item comes "
                         "first')")
+    g.add_argument("--head-skip", type=float, default=0.0,
+                   help="with --output-head: add the last block's output, times this weight, "
+                        "to the head's (query = head(h) + w * h)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None,
                    help="maximum epochs (default 200; 20 on synthetic data)")

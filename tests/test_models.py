@@ -43,9 +43,10 @@ def test_full_item_scores_never_rank_padding():
     assert scores.shape == (2, 5) and torch.isinf(scores[:, 0]).all() and (scores[:, 1:] == 3).all()
 
 
-@pytest.mark.parametrize("ffn,output_head", [("hymoe", False), ("dense", False), ("hymoe", True)])
-def test_padding_and_later_items_do_not_change_earlier_positions(ffn, output_head):
-    model = small_model(ffn, output_head=output_head)
+@pytest.mark.parametrize("ffn,head", [("hymoe", {}), ("dense", {}), ("hymoe", {"output_head": True}),
+                                      ("hymoe", {"output_head": True, "head_skip": 0.5})])
+def test_padding_and_later_items_do_not_change_earlier_positions(ffn, head):
+    model = small_model(ffn, **head)
     short = torch.tensor([[3, 7, 9]])
     padded = torch.tensor([[3, 7, 9, 0, 0, 0]])
     longer = torch.tensor([[3, 7, 9, 12, 5, 1]])
@@ -112,6 +113,18 @@ def test_output_head_transforms_the_last_block_output():
     for model in ("gru4rec", "bert4rec", "mamba4rec", "narm"):
         with pytest.raises(ValueError, match="no output head"):
             build_model(model, 10, ModelConfig(output_head=True, ffn="dense"))
+
+
+def test_head_skip_adds_the_last_block_output_back():
+    headed, skipped = small_model(output_head=True), small_model(output_head=True, head_skip=0.5)
+    skipped.load_state_dict(headed.state_dict())
+    items = torch.tensor([[3, 7, 9, 0], [5, 1, 2, 8]])
+    with torch.no_grad():
+        blocks_out = skipped.encode(items) - headed.encode(items)
+        headed.head = torch.nn.Identity()
+        torch.testing.assert_close(blocks_out, 0.5 * headed.encode(items))
+    with pytest.raises(ValueError, match="head_skip=0.5 needs output_head"):
+        ModelConfig(head_skip=0.5)
 
 
 def test_fused_and_plain_loss_agree():

@@ -39,10 +39,14 @@ class ModelConfig:
     expand: int = 2            # mamba4rec: inner width = expand * d_model
     mask_prob: float = 0.6     # bert4rec: Cloze masking probability rho
     output_head: bool = False  # sasrec: LayerNorm(GELU(Linear)) before the tied-embedding scores
+    head_skip: float = 0.0     # sasrec with output_head: query = head(h) + head_skip * h
 
     def __post_init__(self):
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if self.head_skip and not self.output_head:
+            raise ValueError(f"head_skip={self.head_skip} needs output_head=True (it weighs the "
+                             "last block's output added to the head's)")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult", "rnn_hidden",

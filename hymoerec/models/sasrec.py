@@ -66,7 +66,9 @@ class SASRec(SequentialRecommender):
     ``config.output_head``: the last block's output goes through LayerNorm(GELU(Linear(D, D)))
     (BERT4Rec's transform, plus a LayerNorm) before it is scored against the tied item
     embeddings. Without it the residual stream carries the input item's own embedding to the
-    scores, and the item just consumed ranks first (README, "The last item comes first")."""
+    scores, and the item just consumed ranks first (README, "The last item comes first").
+    ``config.head_skip`` adds that output back with this weight: query = head(h) + head_skip * h,
+    a model between the two."""
     has_output_head = True
 
     def __init__(self, n_items: int, config: ModelConfig):
@@ -90,4 +92,6 @@ class SASRec(SequentialRecommender):
         x = self.input_dropout(self.input_norm(x))
         for block in self.blocks:
             x = block(x, mask)
+        if self.config.head_skip:
+            return self.head(x) + self.config.head_skip * x
         return self.head(x)
