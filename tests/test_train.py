@@ -105,6 +105,16 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
         train.parse_args(["--config", str(tmp_path / "missing.json")])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--d-model", "63"], "d_model=63 must be divisible by n_heads=2"),
+    (["--head-skip", "0.5"], "head_skip=0.5 needs output_head=True"),
+])
+def test_rejected_model_settings_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, max_len, dropout, batch", [
     ([], 50, 0.2, 256),                                               # synthetic
     (["--dataset", "ml-1m"], 200, 0.2, 2048),
