@@ -43,8 +43,9 @@ def test_full_item_scores_never_rank_padding():
     assert scores.shape == (2, 5) and torch.isinf(scores[:, 0]).all() and (scores[:, 1:] == 3).all()
 
 
-@pytest.mark.parametrize("ffn,head", [("hymoe", {}), ("dense", {}), ("hymoe", {"output_head": True}),
-                                      ("hymoe", {"output_head": True, "head_skip": 0.5})])
+@pytest.mark.parametrize("ffn,head", [
+    ("hymoe", {}), ("dense", {}), ("hymoe", {"output_head": True}),
+    ("hymoe", {"output_head": True, "head_skip": 0.5})])
 def test_padding_and_later_items_do_not_change_earlier_positions(ffn, head):
     model = small_model(ffn, **head)
     short = torch.tensor([[3, 7, 9]])
