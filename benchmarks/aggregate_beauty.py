@@ -1,6 +1,6 @@
 """Aggregate Beauty runs (3 seeds x {hymoe, dense}) into benchmarks/results/beauty_table.{json,md}.
 
-    python benchmarks/aggregate_beauty.py /work/runs/beauty_*_s*
+    python benchmarks/aggregate_beauty.py /work/runs/beauty/beauty_*_s*/
 
 Each argument is a run folder. Its best.pt (best validation NDCG@10) is scored on the test
 split with hymoerec.evaluate under both protocols (history kept / excluded; cached in the
@@ -126,8 +126,8 @@ def markdown(result: dict) -> str:
     config = ModelConfig().to_dict() | runs[0]["config"]  # older runs: later fields' defaults
     settings = ", ".join(f"{k}={config[k]}" for k in
                          ("batch_size", "lr", "epochs", "patience", "d_model", "n_layers",
-                          "n_heads", "dropout", "max_len", "output_head", "num_experts",
-                          "top_k", "warmup_steps", "lb_weight", "threads"))
+                          "n_heads", "dropout", "max_len", "output_head", "head_skip",
+                          "num_experts", "top_k", "warmup_steps", "lb_weight", "threads"))
     lines = [f"Beauty ({config.get('data_file')}), test metrics of the best-validation "
              f"checkpoint, mean ± std over seeds. Settings: {settings}.", ""]
     for protocol, title in result["protocols"].items():
@@ -162,6 +162,9 @@ def main() -> None:
     p.add_argument("--launch-commit", help="commit of runs started before train.py recorded "
                                            "its commit at start")
     args = p.parse_args()
+    for run_dir in args.run_dirs:
+        if not (run_dir / "log.jsonl").is_file():
+            p.error(f"{run_dir} is not a run folder (it has no log.jsonl)")
     result = aggregate([run_record(d, args.launch_commit) for d in args.run_dirs])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
