@@ -68,8 +68,8 @@ class SASRec(SequentialRecommender):
     (BERT4Rec's transform, plus a LayerNorm) before it is scored against the tied item
     embeddings. Without it the residual stream carries the input item's own embedding to the
     scores, and the item just consumed ranks first (README, "The last item comes first").
-    ``config.head_skip`` adds that output back with this weight: query = head(h) + head_skip * h,
-    a model between the two."""
+    ``config.head_skip`` (with ``output_head``) adds the last block's output h back, weighted:
+    query = head(h) + head_skip * h, a model between the two."""
     has_output_head = True
 
     def __init__(self, n_items: int, config: ModelConfig):
