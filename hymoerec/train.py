@@ -179,9 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        model_config(args)
-    except ValueError as err:  # a model setting that ModelConfig rejects, e.g. --d-model 63
+    try:  # model settings that ModelConfig or the backbone rejects, e.g. --d-model 63
+        MODELS[args.model].check_config(model_config(args))
+    except ValueError as err:
         parser.error(str(err))
     return args
 

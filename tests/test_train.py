@@ -108,6 +108,8 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--d-model", "63"], "d_model=63 must be divisible by n_heads=2"),
     (["--head-skip", "0.5"], "head_skip=0.5 needs output_head=True"),
+    (["--model", "gru4rec", "--ffn", "hymoe"], "GRU4Rec has no position-wise FFN"),
+    (["--model", "narm", "--output-head"], "NARM has no output head option"),
 ])
 def test_rejected_model_settings_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -111,14 +111,19 @@ class SequentialRecommender(nn.Module):
     has_ffn: bool = True
     has_output_head: bool = False
 
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        """Raise ValueError for settings this backbone cannot honour."""
+        if not cls.has_ffn and config.ffn != "dense":
+            raise ValueError(f"{cls.__name__} has no position-wise FFN to replace: "
+                             f"ffn must be 'dense' (the published model), got {config.ffn!r}")
+        if config.output_head and not cls.has_output_head:
+            raise ValueError(f"{cls.__name__} has no output head option: output_head "
+                             "must be False (only sasrec implements it)")
+
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__()
-        if not self.has_ffn and config.ffn != "dense":
-            raise ValueError(f"{type(self).__name__} has no position-wise FFN to replace: "
-                             f"ffn must be 'dense' (the published model), got {config.ffn!r}")
-        if config.output_head and not self.has_output_head:
-            raise ValueError(f"{type(self).__name__} has no output head option: output_head "
-                             "must be False (only sasrec implements it)")
+        self.check_config(config)
         self.n_items, self.config = n_items, config
         self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
 
