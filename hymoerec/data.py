@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
+import tempfile
 import urllib.request
 import warnings
 import zipfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +23,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FORMATS = ("sequences", "ml-1m", "amazon", "csv", "tsv")
+FORMATS = ("sequences", "pairs", "ml-1m", "amazon", "csv", "tsv")
 DATASETS = ("synthetic", "ml-1m", "beauty")
 
 
 class DataFormatError(ValueError):
-    """Malformed input; the message names the file and the line."""
+    """The one error type of user-data problems: malformed content, an empty, missing,
+    unreadable or undecodable file, a damaged or undownloadable named dataset, a folder that
+    cannot be written. The message is one line naming the file and, where it applies, the
+    line; callers print it as it is."""
+
+
+class NotWritableError(DataFormatError):
+    """A folder that must be written (a run folder, the dataset cache) is not writable."""
 
 
 @dataclass
@@ -82,7 +92,8 @@ def read_sequences(path: str | os.PathLike) -> SequenceData:
     """One line per user: ``user item item ...`` (whitespace separated, items in time
     order), the S3-Rec/ICLRec format. Blank lines are skipped."""
     user_items: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
+    first_line: dict[str, int] = {}
+    with _reading(path) as f:
         for line_no, line in enumerate(f, 1):
             tokens = line.split()
             if not tokens:
@@ -92,8 +103,30 @@ def read_sequences(path: str | os.PathLike) -> SequenceData:
                                       f"got {line.strip()!r}")
             if tokens[0] in user_items:
                 raise DataFormatError(f"{path}, line {line_no}: user {tokens[0]!r} appears on "
-                                      f"more than one line")
+                                      f"more than one line (first on line "
+                                      f"{first_line[tokens[0]]}); "
+                                      f"this format takes one line per user (the 'pairs' "
+                                      f"format one 'user item' line per interaction)")
             user_items[tokens[0]] = tokens[1:]
+            first_line[tokens[0]] = line_no
+    return _non_empty(from_user_items(user_items, Path(path).name), path)
+
+
+def read_pairs(path: str | os.PathLike) -> SequenceData:
+    """One interaction per line: ``user item`` (whitespace separated), the layout of
+    SASRec's data folder. A user's items keep the order of their lines (the file is
+    expected in time order), users the order of their first line; lines of different users
+    may interleave. Blank lines are skipped; a line with other than two fields is an error."""
+    user_items: dict[str, list[str]] = {}
+    with _reading(path) as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2:
+                raise DataFormatError(f"{path}, line {line_no}: expected 'user item', got "
+                                      f"{len(tokens)} fields: {line.strip()!r}")
+            user_items.setdefault(tokens[0], []).append(tokens[1])
     return _non_empty(from_user_items(user_items, Path(path).name), path)
 
 
@@ -111,7 +144,7 @@ def read_ml1m(path: str | os.PathLike) -> SequenceData:
     """MovieLens-1M ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``. Every rating
     is an implicit interaction, ordered by timestamp, ties in file order."""
     rows = []
-    with open(path, encoding="latin-1") as f:
+    with _reading(path, "latin-1") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -130,8 +163,8 @@ def read_amazon(path: str | os.PathLike, k_core: int = 5) -> SequenceData:
     line whose timestamp field is not a number), k-core filtered (every user and every
     item keeps >= k_core interactions; k_core <= 1 disables the filter)."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for line_no, fields in enumerate(csv.reader(f), 1):
+    with _reading(path) as f:
+        for line_no, fields in _csv_rows(csv.reader(f), path):
             if not fields:
                 continue
             if len(fields) != 4:
@@ -142,8 +175,14 @@ def read_amazon(path: str | os.PathLike, k_core: int = 5) -> SequenceData:
             user, item, rating, stamp = fields
             _number(rating, path, line_no, "rating")
             rows.append((user, item, _number(stamp, path, line_no, "timestamp")))
-    rows = k_core_filter(rows, k_core)
-    return _non_empty(from_user_items(_order_by_time(rows), Path(path).name), path)
+    if not rows:
+        raise DataFormatError(f"{path}: no interactions (the file is empty, blank or only a "
+                              f"header line)")
+    kept = k_core_filter(rows, k_core)
+    if not kept:
+        raise DataFormatError(f"{path}: no interactions left after the {k_core}-core filter "
+                              f"({len(rows)} read; a smaller --k-core keeps more)")
+    return from_user_items(_order_by_time(kept), Path(path).name)
 
 
 def read_table(path: str | os.PathLike, user_col: str = "user", item_col: str = "item",
@@ -154,21 +193,22 @@ def read_table(path: str | os.PathLike, user_col: str = "user", item_col: str = 
     if delimiter is None:
         delimiter = "\t" if str(path).endswith(".tsv") else ","
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
+    with _reading(path) as f:
+        reader = _csv_rows(csv.reader(f, delimiter=delimiter), path)
+        header_line, header = next(((n, fields) for n, fields in reader if fields), (0, None))
         if header is None:
-            raise DataFormatError(f"{path}, line 1: empty file, expected a header line")
+            raise DataFormatError(f"{path}: empty file, expected a header line naming the "
+                                  f"columns")
         header = [h.strip() for h in header]
         columns = {}
         for role, col in (("user", user_col), ("item", item_col), ("time", time_col)):
             if col is None:
                 continue
             if col not in header:
-                raise DataFormatError(f"{path}, line 1: no column {col!r} for the {role} "
-                                      f"(header: {header})")
+                raise DataFormatError(f"{path}, line {header_line}: no column {col!r} for the "
+                                      f"{role} (header: {header})")
             columns[role] = header.index(col)
-        for line_no, fields in enumerate(reader, 2):
+        for line_no, fields in reader:
             if not fields:
                 continue
             if len(fields) != len(header):
@@ -177,7 +217,9 @@ def read_table(path: str | os.PathLike, user_col: str = "user", item_col: str = 
             stamp = (_number(fields[columns["time"]], path, line_no, time_col)
                      if "time" in columns else 0.0)
             rows.append((fields[columns["user"]], fields[columns["item"]], stamp))
-    return _non_empty(from_user_items(_order_by_time(rows), Path(path).name), path)
+    if not rows:
+        raise DataFormatError(f"{path}: only a header line, no interactions")
+    return from_user_items(_order_by_time(rows), Path(path).name)
 
 
 def k_core_filter(rows: list[tuple[str, str, float]], k: int) -> list[tuple[str, str, float]]:
@@ -196,11 +238,16 @@ def k_core_filter(rows: list[tuple[str, str, float]], k: int) -> list[tuple[str,
 
 def read_file(path: str | os.PathLike, fmt: str, k_core: int = 5, user_col: str = "user",
               item_col: str = "item", time_col: str | None = "timestamp") -> SequenceData:
-    """Read ``path`` in format ``fmt`` (one of FORMATS)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    """Read ``path`` in format ``fmt`` (one of FORMATS); a path that is missing or not a
+    file is a DataFormatError."""
+    if Path(path).is_dir():
+        raise DataFormatError(f"data file {path} is a directory, not a file")
+    if not Path(path).exists():
+        raise DataFormatError(f"data file {path} does not exist")
     if fmt == "sequences":
         return read_sequences(path)
+    if fmt == "pairs":
+        return read_pairs(path)
     if fmt == "ml-1m":
         return read_ml1m(path)
     if fmt == "amazon":
@@ -220,15 +267,75 @@ def _is_number(text: str) -> bool:
 
 def _number(text: str, path, line_no: int, column: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DataFormatError(f"{path}, line {line_no}: {column} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataFormatError(f"{path}, line {line_no}: {column} {text!r} is not a finite number")
+    return value
 
 
 def _non_empty(data: SequenceData, path) -> SequenceData:
     if data.n_users == 0:
-        raise DataFormatError(f"{path}: no interactions left after reading")
+        raise DataFormatError(f"{path}: no interactions (the file is empty or holds only "
+                              f"blank lines)")
     return data
+
+
+@contextmanager
+def _reading(path, encoding: str = "utf-8-sig"):
+    """``path`` opened as text (newline="", as csv wants; a UTF-8 byte-order mark is
+    dropped). Bytes that do not decode, and a file that cannot be opened, become a
+    DataFormatError naming the file (and the line)."""
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            yield f
+    except UnicodeDecodeError:
+        raise DataFormatError(_undecodable(path, encoding)) from None
+    except OSError as err:
+        raise DataFormatError(f"cannot read data file {path}: {err.strerror or err}") from None
+
+
+def _undecodable(path, encoding: str) -> str:
+    """The message for the first line of ``path`` that does not decode as ``encoding``."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                return (f"{path}, line {line_no}: byte {err.start + 1} of the line "
+                        f"({raw[err.start:err.start + 1]!r}) is not "
+                        f"{encoding.removesuffix('-sig')} text; save the file as UTF-8")
+    return f"{path}: not {encoding} text"
+
+
+def _csv_rows(reader, path):
+    """(line number, fields) of each record of a csv.reader, fields [] for a blank or
+    whitespace-only line, with csv's own errors (e.g. a field over csv's size limit) as a
+    DataFormatError naming the line."""
+    try:
+        for fields in reader:
+            yield reader.line_num, fields if any(f.strip() for f in fields) else []
+    except csv.Error as err:
+        raise DataFormatError(f"{path}, line {reader.line_num}: {err}") from None
+
+
+def check_writable(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """Create folder ``path`` (and its parents) if needed and check that a file can be
+    written in it, so that a run does not find out after an epoch. Raises
+    NotWritableError "<what> <path> is not writable (<reason>)[; <hint>]". Returns the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if path.exists() and not path.is_dir():
+            reason = "it is a file, not a folder"
+        raise NotWritableError(f"{what} {path} is not writable ({reason})"
+                               + (f"; {hint}" if hint else "")) from None
+    return path
 
 
 # ----------------------------------------------------------------------- named datasets
@@ -268,11 +375,15 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
+CACHE_HINT = "set HYMOEREC_DATA to a writable folder"
+
+
 def fetch(name: str, root: Path | None = None) -> Path:
     """The raw file of named dataset ``name`` in the cache, downloaded on first use.
 
     A downloaded file must match the pinned checksum; a file the user placed there by
-    hand is accepted, with a warning if it does not match.
+    hand is accepted, with a warning if it does not match. A cache that cannot be written
+    and a failed download are DataFormatErrors (the latter says where to put the file).
     """
     remote = REMOTE[name]
     root = root or cache_dir()
@@ -282,7 +393,7 @@ def fetch(name: str, root: Path | None = None) -> Path:
             warnings.warn(f"{target}: {remote.checksum[0]} differs from the published "
                           f"{remote.checksum[1]}; using the file as placed")
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    check_writable(root, "dataset cache ($HYMOEREC_DATA)", CACHE_HINT)
     partial = target.with_suffix(target.suffix + ".part")
     try:
         with urllib.request.urlopen(remote.url, timeout=60) as response, open(partial, "wb") as f:
@@ -290,23 +401,28 @@ def fetch(name: str, root: Path | None = None) -> Path:
                 f.write(block)
     except OSError as err:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download dataset {name!r} from {remote.url} ({err}). "
-                           f"Without network, download that file elsewhere and put it at "
-                           f"{target} (or set HYMOEREC_DATA to the folder holding "
-                           f"{remote.filename}).") from None
+        raise DataFormatError(f"could not download dataset {name!r} from {remote.url} ({err}). "
+                              f"Without network, download that file elsewhere and put it at "
+                              f"{target} (or set HYMOEREC_DATA to the folder holding "
+                              f"{remote.filename}).") from None
     if remote.checksum:
         got = file_digest(partial, remote.checksum[0])
         if got != remote.checksum[1]:
             partial.unlink()
-            raise RuntimeError(f"download of {remote.url} failed its {remote.checksum[0]} check: "
-                               f"expected {remote.checksum[1]}, got {got}")
+            raise DataFormatError(f"download of {remote.url} failed its {remote.checksum[0]} "
+                                  f"check: expected {remote.checksum[1]}, got {got}")
     os.replace(partial, target)
     return target
 
 
+ML1M_MEMBER = "ml-1m/ratings.dat"
+
+
 def load_dataset(name: str, root: Path | None = None, k_core: int = 5) -> SequenceData:
     """Named dataset ``ml-1m`` or ``beauty`` (k_core-filtered): fetched, read and cached
-    as a prepared ``.npz`` next to the raw file (prepared once)."""
+    as a prepared ``.npz`` next to the raw file (prepared once; a read-only cache that
+    already holds it is fine). A damaged archive or prepared file is a DataFormatError
+    that says to delete it."""
     if name not in REMOTE:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     root = root or cache_dir()
@@ -315,11 +431,16 @@ def load_dataset(name: str, root: Path | None = None, k_core: int = 5) -> Sequen
                        f"{name}-{k_core}core.prepared.npz")
     if prepared.is_file() and prepared.stat().st_mtime >= raw.stat().st_mtime:
         return load_prepared(prepared)
+    check_writable(root, "dataset cache ($HYMOEREC_DATA)", CACHE_HINT)
     if name == "ml-1m":
-        with zipfile.ZipFile(raw) as archive:
-            member = "ml-1m/ratings.dat"
-            extracted = root / "ml-1m-ratings.dat"
-            extracted.write_bytes(archive.read(member))
+        extracted = root / "ml-1m-ratings.dat"
+        try:
+            with zipfile.ZipFile(raw) as archive:
+                extracted.write_bytes(archive.read(ML1M_MEMBER))
+        except (zipfile.BadZipFile, KeyError) as err:
+            raise DataFormatError(f"{raw} is not the MovieLens-1M archive ({err}); delete it to "
+                                  f"download it again, or put the real {REMOTE[name].url} "
+                                  f"there") from None
         data = read_ml1m(extracted)
     else:
         data = read_amazon(raw, k_core)
@@ -339,11 +460,16 @@ def save_prepared(data: SequenceData, path: Path) -> None:
 
 
 def load_prepared(path: Path) -> SequenceData:
-    with np.load(path) as z:
-        bounds = np.cumsum(z["lengths"])[:-1]
-        sequences = np.split(z["items"], bounds)
-        return SequenceData(list(sequences), z["item_ids"].tolist(), z["user_ids"].tolist(),
-                            str(z["name"]))
+    """A file written by :func:`save_prepared`; a damaged one is a DataFormatError."""
+    try:
+        with np.load(path) as z:
+            bounds = np.cumsum(z["lengths"])[:-1]
+            sequences = np.split(z["items"], bounds)
+            return SequenceData(list(sequences), z["item_ids"].tolist(), z["user_ids"].tolist(),
+                                str(z["name"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise DataFormatError(f"{path} is damaged ({err}); delete it and it is prepared "
+                              f"again from the raw file") from None
 
 
 # -------------------------------------------------------------------------- synthetic
@@ -502,7 +628,8 @@ def last_items(histories: list[np.ndarray], max_len: int) -> list[np.ndarray]:
     return [h[-max_len:] for h in histories]
 
 
-__all__ = ["SequenceData", "DataFormatError", "read_sequences", "read_ml1m", "read_amazon",
-           "read_table", "read_file", "k_core_filter", "load_dataset", "fetch", "synthetic",
+__all__ = ["SequenceData", "DataFormatError", "NotWritableError", "check_writable",
+           "read_sequences", "read_pairs", "read_ml1m", "read_amazon", "read_table", "read_file",
+           "k_core_filter", "load_dataset", "fetch", "synthetic",
            "leave_one_out", "Split", "training_windows", "bucketed_batches", "collate_windows",
            "pad_right", "last_items"]

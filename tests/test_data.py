@@ -30,12 +30,36 @@ def test_sequences_reader_remaps_items_from_one(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [("1 10 20\n2\n", "line 2"),
-                                           ("1 10\n1 20\n", "line 2: user '1'")])
+                                           ("1 10\n2 5\n1 20\n",
+                                            r"line 3: user '1' appears on more than one line "
+                                            r"\(first on line 1\).* 'pairs' format")])
 def test_sequences_reader_names_file_and_line(tmp_path, text, message):
     path = write(tmp_path, "bad.txt", text)
     with pytest.raises(D.DataFormatError, match=message) as err:
         D.read_sequences(path)
     assert "bad.txt" in str(err.value)
+
+
+def test_pairs_reader_keeps_file_order_and_first_appearance(tmp_path):
+    # interleaved users, blank lines (also whitespace-only), tabs, a CRLF line ending
+    path = write(tmp_path, "p.txt", "7 b\n\n3 a\n7\ta\r\n   \n3 c\n7 d\n")
+    data = D.read_file(path, "pairs")
+    assert as_ids(data) == {"7": ["b", "a", "d"], "3": ["a", "c"]}
+    assert data.user_ids == ["7", "3"] and data.item_ids == ["<pad>", "b", "a", "d", "c"]
+    assert data.n_interactions == 5
+
+
+@pytest.mark.parametrize("text, message", [("1 10\n1 20 5\n", "p.txt, line 2: expected 'user "
+                                                                 "item', got 3 fields: '1 20 5'"),
+                                           ("1 10\n\n2\n", "p.txt, line 3: expected 'user item', "
+                                                            "got 1 fields")])
+def test_pairs_reader_rejects_other_than_two_columns(tmp_path, text, message):
+    with pytest.raises(D.DataFormatError, match=message):
+        D.read_pairs(write(tmp_path, "p.txt", text))
+
+
+def test_pairs_is_a_listed_format():
+    assert "pairs" in D.FORMATS
 
 
 def test_ml1m_reader_orders_by_time_ties_in_file_order(tmp_path):
@@ -81,11 +105,65 @@ def test_table_reader_uses_named_columns(tmp_path):
 
 
 def test_read_file_missing_and_unknown_format(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.txt"):
+    with pytest.raises(D.DataFormatError, match="data file .*nothere.txt does not exist"):
         D.read_file(tmp_path / "nothere.txt", "sequences")
+    with pytest.raises(D.DataFormatError, match=f"data file {tmp_path} is a directory"):
+        D.read_file(tmp_path, "pairs")
     path = write(tmp_path, "s.txt", "1 2 3\n")
     with pytest.raises(ValueError, match="format must be one of"):
         D.read_file(path, "parquet")
+
+
+@pytest.mark.parametrize("fmt", ["sequences", "pairs", "ml-1m", "amazon"])
+@pytest.mark.parametrize("text", ["", "\n  \n\t\n"])
+def test_empty_or_blank_only_file_is_named(tmp_path, fmt, text):
+    path = write(tmp_path, "empty.txt", text)
+    with pytest.raises(D.DataFormatError, match=r"empty.txt: no interactions \(the file is empty"):
+        D.read_file(path, fmt)
+    if fmt == "amazon":   # a header line alone holds no interactions either
+        with pytest.raises(D.DataFormatError, match="only a header line"):
+            D.read_file(write(tmp_path, "h.csv", "user,item,rating,timestamp\n"), fmt)
+
+
+@pytest.mark.parametrize("fmt, text", [("sequences", "1 10 20\n2 5 6\n"), ("pairs", "1 10\n2 20\n"),
+                                       ("amazon", "a,x,5,1\nb,y,4,2\n"),
+                                       ("csv", "user,item,timestamp\na,x,1\nb,y,2\n")])
+def test_undecodable_bytes_name_file_and_line(tmp_path, fmt, text):
+    lines = text.encode().split(b"\n")
+    lines[1] = lines[1][:2] + b"\xff\xfe" + lines[1][2:]     # not UTF-8, on line 2
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(D.DataFormatError, match=r"latin.txt, line 2: byte 3 of the line "
+                                                r"\(b'\\xff'\) is not utf-8 text"):
+        D.read_file(path, fmt, k_core=1)
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("user,item,timestamp\nu,é,1\n".encode("utf-8-sig"))
+    assert as_ids(D.read_file(path, "csv")) == {"u": ["é"]}
+
+
+def test_csv_with_only_a_header_or_an_oversized_field(tmp_path):
+    with pytest.raises(D.DataFormatError, match="h.csv: only a header line, no interactions"):
+        D.read_file(write(tmp_path, "h.csv", "user,item,timestamp\n\n"), "csv")
+    with pytest.raises(D.DataFormatError, match="e.csv: empty file, expected a header"):
+        D.read_file(write(tmp_path, "e.csv", "\n"), "csv")
+    big = write(tmp_path, "big.csv", f"user,item,timestamp\nu,a,1\nu,{'x' * 200_000},2\n")
+    with pytest.raises(D.DataFormatError, match="big.csv, line 3: field larger than field limit"):
+        D.read_file(big, "csv")
+
+
+def test_timestamps_must_be_finite(tmp_path):
+    with pytest.raises(D.DataFormatError, match="line 2: Timestamp 'nan' is not a finite"):
+        D.read_ml1m(write(tmp_path, "ratings.dat", "1::5::3::300\n1::6::3::nan\n"))
+
+
+def test_k_core_filter_that_leaves_nothing_says_so(tmp_path):
+    path = write(tmp_path, "r.csv", "a,x,5,1\nb,y,4,2\n")
+    with pytest.raises(D.DataFormatError, match=r"r.csv: no interactions left after the 5-core "
+                                                r"filter \(2 read"):
+        D.read_amazon(path)
 
 
 def test_fetch_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
@@ -93,9 +171,58 @@ def test_fetch_without_network_says_where_to_put_the_file(tmp_path, monkeypatch)
         raise OSError("network unreachable")
     monkeypatch.setattr(D.urllib.request, "urlopen", offline)
     monkeypatch.setenv("HYMOEREC_DATA", str(tmp_path))
-    with pytest.raises(RuntimeError, match=f"put it at {tmp_path / 'ml-1m.zip'}"):
+    with pytest.raises(D.DataFormatError, match=f"put it at {tmp_path / 'ml-1m.zip'}"):
         D.load_dataset("ml-1m")
     assert not list(tmp_path.iterdir())  # no partial file left behind
+
+
+def test_garbage_ml1m_zip_in_the_cache_says_to_delete_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYMOEREC_DATA", str(tmp_path))
+    (tmp_path / "ml-1m.zip").write_bytes(b"<html>captive portal</html>")
+    with pytest.warns(UserWarning), pytest.raises(
+            D.DataFormatError, match=f"{tmp_path / 'ml-1m.zip'} is not the MovieLens-1M archive"
+                                     f".*delete it"):
+        D.load_dataset("ml-1m")
+    with zipfile.ZipFile(tmp_path / "ml-1m.zip", "w") as archive:   # a zip without ratings.dat
+        archive.writestr("ml-1m/users.dat", "1::F::1::10::48067\n")
+    with pytest.warns(UserWarning), pytest.raises(D.DataFormatError, match="ratings.dat"):
+        D.load_dataset("ml-1m")
+
+
+def test_damaged_prepared_file_says_to_delete_it(tmp_path):
+    path = tmp_path / "ml-1m.prepared.npz"
+    path.write_bytes(b"not an npz")
+    with pytest.raises(D.DataFormatError, match="ml-1m.prepared.npz is damaged .*delete it"):
+        D.load_prepared(path)
+
+
+def test_unwritable_dataset_cache_names_hymoerec_data(tmp_path, monkeypatch):
+    blocker = write(tmp_path, "a-file", "")
+    monkeypatch.setenv("HYMOEREC_DATA", str(blocker / "cache"))   # a folder under a file
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(D.NotWritableError, match=r"dataset cache \(\$HYMOEREC_DATA\) "
+                                                 r".*a-file/cache is not writable .*; set "
+                                                 r"HYMOEREC_DATA to a writable folder"):
+        D.load_dataset("beauty")
+
+
+def test_check_writable_creates_the_folder_or_says_why_not(tmp_path):
+    assert D.check_writable(tmp_path / "new" / "run", "run folder") == tmp_path / "new" / "run"
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+    blocker = write(tmp_path, "f", "")
+    with pytest.raises(D.NotWritableError, match=r"run folder .*/f is not writable \(it is a file"):
+        D.check_writable(blocker, "run folder")
+    with pytest.raises(D.DataFormatError, match=r"run folder .*f/x is not writable \(Not a "
+                                                r"directory\); pass --run-dir"):
+        D.check_writable(blocker / "x", "run folder", "pass --run-dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_writable_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    with pytest.raises(D.NotWritableError, match="Permission denied"):
+        D.check_writable(folder, "run folder")
 
 
 def test_manually_placed_ml1m_zip_is_prepared_once(tmp_path, monkeypatch):
@@ -166,6 +293,20 @@ def beauty_file():
 def test_beauty_file_statistics():
     data = D.read_sequences(beauty_file())
     assert (data.n_users, data.n_items, data.n_interactions) == (22363, 12101, 198502)
+
+
+def ml1m_pairs_file():
+    """../shared/data/ml-1m.txt next to the repository: SASRec's preprocessed MovieLens-1M,
+    one 'user item' line per interaction."""
+    return Path(__file__).resolve().parents[2] / "shared/data/ml-1m.txt"
+
+
+@pytest.mark.skipif(not ml1m_pairs_file().is_file(),
+                    reason=f"MovieLens-1M pairs file absent ({ml1m_pairs_file()})")
+def test_ml1m_pairs_file_statistics():
+    data = D.read_file(ml1m_pairs_file(), "pairs")
+    assert (data.n_users, data.n_items, data.n_interactions) == (6040, 3416, 999611)
+    assert min(map(len, data.sequences)) >= 5     # 5-core
 
 
 def test_manually_placed_beauty_csv_is_k_core_filtered(tmp_path, monkeypatch, capsys):
