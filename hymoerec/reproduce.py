@@ -4,13 +4,16 @@ leave-one-out split with the same full-ranking evaluation, over several seeds.
     python -m hymoerec.reproduce --dataset beauty --seeds 3
     python -m hymoerec.reproduce --data-file ../shared/data/beauty.txt --format sequences \\
         --seeds 1 --budget 10m --out benchmarks/results/beauty_budget.md
+    python -m hymoerec.reproduce --render benchmarks/results/beauty_table1.json   # re-render only
 
 Rows: GRU4Rec, NARM, BERT4Rec, Mamba4Rec, SASRec (dense FFN) and HyMoERec on the SASRec
 and on the Mamba4Rec backbone (``--ffn hymoe``); each model starts from its paper's
-configuration (``paper_defaults``). Writes a Markdown table (HR@5, HR@10, NDCG@5, NDCG@10,
-mean ± std over seeds on the test users, beside the published numbers where known, and the
-baselines beside independent RecBole runs of them on Beauty) with a paired test of each
-HyMoERec row against the best baseline, and the raw results as JSON.
+configuration (``paper_defaults``). Writes the raw results as JSON and, rendered from that
+JSON alone (``--render`` re-renders a saved one without training), a Markdown table: HR@5,
+HR@10, NDCG@5, NDCG@10, mean ± std over seeds on the test users, beside the paper's Table 1
+with the gap to it for every row (on ML-1M and Beauty), the baselines beside independent
+RecBole runs of them on Beauty, and a paired test of each HyMoERec row against the best
+baseline.
 Flags it does not know are passed to every training run (e.g. ``--batch-size 256``).
 Finished runs in ``--run-root`` are reused, interrupted ones resumed.
 """
@@ -39,31 +42,46 @@ PERMUTATIONS = 10_000
 
 @dataclass(frozen=True)
 class Entry:
-    """One row of the table: a backbone with an FFN kind."""
+    """One row of the table: a backbone with an FFN kind, and the row of the paper's Table 1
+    it is compared with (None: not in the paper)."""
     label: str
     model: str
     ffn: str
+    paper_row: str | None
     is_hymoerec: bool = False
 
 
 ENTRIES = (
-    Entry("GRU4Rec", "gru4rec", "dense"),
-    Entry("NARM", "narm", "dense"),
-    Entry("BERT4Rec", "bert4rec", "dense"),
-    Entry("Mamba4Rec", "mamba4rec", "dense"),
-    Entry("SASRec (dense FFN)", "sasrec", "dense"),
-    Entry("HyMoERec (SASRec backbone)", "sasrec", "hymoe", True),
-    Entry("HyMoERec (Mamba4Rec backbone)", "mamba4rec", "hymoe", True),
+    Entry("GRU4Rec", "gru4rec", "dense", "GRU4Rec"),
+    Entry("NARM", "narm", "dense", "NARM"),
+    Entry("BERT4Rec", "bert4rec", "dense", "BERT4Rec"),
+    Entry("Mamba4Rec", "mamba4rec", "dense", "Mamba4Rec"),
+    Entry("SASRec (dense FFN)", "sasrec", "dense", None),
+    Entry("HyMoERec (SASRec backbone)", "sasrec", "hymoe", "HyMoERec", True),
+    Entry("HyMoERec (Mamba4Rec backbone)", "mamba4rec", "hymoe", "HyMoERec", True),
 )
 
-# The only published full-ranking numbers available offline: HyMoERec's HR@10 / NDCG@10 on
-# Beauty and ML-1m (the backbone of the paper's HyMoERec is not stated, so they are shown
-# beside both HyMoERec rows). No baseline number is available offline.
+# The paper's Table 1 (full ranking, leave-one-out, test users), the single source of
+# published numbers here. It has no SASRec row, and it does not say which backbone its
+# HyMoERec uses, so that row is shown beside both of ours.
 PUBLISHED = {
-    "beauty": {"HyMoERec": {"HR@10": 0.0756, "NDCG@10": 0.0442}},
-    "ml-1m": {"HyMoERec": {"HR@10": 0.3103, "NDCG@10": 0.1790}},
+    "ml-1m": {
+        "NARM": {"HR@5": 0.1727, "HR@10": 0.2565, "NDCG@5": 0.1135, "NDCG@10": 0.1404},
+        "GRU4Rec": {"HR@5": 0.1998, "HR@10": 0.2815, "NDCG@5": 0.1364, "NDCG@10": 0.1628},
+        "BERT4Rec": {"HR@5": 0.1879, "HR@10": 0.2868, "NDCG@5": 0.1249, "NDCG@10": 0.1568},
+        "Mamba4Rec": {"HR@5": 0.2106, "HR@10": 0.3065, "NDCG@5": 0.1447, "NDCG@10": 0.1756},
+        "HyMoERec": {"HR@5": 0.2157, "HR@10": 0.3103, "NDCG@5": 0.1486, "NDCG@10": 0.1790},
+    },
+    "beauty": {
+        "NARM": {"HR@5": 0.0418, "HR@10": 0.0630, "NDCG@5": 0.0285, "NDCG@10": 0.0352},
+        "GRU4Rec": {"HR@5": 0.0402, "HR@10": 0.0635, "NDCG@5": 0.0274, "NDCG@10": 0.0349},
+        "BERT4Rec": {"HR@5": 0.0243, "HR@10": 0.0402, "NDCG@5": 0.0151, "NDCG@10": 0.0202},
+        "Mamba4Rec": {"HR@5": 0.0511, "HR@10": 0.0731, "NDCG@5": 0.0362, "NDCG@10": 0.0432},
+        "HyMoERec": {"HR@5": 0.0518, "HR@10": 0.0756, "NDCG@5": 0.0365, "NDCG@10": 0.0442},
+    },
 }
-NOT_AVAILABLE = "n/a"  # not available offline
+NOT_IN_PAPER = "—"     # a row the paper's Table 1 does not have
+GAP_METRICS = ("HR@10", "NDCG@10")
 
 # Independent full-ranking runs of the baselines under RecBole's protocol, the default here
 # (5-core Beauty, max length 50, leave-one-out by time, full softmax CE, full
@@ -164,23 +182,36 @@ def mean_test(result: dict, metric: str) -> float:
     return float(np.mean([run["test"][metric] for run in result["runs"]]))
 
 
-def ndcg10_gap(result: dict, reference: dict) -> str:
-    """Relative gap of one row's mean test NDCG@10 to a reference number, as "+x.x%"."""
-    return f"{100 * (mean_test(result, 'NDCG@10') / reference['NDCG@10'] - 1):+.1f}%"
+def gap(result: dict, reference: dict, metric: str = "NDCG@10") -> str:
+    """Relative gap of one row's mean test ``metric`` to a reference number, as "+x.x%"."""
+    return f"{100 * (mean_test(result, metric) / reference[metric] - 1):+.1f}%"
+
+
+def published_row(label: str, paper_key: str | None) -> dict | None:
+    """The paper's Table 1 numbers for our row ``label`` on dataset ``paper_key``; None when
+    the paper has no such row (or no table for that data)."""
+    entry = next((e for e in ENTRIES if e.label == label), None)
+    if entry is None or entry.paper_row is None:
+        return None
+    return PUBLISHED.get(paper_key or "", {}).get(entry.paper_row)
 
 
 def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> str:
-    published = PUBLISHED.get(paper_key or "", {})
-    lines = header + ["", "| Model | " + " | ".join(METRICS) + " | "
-                      + " | ".join(f"paper {m}" for m in METRICS) + " | gap NDCG@10 vs paper |",
-                      "|---" * (2 * len(METRICS) + 2) + "|"]
+    """The main table (ours beside the paper's Table 1 with the gaps, when ``paper_key`` is
+    one of PUBLISHED), epochs and validation curves, from the JSON form of ``results``."""
+    with_paper = paper_key in PUBLISHED
+    columns = list(METRICS) + ([f"paper {m}" for m in METRICS]
+                               + [f"gap {m} vs paper" for m in GAP_METRICS] if with_paper else [])
+    lines = header + ["", "| Model | " + " | ".join(columns) + " |",
+                      "|---" * (len(columns) + 1) + "|"]
     for label, result in results.items():
-        ours = [fmt([run["test"][m] for run in result["runs"]]) for m in METRICS]
-        paper = published.get("HyMoERec", {}) if result["is_hymoerec"] else {}
-        paper_cells = [f"{paper[m]:.4f}" if m in paper else NOT_AVAILABLE for m in METRICS]
-        gap = ndcg10_gap(result, paper) if "NDCG@10" in paper else NOT_AVAILABLE
-        lines.append(f"| {label} | " + " | ".join(ours) + " | " + " | ".join(paper_cells)
-                     + f" | {gap} |")
+        cells = [fmt([run["test"][m] for run in result["runs"]]) for m in METRICS]
+        if with_paper:
+            paper = published_row(label, paper_key)
+            cells += ([f"{paper[m]:.4f}" for m in METRICS]
+                      + [gap(result, paper, m) for m in GAP_METRICS]
+                      if paper else [NOT_IN_PAPER] * (len(METRICS) + len(GAP_METRICS)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| Model | epochs run (per seed) | best epoch | train s / epoch |", "|---|---|---|---|"]
     for label, result in results.items():
         runs = result["runs"]
@@ -215,32 +246,78 @@ def independent_section(results: dict, paper_key: str | None) -> str:
         lines.append(f"| {label} | "
                      + " | ".join(f"{mean_test(results[label], m):.4f}" for m in METRICS) + " | "
                      + " | ".join(f"{ref[m]:.4f}" for m in METRICS)
-                     + f" | {ndcg10_gap(results[label], ref)} |")
+                     + f" | {gap(results[label], ref)} |")
     return "\n".join(lines)
 
 
-def significance_section(results: dict) -> tuple[str, dict]:
+def significance_tests(results: dict) -> dict:
     """Paired tests (per-user test NDCG@10, averaged over seeds) of each HyMoERec row
-    against the baseline with the best mean NDCG@10."""
+    against the baseline with the best mean NDCG@10: {row: {"against": baseline, ...}}."""
     baselines = {label: r for label, r in results.items() if not r["is_hymoerec"]}
     if not baselines:
-        return "", {}
+        return {}
     best = max(baselines, key=lambda label: baselines[label]["ndcg10_per_user"].mean())
+    return {label: {"against": best, **paired_test(result["ndcg10_per_user"],
+                                                   baselines[best]["ndcg10_per_user"])}
+            for label, result in results.items() if result["is_hymoerec"]}
+
+
+def significance_section(tests: dict) -> str:
+    """The paired tests of :func:`significance_tests` as a Markdown table."""
+    if not tests:
+        return ""
+    best = next(iter(tests.values()))["against"]
     lines = [f"Paired test over test users of per-user NDCG@10 (mean over seeds) against the "
              f"best baseline, **{best}**: mean difference, relative gain, paired t, two-sided "
              f"sign-flip permutation p ({PERMUTATIONS} flips), 95% paired-bootstrap interval.", "",
              "| HyMoERec row | mean diff | rel. gain | t | p (permutation) | 95% CI |",
              "|---|---|---|---|---|---|"]
-    tests = {}
-    for label, result in results.items():
-        if not result["is_hymoerec"]:
-            continue
-        test = paired_test(result["ndcg10_per_user"], baselines[best]["ndcg10_per_user"])
-        tests[label] = {"against": best, **test}
+    for label, test in tests.items():
         lines.append(f"| {label} | {test['mean_diff']:+.5f} | {100 * test['relative_gain']:+.1f}% | "
                      f"{test['t']:.2f} | {test['p_permutation']:.4f} | "
                      f"[{test['ci95'][0]:+.5f}, {test['ci95'][1]:+.5f}] |")
-    return "\n".join(lines), tests
+    return "\n".join(lines)
+
+
+def render(report: dict) -> str:
+    """The Markdown of a report (the JSON that :func:`main` writes), from it alone: the
+    settings come from its recorded command line and runs, the published numbers from
+    PUBLISHED and INDEPENDENT."""
+    opts, passthrough = build_parser().parse_known_args(report["command"][3:])
+    paper_key = paper_dataset(opts)
+    results = report["results"]
+    first = next(iter(results.values()))["runs"][0]
+    train_minutes = sum(run["train_seconds_per_epoch"] * run["epochs_run"]
+                        for r in results.values() for run in r["runs"]) / 60
+    budget = " ".join(opts.budget) or "none (full training with early stopping)"
+    if paper_key in PUBLISHED:
+        published = (f"the paper's Table 1 ({paper_key}); it has no SASRec row "
+                     f"('{NOT_IN_PAPER}') and does not name its HyMoERec's backbone, so that row "
+                     f"stands beside both of ours. Gaps: our mean relative to the paper's number.")
+    else:
+        published = "none for this data (the paper's Table 1 has ML-1M and Beauty)."
+    header = [f"# Comparison on {report['data']}", "",
+              f"Leave-one-out split, full ranking over all items on "
+              f"{first['test']['n_head'] + first['test']['n_tail']} test users "
+              f"({'history excluded' if first['config']['exclude_history'] else 'history kept'}); "
+              f"seeds 1..{opts.seeds}, mean ± sample std over seeds when more than one.",
+              f"Training budget per model: {budget}."
+              + (" **Budgeted run: models are not trained to convergence; the numbers are "
+                 "not comparable to published ones.**" if opts.budget else ""),
+              f"Shared training flags: {' '.join(passthrough) or '(trainer defaults)'}; each "
+              f"model starts from its paper's configuration. Total training time "
+              f"{train_minutes:.1f} min.",
+              f"Published numbers: {published}"]
+    sections = [markdown_table(results, paper_key, header), independent_section(results, paper_key),
+                significance_section(report["significance"])]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def paper_dataset(opts: Namespace) -> str | None:
+    """Whose published numbers a run's table shows: --paper-dataset, else --dataset or the
+    --data-file name when it is a key of PUBLISHED."""
+    data_name = Path(opts.data_file).stem if opts.data_file else opts.dataset
+    return opts.paper_dataset or (data_name.lower() if data_name.lower() in PUBLISHED else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,12 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-root", help="folder of the training runs (default runs/reproduce-<data>)")
     p.add_argument("--out", help="Markdown table (default <run-root>/table.md); a .json "
                                  "with the raw results is written next to it")
+    p.add_argument("--render", metavar="JSON",
+                   help="train nothing: re-render the Markdown of a saved results JSON (to "
+                        "--out, default the .md next to it)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     opts, passthrough = parser.parse_known_args(argv)
+    if opts.render:
+        return render_saved(Path(opts.render), Path(opts.out) if opts.out else None)
     if opts.seeds < 1:
         parser.error("--seeds must be >= 1")
     data_flags = (["--data-file", opts.data_file, "--format", opts.format] if opts.data_file
@@ -280,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = data_flags + opts.budget + passthrough
     train_args = parse_args(common)   # validates the passed-through flags
     data_name = Path(opts.data_file).stem if opts.data_file else opts.dataset
-    paper_key = opts.paper_dataset or (data_name.lower() if data_name.lower() in PUBLISHED else None)
+    paper_key = paper_dataset(opts)
     run_root = Path(opts.run_root or Path("runs") / f"reproduce-{data_name}")
     out = Path(opts.out) if opts.out else run_root / "table.md"
     entries = [e for e in ENTRIES if not opts.models or e.label in opts.models or e.model in opts.models]
@@ -310,38 +392,29 @@ def main(argv: list[str] | None = None) -> dict:
                                 "is_hymoerec": entry.is_hymoerec, "runs": runs,
                                 "ndcg10_per_user": np.mean(ndcg, axis=0)}
 
-    train_minutes = sum(run["train_seconds_per_epoch"] * run["epochs_run"]
-                        for r in results.values() for run in r["runs"]) / 60
-    budget = " ".join(opts.budget) or "none (full training with early stopping)"
-    header = [f"# Comparison on {data.describe()}", "",
-              f"Leave-one-out split, full ranking over all {data.n_items} items on "
-              f"{len(split.eval_users)} test users "
-              f"({'history excluded' if train_args.exclude_history else 'history kept'}); "
-              f"seeds 1..{opts.seeds}, mean ± sample std over seeds when more than one.",
-              f"Training budget per model: {budget}."
-              + (" **Budgeted run: models are not trained to convergence; the numbers are "
-                 "not comparable to published ones.**" if opts.budget else ""),
-              f"Shared training flags: {' '.join(passthrough) or '(trainer defaults)'}; each "
-              f"model starts from its paper's configuration. Total training time "
-              f"{train_minutes:.1f} min.",
-              f"Published numbers: only HyMoERec's HR@10 / NDCG@10 are available offline "
-              f"({paper_key or 'none for this data'}); every other published cell is "
-              f"'{NOT_AVAILABLE}' (not available offline) rather than a guessed value."]
-    table = markdown_table(results, paper_key, header)
-    independent = independent_section(results, paper_key)
-    if independent:
-        table += "\n\n" + independent
-    significance, tests = significance_section(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n\n" + significance + "\n")
+    tests = significance_tests(results)
     raw = {label: {k: v for k, v in r.items() if k != "ndcg10_per_user"} for label, r in results.items()}
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": ["python", "-m", "hymoerec.reproduce"] + list(sys.argv[1:] if argv is None else argv),
-         "data": data.describe(), "results": raw, "significance": tests,
-         "independent_reference": INDEPENDENT.get(paper_key or "", {})}, indent=2) + "\n")
-    print(table + "\n\n" + significance)
+    report = {"command": ["python", "-m", "hymoerec.reproduce"]
+              + list(sys.argv[1:] if argv is None else argv),
+              "data": data.describe(), "results": raw, "significance": tests,
+              "independent_reference": INDEPENDENT.get(paper_key or "", {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    table = render(report)
+    out.write_text(table)
+    print(table)
     print(f"[reproduce] wrote {out} and {out.with_suffix('.json')}")
     return {"results": results, "significance": tests, "table": out}
+
+
+def render_saved(report_path: Path, out: Path | None) -> dict:
+    """``--render``: the Markdown of a saved report, written to ``out`` (default: the .md
+    next to the JSON); nothing is trained."""
+    report = json.loads(report_path.read_text())
+    out = out or report_path.with_suffix(".md")
+    out.write_text(render(report))
+    print(f"[reproduce] rendered {report_path} to {out}")
+    return {"results": report["results"], "significance": report["significance"], "table": out}
 
 
 if __name__ == "__main__":
