@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hymoerec.checkpoint import load_checkpoint  # noqa: E402
 from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.evaluate import Recommender, evaluate_checkpoint  # noqa: E402
-from hymoerec.metrics import rank_targets  # noqa: E402
+from hymoerec.metrics import hit_rates, rank_targets  # noqa: E402
 from hymoerec.models import ModelConfig  # noqa: E402
 from hymoerec.train import load_data  # noqa: E402
 
@@ -56,7 +56,7 @@ def last_item_first_share(run_dir: Path) -> float:
         histories = leave_one_out(load_data(args)).history("test")
         ranks = rank_targets(rec.model.rank_next, histories,
                              np.array([h[-1] for h in histories]), args.max_len)
-        cache.write_text(json.dumps(float((ranks == 0).mean())) + "\n")
+        cache.write_text(json.dumps(float(hit_rates(ranks, 1).mean())) + "\n")
     return json.loads(cache.read_text())
 
 

@@ -6,8 +6,8 @@
   Memory is O(rows x chunk) instead of O(rows x items).
 * :func:`streaming_topk` -- the ``k`` best-scoring items per row, kept as a running top-k
   while streaming over item chunks.
-* :func:`streaming_rank` -- the rank of a target item among all items (the number of items
-  that score strictly higher), by streaming.
+* :func:`streaming_rank` -- the rank of a target item among all items, as the counts of items
+  scoring strictly higher and of items tied with it, by streaming.
 
 Backends of the loss: ``"torch"`` (chunked PyTorch, any device) and ``"triton"`` (the
 kernels of :mod:`hymoe_kernels.kernels.linear_cross_entropy`; CUDA, or the CPU under
@@ -21,6 +21,10 @@ import torch
 from torch import Tensor
 
 LOSS_BACKENDS = ("auto", "torch", "triton")
+
+
+class NonFiniteScoresError(FloatingPointError):
+    """A ranking met a NaN or infinite score, so no rank is defined (e.g. a diverged model)."""
 
 # Budget of one score block (rows x items) of the chunked torch path, in elements. On the
 # CPU, 2**21 fp32 values (8 MiB) per intra-op thread: single-threaded speed is flat from
@@ -279,10 +283,12 @@ def _check_eval_args(hidden: Tensor, weight: Tensor, exclude: Tensor | None,
 
 
 def _chunk_scores(hidden: Tensor, weight: Tensor, v0: int, v1: int, exclude: Tensor | None,
-                  padding_idx: int | None) -> Tensor:
+                  padding_idx: int | None, finite: Tensor) -> Tensor:
     """(M, v1 - v0) scores (hidden's dtype, float32 or float64) of items v0..v1-1 with
-    excluded items set to -inf."""
+    excluded items set to -inf. ``finite`` (0-d bool) is and-ed in place with whether every
+    score was finite before the exclusions (checked once per call, without a host sync)."""
     scores = hidden @ weight[v0:v1].to(hidden.dtype).T
+    finite &= torch.isfinite(scores).all()
     if padding_idx is not None and v0 <= padding_idx < v1:
         scores[:, padding_idx - v0] = float("-inf")
     if exclude is not None and exclude.shape[1]:
@@ -314,6 +320,8 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
     Returns:
         (scores, ids): (M, k) float32 (float64 for float64 inputs) in descending order, and
         (M, k) int64. Rows with fewer than k admissible items end with score -inf, id -1.
+
+    Raises NonFiniteScoresError if any score is NaN or infinite.
     """
     _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size)
     n_rows, n_items = hidden.shape[0], weight.shape[0]
@@ -323,32 +331,45 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
     h = hidden.to(_compute_dtype(hidden.dtype))
     best_scores = torch.full((n_rows, k), float("-inf"), dtype=h.dtype, device=hidden.device)
     best_ids = torch.full((n_rows, k), -1, dtype=torch.long, device=hidden.device)
+    finite = torch.ones((), dtype=torch.bool, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
-        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx)
+        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite)
         chunk_scores, chunk_ids = scores.topk(min(k, v1 - v0), dim=1)
         merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
         merged_ids = torch.cat([best_ids, chunk_ids + v0], dim=1)
         best_scores, order = merged_scores.topk(k, dim=1)
         best_ids = merged_ids.gather(1, order)
+    _raise_unless_finite(finite)
     best_ids.masked_fill_(best_scores == float("-inf"), -1)
     return best_scores, best_ids
+
+
+def _raise_unless_finite(finite: Tensor) -> None:
+    if not bool(finite):
+        raise NonFiniteScoresError("the scores hold NaN or infinite values, so no ranking is "
+                                   "defined (a diverged model or corrupt weights)")
 
 
 @torch.no_grad()
 def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tensor | None = None,
                    padding_idx: int | None = None, chunk_size: int | None = None) -> Tensor:
-    """0-based rank of ``target`` per row: the number of admissible items scoring strictly
-    higher than it under ``hidden @ weight.T``, counted while streaming over item chunks.
+    """Where ``target`` ranks per row under ``hidden @ weight.T``, as two counts over the
+    other admissible items, taken while streaming over item chunks: ``above``, the items
+    scoring strictly higher, and ``tied``, the items scoring exactly the same.
 
-    Excluded items (``exclude``, ``padding_idx``; see :func:`streaming_topk`) are not
-    counted; the target itself is always scored, even if it is listed in ``exclude``.
-    Ties count in the target's favour. HR@K = rank < K, NDCG@K = 1/log2(rank + 2).
+    Under random tie-breaking the 0-based rank is uniform on above..above + tied (expected
+    rank above + tied / 2); ``hymoerec.metrics`` turns the counts into expected HR / NDCG,
+    so a model whose scores are all equal ranks like chance. Excluded items (``exclude``,
+    ``padding_idx``; see :func:`streaming_topk`) are not counted; the target itself is
+    always scored, even if it is listed in ``exclude``, and never counted.
 
     Args:
         hidden: (M, D) float; weight: (V, D); target: (M,) int64 in [0, V).
     Returns:
-        int64 (M,) ranks in [0, V).
+        (M, 2) int64 [above, tied], each in [0, V).
+    Raises:
+        NonFiniteScoresError if any score is NaN or infinite.
     """
     _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size)
     n_rows, n_items = hidden.shape[0], weight.shape[0]
@@ -362,14 +383,18 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
     chunk = _eval_chunk(n_rows, n_items, chunk_size)
     h = hidden.to(_compute_dtype(hidden.dtype))
     target_score = (h * weight.index_select(0, target).to(h.dtype)).sum(dim=1, keepdim=True)
-    rank = torch.zeros(n_rows, dtype=torch.long, device=hidden.device)
+    finite = torch.isfinite(target_score).all()
+    counts = torch.zeros(n_rows, 2, dtype=torch.long, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
-        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx)
-        rank += (scores > target_score).sum(dim=1)
+        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite)
+        counts[:, 0] += (scores > target_score).sum(dim=1)
+        counts[:, 1] += (scores == target_score).sum(dim=1)
         own = target - v0
         inside = (own >= 0) & (own < v1 - v0)
         # the target's own column never counts, whatever rounding gave it
-        own_score = scores.gather(1, own.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-        rank -= (inside & (own_score > target_score.squeeze(1))).long()
-    return rank
+        own_score = scores.gather(1, own.clamp(0, v1 - v0 - 1)[:, None])
+        counts -= (inside[:, None] & torch.cat([own_score > target_score,
+                                                own_score == target_score], dim=1)).long()
+    _raise_unless_finite(finite)
+    return counts

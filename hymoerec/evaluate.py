@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -23,11 +22,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 
-from hymoe_kernels.loss import streaming_topk
+from hymoe_kernels.loss import NonFiniteScoresError, streaming_topk
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from hymoerec.data import leave_one_out
+from hymoerec.cli import ArgumentParser, fail
+from hymoerec.data import DataFormatError, leave_one_out
 from hymoerec.metrics import evaluate_ranking, head_items
 from hymoerec.models import build_model
+from hymoerec.run_folder import write_json
 from hymoerec.train import format_metrics, load_data, model_config, pick_device
 
 
@@ -86,7 +87,8 @@ class Recommender:
 def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
                         device: str = "cpu", batch_size: int = 1024) -> dict:
     """Validation and test metrics of a checkpoint on the data of its config (re-read and
-    re-split exactly as in training)."""
+    re-split exactly as in training). A NaN or infinite score raises NonFiniteScoresError
+    naming the stage."""
     rec = Recommender.from_checkpoint(path, device)
     args = Namespace(**rec.config)
     data = load_data(args)
@@ -96,14 +98,20 @@ def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
     split = leave_one_out(data)
     head = head_items(split.train_item_counts())
     exclude = args.exclude_history if exclude_history is None else exclude_history
-    return {stage: evaluate_ranking(rec.model.rank_next, split.history(stage),
-                                    split.targets(stage), head, args.max_len, exclude,
-                                    batch_size, rec.device)
-            for stage in ("valid", "test")}
+    metrics = {}
+    for stage in ("valid", "test"):
+        try:
+            metrics[stage] = evaluate_ranking(rec.model.rank_next, split.history(stage),
+                                              split.targets(stage), head, args.max_len, exclude,
+                                              batch_size, rec.device)
+        except NonFiniteScoresError as err:
+            raise NonFiniteScoresError(f"{stage} evaluation of {checkpoint_path(path)}: "
+                                       f"{err}") from None
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:
-    p = argparse.ArgumentParser(description="Evaluate a HyMoERec checkpoint or recommend items.")
+    p = ArgumentParser(description="Evaluate a HyMoERec checkpoint or recommend items.")
     p.add_argument("checkpoint", help="run folder (uses best.pt) or checkpoint file")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="remove users' earlier items from the ranking (default: as trained)")
@@ -111,9 +119,16 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
                    help="print the top -k items after this history of original item ids")
     p.add_argument("-k", type=int, default=10, help="how many items --recommend returns")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--batch-size", type=int, default=1024, help="users scored at once")
+    p.add_argument("--json", help="also write the metrics to this JSON file (its folder must "
+                                  "exist)")
     args = p.parse_args(argv)
+    for name in ("batch_size", "k"):
+        if getattr(args, name) < 1:
+            p.error(f"{'-k' if name == 'k' else '--batch-size'} must be >= 1, got "
+                    f"{getattr(args, name)}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
     try:
         if args.recommend:
             rec = Recommender.from_checkpoint(args.checkpoint, args.device)
@@ -122,12 +137,15 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
             return items
         metrics = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
                                       args.batch_size)
-    except (CheckpointError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (CheckpointError, DataFormatError, NonFiniteScoresError, ValueError) as err:
+        raise fail(str(err)) from None
     for stage in ("valid", "test"):
         print(f"{stage}:\n{format_metrics(metrics[stage])}")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        try:
+            write_json(Path(args.json), metrics)
+        except OSError as err:
+            raise fail(f"--json: cannot write {args.json} ({err.strerror or err})") from None
     return metrics
 
 

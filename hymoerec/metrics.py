@@ -1,5 +1,13 @@
 """Full-ranking evaluation: HR@K and NDCG@K over all items (no sampled negatives), overall
-and split by item popularity (head = top 20% of items by training frequency)."""
+and split by item popularity (head = top 20% of items by training frequency).
+
+A target's rank is kept as two counts over the other ranked items, ``[above, tied]``: the
+items scoring strictly higher and those scoring exactly the same. Ties are broken at
+random, in expectation: the 0-based rank is uniform on above..above + tied (expected rank
+above + tied / 2), and HR@K / NDCG@K are their expectations over that draw. So ties never
+favour the target: a model whose scores are all equal gets HR@K = K / n_items, like chance.
+A NaN or infinite score is an error (NonFiniteScoresError), never a metric.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,39 +16,69 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hymoe_kernels.loss import NonFiniteScoresError
+
 from .data import last_items, pad_right
 
 CUTOFFS = (5, 10, 20)
 
 
 def target_ranks(scores: Tensor, targets: Tensor, history: Tensor | None = None) -> Tensor:
-    """0-based rank of each target among all items: the number of items scored strictly
-    higher. scores (B, V + 1) float (column 0 = padding, ignored); targets (B,) int64;
-    history (B, H) int64 right-padded with 0 or None: those items are removed from the
-    ranking (the target itself is never removed). Returns (B,) int64."""
-    scores = scores.clone()
-    scores[:, 0] = float("-inf")
+    """Rank counts (B, 2) int64 ``[above, tied]`` of each target among all items (module
+    docstring), from full scores. scores (B, V + 1) float (column 0 = padding, ignored);
+    targets (B,) int64; history (B, H) int64 right-padded with 0 or None: those items are
+    removed from the ranking (the target itself is never removed, nor counted). Raises
+    NonFiniteScoresError if a score (other than padding's) is NaN or infinite."""
+    if not torch.isfinite(scores[:, 1:]).all():
+        raise NonFiniteScoresError("the scores hold NaN or infinite values, so no ranking is "
+                                   "defined (a diverged model or corrupt weights)")
     rows = torch.arange(scores.shape[0], device=scores.device)
-    target_scores = scores[rows, targets]
+    target_scores = scores[rows, targets].unsqueeze(1)
+    ranked = torch.ones_like(scores, dtype=torch.bool)
+    ranked[:, 0] = False
     if history is not None:
-        scores.scatter_(1, history, float("-inf"))
-    return (scores > target_scores.unsqueeze(1)).sum(dim=1)
+        ranked.scatter_(1, history, False)
+    ranked[rows, targets] = False
+    return torch.stack([(ranked & (scores > target_scores)).sum(dim=1),
+                        (ranked & (scores == target_scores)).sum(dim=1)], dim=1)
+
+
+def expected_rank(ranks: np.ndarray) -> np.ndarray:
+    """Expected 0-based rank (n,) float64 of rank counts (n, 2) ``[above, tied]``."""
+    ranks = np.asarray(ranks)
+    return ranks[:, 0] + ranks[:, 1] / 2.0
+
+
+def _expected_share(ranks: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:
+    """Mean of ``weights[r]`` over the rank r uniform on above..above + tied, with weights
+    (k,) for ranks 0..k-1 and 0 from rank k on; (n,) float64 of rank counts (n, 2)."""
+    ranks = np.asarray(ranks, dtype=np.int64).reshape(-1, 2)
+    above, tied = ranks[:, 0], ranks[:, 1]
+    cumulative = np.concatenate([[0.0], np.cumsum(weights)])      # (k + 1,)
+    first, stop = np.minimum(above, k), np.minimum(above + tied + 1, k)
+    return (cumulative[stop] - cumulative[first]) / (tied + 1.0)
+
+
+def hit_rates(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user expected HR@k (n,) float64 of rank counts (n, 2): the chance that the
+    target is in the top k when its ties are broken at random."""
+    return _expected_share(ranks, k, np.ones(k))
 
 
 def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
-    """Per-user NDCG@k (n,) float64 of 0-based ranks (n,) int: 1 / log2(rank + 2) when the
-    target is in the top k, else 0 (one relevant item, so the ideal DCG is 1)."""
-    ranks = np.asarray(ranks)
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+    """Per-user expected NDCG@k (n,) float64 of rank counts (n, 2): the mean over tie
+    breaks of 1 / log2(rank + 2) when the target is in the top k, else 0 (one relevant
+    item, so the ideal DCG is 1)."""
+    return _expected_share(ranks, k, 1.0 / np.log2(np.arange(k) + 2.0))
 
 
 def rank_metrics(ranks: np.ndarray, cutoffs=CUTOFFS) -> dict[str, float]:
-    """HR@K (target in the top K) and NDCG@K (:func:`ndcg_gains`), averaged over the ranks
-    (n,) int; NaN when there are none."""
-    ranks = np.asarray(ranks)
+    """HR@K (:func:`hit_rates`) and NDCG@K (:func:`ndcg_gains`) averaged over rank counts
+    (n, 2) int; NaN when there are none."""
+    ranks = np.asarray(ranks).reshape(-1, 2)
     out = {}
     for k in cutoffs:
-        out[f"HR@{k}"] = float((ranks < k).mean()) if len(ranks) else float("nan")
+        out[f"HR@{k}"] = float(hit_rates(ranks, k).mean()) if len(ranks) else float("nan")
         out[f"NDCG@{k}"] = float(ndcg_gains(ranks, k).mean()) if len(ranks) else float("nan")
     return out
 
@@ -74,17 +112,22 @@ def rank_targets(rank_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
                  batch_size: int = 1024, device: str | torch.device = "cpu",
                  shard: tuple[int, int] = (0, 1),
                  combine: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """0-based rank (n,) int64 of every user's target among all items, from
-    ``rank_fn(inputs (B, L), targets (B,), excluded (B, H) or None) -> (B,)`` int64 (e.g. a
-    model's ``rank_next``, or :func:`target_ranks` of full scores) in batches of histories
-    sorted by length (less padding). The model sees the last max_len items of each history;
-    ``exclude_history`` removes all of the user's earlier items from the ranking.
+    """Rank counts (n, 2) int64 ``[above, tied]`` of every user's target among all items,
+    from ``rank_fn(inputs (B, L), targets (B,), excluded (B, H) or None) -> (B, 2)`` int64
+    (e.g. a model's ``rank_next``, or :func:`target_ranks` of full scores) in batches of
+    histories sorted by length (less padding). The model sees the last max_len items of
+    each history; ``exclude_history`` removes all of the user's earlier items from the
+    ranking. No users, or a batch_size below 1, is a ValueError.
 
     Sharded evaluation (one shard per process): ``shard`` = (index, count) scores only every
-    count-th user of the length order from index on, leaving the other users' ranks 0, and
-    ``combine`` (e.g. a sum over processes) turns that (n,) int64 array into all users' ranks."""
+    count-th user of the length order from index on, leaving the other users' counts 0, and
+    ``combine`` (e.g. a sum over processes) turns that (n, 2) int64 array into all users'."""
+    if not histories:
+        raise ValueError("there are no users to evaluate")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"the evaluation batch size must be an int >= 1, got {batch_size!r}")
     order = np.argsort([len(h) for h in histories], kind="stable")[shard[0]::shard[1]]
-    ranks = np.zeros(len(histories), dtype=np.int64)
+    ranks = np.zeros((len(histories), 2), dtype=np.int64)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch_histories = [histories[i] for i in idx]

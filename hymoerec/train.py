@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -22,18 +23,33 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from hymoe_kernels.layer import BACKENDS
+from hymoe_kernels.loss import NonFiniteScoresError
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
-from hymoerec.data import (DATASETS, FORMATS, SequenceData, bucketed_batches, collate_windows,
-                           leave_one_out, load_dataset, read_file, synthetic, training_windows)
+from hymoerec.cli import ArgumentParser, fail
+from hymoerec.data import (DATASETS, FORMATS, DataFormatError, SequenceData, bucketed_batches,
+                           collate_windows, leave_one_out, load_dataset, read_file, synthetic,
+                           training_windows)
 from hymoerec.metrics import evaluate_ranking, head_items
-from hymoerec.models import FFN_KINDS, MODELS, ModelConfig, build_model
+from hymoerec.models import FFN_KINDS, MODELS, ConfigError, ModelConfig, build_model
+from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json
 
 MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
 CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", "best_metric",
                    "best_epoch", "bad_epochs", "rng_torch", "rng_batches")
+# settings a resumed run may change; any other difference from the saved run is refused
+RESUMABLE_SETTINGS = ("epochs", "patience", "max_minutes", "threads", "no_progress", "device",
+                      "eval_batch_size", "dist_timeout")
+# settings that say how to start, not what ran: never saved in config.json
+TRANSIENT_SETTINGS = ("config", "resume", "run_dir", "overwrite")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the model diverged); the message says where and why."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,7 +62,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train a sequential recommender with HyMoE (or dense) FFNs; full-ranking "
                     "HR/NDCG@{5,10,20} on a leave-one-out split.",
         epilog="Each --model starts from its paper's configuration (its class's paper_defaults, "
@@ -60,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-file", help="your own interaction file (overrides --dataset)")
     g.add_argument("--format", default="sequences", choices=FORMATS,
                    help="format of --data-file: 'sequences' = one line 'user item item ...', "
-                        "'ml-1m' = ratings.dat, 'amazon' = user,item,rating,timestamp CSV "
+                        "'pairs' = one line 'user item' per interaction (a user's lines in time "
+                        "order), 'ml-1m' = ratings.dat, 'amazon' = user,item,rating,timestamp CSV "
                         "(k-core filtered), 'csv'/'tsv' = header with named columns")
     g.add_argument("--k-core", type=int, default=5, help="k-core filter of amazon data")
     g.add_argument("--user-col", default="user", help="user column of csv/tsv data")
@@ -89,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=2, help="experts per token k")
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
     g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
-    g.add_argument("--backend", default="auto", help="HyMoEFFN backend")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help="HyMoEFFN backend")
     g.add_argument("--plain-loss", dest="fused_loss", action="store_false",
                    help="score all items with one (positions x items) matrix instead of the "
                         "fused linear cross-entropy that never stores it")
@@ -131,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=1024, help="users scored at once")
     g.add_argument("--run-dir", help="output folder (default runs/<data>-<model>-<ffn>-s<seed>-<time>)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its last checkpoint")
+                   help="continue the run in --run-dir from its last checkpoint (only "
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_SETTINGS)} "
+                        "may differ from the saved run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --run-dir that already holds files, replacing "
+                        "an earlier run's files there")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     distributed.add_arguments(g)  # distributed
     return p
@@ -139,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line over the saved config (``--config``, or the run's config.json with
-    ``--resume``) over the defaults."""
+    ``--resume``) over the model's paper defaults over the shared defaults. Every setting is
+    checked here, so a bad one is a usage error (exit 2) before anything is written."""
     parser = build_parser()
     args = parser.parse_args(argv)
     saved = args.config
@@ -147,25 +170,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not args.run_dir:
             parser.error("--resume needs --run-dir")
         saved = saved or str(Path(args.run_dir) / "config.json")
+    config = {}
     if saved:
         try:
             with open(saved, encoding="utf-8") as f:
                 config = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             parser.error(f"cannot read config {saved}: {err}")
+        if not isinstance(config, dict):
+            parser.error(f"config {saved} is not a JSON object of settings")
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
             parser.error(f"config {saved} has unknown keys {unknown}")
-        for transient in ("config", "resume", "run_dir"):
+        for transient in TRANSIENT_SETTINGS:
             config.pop(transient, None)
         parser.set_defaults(**config)
         args = parser.parse_args(argv)
-    else:
-        config = {}
     # precedence: command line > saved config > the model's paper defaults > shared defaults
     parser.set_defaults(**{**MODELS[args.model].paper_defaults, **config})
     args = parser.parse_args(argv)
+    if args.data_file:  # absolute, so the run can be evaluated from any folder
+        args.data_file = str(Path(args.data_file).resolve())
     synthetic_data = args.dataset == "synthetic" and not args.data_file
     movielens = args.dataset == "ml-1m" if not args.data_file else args.format == "ml-1m"
     if args.max_len is None:
@@ -176,14 +202,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.epochs = 20 if synthetic_data else 200
     if args.batch_size is None:
         args.batch_size = 256 if synthetic_data else 2048
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_training_settings(parser, args)
     try:  # model settings that ModelConfig or the backbone rejects, e.g. --d-model 63
         MODELS[args.model].check_config(model_config(args))
-    except ValueError as err:
-        parser.error(str(err))
+    except ConfigError as err:
+        parser.error(f"--{err.setting.replace('_', '-')}: {err}")
+    if args.resume:
+        changed = changed_settings(config, vars(args))
+        if changed:
+            parser.error(f"--resume: {', '.join(changed)} differ from the saved run in "
+                         f"{args.run_dir} (only {', '.join(RESUMABLE_SETTINGS)} may change)")
     return args
+
+
+def check_training_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error (exit 2) for a training or device setting out of its range."""
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, least in (("synthetic_users", 2), ("synthetic_items", 2), ("synthetic_length", 5)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got "
+                         f"{getattr(args, name)}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    for name in ("weight_decay", "max_minutes"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    if args.backend == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to run the "
+                     "kernels on the CPU under Triton's interpreter); use --backend torch")
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'name: saved -> current' for every setting of ``saved`` (a run's config) that
+    ``current`` holds differently, except RESUMABLE_SETTINGS and TRANSIENT_SETTINGS."""
+    def normal(name, value):
+        return str(Path(value).resolve()) if name == "data_file" and value else value
+
+    return [f"{name} {saved[name]!r} -> {current.get(name)!r}" for name in saved
+            if name not in RESUMABLE_SETTINGS + TRANSIENT_SETTINGS
+            and normal(name, saved[name]) != normal(name, current.get(name))]
 
 
 def load_data(args: argparse.Namespace) -> SequenceData:
@@ -204,11 +269,18 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device for ``--device`` auto / cpu / cuda; a CUDA device is also made the current
+    one, where Triton launches its kernels."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
+        raise ValueError("--device cuda: no CUDA device is available")
+    device = torch.device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None
+                              else device.index)
+        torch.cuda.set_device(device)
+    return device
 
 
 def git_commit() -> str | None:
@@ -247,9 +319,8 @@ class Trainer:
             f"{args.ffn}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")), "run folder")
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
         self.log_path = self.run_dir / "log.jsonl"
-        if self.last_path.exists() and not args.resume:
-            raise SystemExit(f"{self.run_dir} already holds a run; pass --resume to continue it "
-                             f"or choose another --run-dir")
+        if self.dist.is_main:  # distributed: only rank 0 writes files
+            prepare_run_folder(self.run_dir, args.resume, args.overwrite)
 
         torch.manual_seed(args.seed)
         with self.dist.main_first("loading the data"):  # distributed: one download
@@ -257,10 +328,11 @@ class Trainer:
         self.split = leave_one_out(self.data)
         self.windows = training_windows(self.split.train, args.max_len)
         if not self.windows:
-            raise SystemExit(f"{self.data.describe()}: no training sequence has 2 or more items")
+            raise DataFormatError(f"{self.data.describe()}: no training sequence has 2 or more "
+                                  f"items")
         if len(self.split.eval_users) == 0:
-            raise SystemExit(f"{self.data.describe()}: no user has the 3 items a leave-one-out "
-                             f"split needs")
+            raise DataFormatError(f"{self.data.describe()}: no user has the 3 items a "
+                                  f"leave-one-out split needs")
         self.head = head_items(self.split.train_item_counts())
         self.config = model_config(args)
         self.model = build_model(args.model, self.data.n_items, self.config).to(self.device)
@@ -295,6 +367,10 @@ class Trainer:
         if state["item_ids"] != self.data.item_ids:
             raise CheckpointError(f"checkpoint {self.last_path} was trained on different data "
                                   f"(item ids differ from {self.data.describe()})")
+        changed = changed_settings(state["config"], vars(self.args))
+        if changed:
+            raise CheckpointError(f"checkpoint {self.last_path} was trained with other settings "
+                                  f"than {self.run_dir / 'config.json'}: {', '.join(changed)}")
         load_model_state(self.model, state["model"], self.last_path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -312,21 +388,43 @@ class Trainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.dist.restore_rng(state.get("rng_ranks"), self.args.seed, self.epoch)  # distributed
-        # keep only the log lines of the epochs the checkpoint holds
-        if self.log_path.exists() and self.dist.is_main:
-            lines = [line for line in self.log_path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["epoch"] <= self.epoch]
-            self.log_path.write_text("".join(line + "\n" for line in lines))
+        # keep only the log records of the epochs the checkpoint holds
+        if self.dist.is_main:
+            records = [r for r in read_log(self.log_path) if r["epoch"] <= self.epoch]
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     # --------------------------------------------------------------------- training
     def evaluate(self, stage: str, exclude_history: bool | None = None) -> dict:
         self.model.eval()
-        return evaluate_ranking(
-            self.model.rank_next, self.split.history(stage), self.split.targets(stage),
-            self.head, self.args.max_len,
-            self.args.exclude_history if exclude_history is None else exclude_history,
-            self.args.eval_batch_size, self.device,
-            shard=self.dist.eval_shard, combine=self.dist.sum_ranks_array)  # distributed
+        try:
+            return evaluate_ranking(
+                self.model.rank_next, self.split.history(stage), self.split.targets(stage),
+                self.head, self.args.max_len,
+                self.args.exclude_history if exclude_history is None else exclude_history,
+                self.args.eval_batch_size, self.device,
+                shard=self.dist.eval_shard, combine=self.dist.sum_ranks_array)  # distributed
+        except NonFiniteScoresError as err:
+            raise TrainingError(f"{stage} evaluation after epoch {self.epoch}: {err}; "
+                                f"{self.diverged_hint()}") from None
+
+    def diverged_hint(self) -> str:
+        return (f"the likely cause is a learning rate too high (--lr {self.args.lr}) or a "
+                f"load-balance weight too large (--lb-weight {self.args.lb_weight}). Nothing "
+                f"of this epoch was saved: {self.last_path} and {self.best_path} keep the "
+                f"last good epoch's")
+
+    def check_finite(self, task_loss: Tensor, aux_loss: Tensor) -> None:
+        """TrainingError naming the epoch and step when the loss or a gradient of this step
+        is NaN or infinite (checked before the optimizer step, so no weight is touched).
+        Under DDP the gradients are averaged over processes, so all of them stop together."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_sq = torch.stack([g.float().square().sum() for g in grads]).sum()
+        loss = task_loss + aux_loss
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_sq)):
+            what = (f"the loss is {loss.item()}" if not torch.isfinite(loss)
+                    else "a gradient is not finite")
+            raise TrainingError(f"epoch {self.epoch + 1}, step {self.step + 1}: training "
+                                f"diverged ({what}); {self.diverged_hint()}")
 
     def train_epoch(self) -> dict:
         self.model.train()
@@ -344,6 +442,7 @@ class Trainer:
             count = 0 if stand_in else int((targets > 0).sum())
             self.optimizer.zero_grad(set_to_none=True)
             self.dist.backward(task_loss + aux_loss, count)  # distributed: weighted by count
+            self.check_finite(task_loss, aux_loss)
             self.optimizer.step()
             self.step += 1
             loss_sum += task_loss.item() * count
@@ -365,12 +464,12 @@ class Trainer:
 
     def fit(self) -> dict:
         args = self.args
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if args.resume:
             self.restore()
-        elif self.dist.is_main:  # distributed: only rank 0 writes files
-            saved = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "run_dir")}
-            (self.run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        if self.dist.is_main:  # distributed: only rank 0 writes files
+            # the settings that run: on resume, the saved ones with the changes allowed
+            write_json(self.run_dir / "config.json",
+                       {k: v for k, v in vars(args).items() if k not in TRANSIENT_SETTINGS})
         print(f"{self.data.describe()}; {len(self.windows)} training windows; "
               f"{sum(p.numel() for p in self.model.parameters())} parameters; device "
               f"{self.device}; run dir {self.run_dir}", flush=True)
@@ -416,7 +515,8 @@ class Trainer:
         summary = {
             "data": self.data.describe(), "n_users": self.data.n_users,
             "n_items": self.data.n_items, "n_interactions": self.data.n_interactions,
-            "config": {k: v for k, v in vars(self.args).items() if k not in ("config", "resume")},
+            "config": {k: v for k, v in vars(self.args).items()
+                       if k not in TRANSIENT_SETTINGS or k == "run_dir"},
             "commit": self.commits[0], "commits": self.commits,
             "torch": torch.__version__, "device": str(self.device),
             "threads": torch.get_num_threads(),
@@ -427,7 +527,7 @@ class Trainer:
             "valid": self.evaluate("valid"), "test": test,
         }
         if self.dist.is_main:  # distributed
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.run_dir / "summary.json", summary)
             plot_run(self.log_path, self.run_dir / "curves.png")
         return summary
 
@@ -440,7 +540,7 @@ def plot_run(log_path: Path, png_path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = read_log(log_path)
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(epochs, [r["loss"] for r in records], label="train loss")
@@ -472,13 +572,20 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+# errors of the user's input (data, folders, checkpoints): exit code 2, like a bad flag
+USER_ERRORS = (CheckpointError, DataFormatError, RunFolderError,
+               distributed.DistributedError)  # distributed
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         trainer = Trainer(args)
         summary = trainer.fit()
-    except (CheckpointError, distributed.DistributedError) as err:  # distributed
-        raise SystemExit(f"error: {err}") from None
+    except TrainingError as err:
+        raise fail(str(err), 1) from None
+    except USER_ERRORS as err:
+        raise fail(str(err), 2) from None
     finally:
         distributed.shutdown()  # distributed
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}; test metrics "

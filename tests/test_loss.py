@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from hymoe_kernels.kernels.linear_cross_entropy import MAX_SPLIT, pick_split
-from hymoe_kernels.loss import linear_cross_entropy, streaming_rank, streaming_topk
+from hymoe_kernels.loss import (NonFiniteScoresError, linear_cross_entropy, streaming_rank,
+                                streaming_topk)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-2, atol=2e-3),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-3)}
@@ -257,21 +258,35 @@ def test_streaming_rank_matches_full_rank(chunk_size, with_exclusion):
     full = masked_full_scores(hidden, weight, exclude, padding_idx)
     target_score = (hidden @ weight.T).gather(1, target[:, None])
     full.scatter_(1, target[:, None], float("-inf"))  # the target does not outrank itself
-    want = (full > target_score).sum(dim=1)
+    want = torch.stack([(full > target_score).sum(dim=1), (full == target_score).sum(dim=1)], 1)
     assert torch.equal(got, want)
     assert got.dtype == torch.int64
 
 
-def test_streaming_rank_counts_ties_in_the_targets_favour():
+def test_streaming_rank_counts_ties_apart_from_higher_items():
     # integer embeddings: every path computes the scores exactly
     weight = torch.tensor([[3.0, 0.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [5.0, 0.0]])
     hidden = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     target = torch.tensor([2, 0])
     got = streaming_rank(hidden, weight, target, chunk_size=2)
-    # row 0 scores 3,2,2,2,5 -> only 3 and 5 beat the target's 2; row 1: only 5 beats 3
-    assert got.tolist() == [2, 1]
+    # row 0 scores 3,2,2,2,5 -> 3 and 5 beat the target's 2, items 1 and 3 tie with it;
+    # row 1 scores 3,1,2,0,5 -> only 5 beats 3, nothing ties
+    assert got.tolist() == [[2, 2], [1, 0]]
     got = streaming_rank(hidden, weight, target, exclude=torch.tensor([[4], [4]]), padding_idx=0)
-    assert got.tolist() == [0, 0]
+    assert got.tolist() == [[0, 2], [0, 0]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_streaming_eval_refuses_non_finite_scores(bad):
+    hidden, weight, target = make_inputs(4, 10, 3, torch.float32, seed=16)
+    weight[7, 1] = bad  # one item's score is not finite, in one chunk of several
+    with pytest.raises(NonFiniteScoresError, match="NaN or infinite"):
+        streaming_rank(hidden, weight, target, chunk_size=3)
+    with pytest.raises(NonFiniteScoresError):
+        streaming_topk(hidden, weight, 2, chunk_size=3)
+    hidden[2, 0] = bad  # a non-finite query: the target's own score is not finite either
+    with pytest.raises(NonFiniteScoresError):
+        streaming_rank(hidden, weight[:5], target.clamp(max=4))
 
 
 def test_eval_rejects_bad_input():

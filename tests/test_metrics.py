@@ -6,39 +6,87 @@ import pytest
 import torch
 
 from hymoerec.data import pad_right
-from hymoerec.metrics import (evaluate_ranking, head_items, popularity_metrics, rank_metrics,
+from hymoe_kernels.loss import NonFiniteScoresError
+from hymoerec.metrics import (evaluate_ranking, expected_rank, head_items, hit_rates,
+                              ndcg_gains, popularity_metrics, rank_metrics, rank_targets,
                               target_ranks)
 
 
-def test_target_ranks_count_strictly_higher_items_and_ignore_padding():
+def test_target_ranks_count_higher_and_tied_items_and_ignore_padding():
     scores = torch.tensor([[9.0, 0.1, 0.5, 0.3, 0.9],
-                           [9.0, 0.4, 0.3, 0.2, 0.1]])
-    ranks = target_ranks(scores, torch.tensor([2, 4]))
-    assert ranks.tolist() == [1, 3]  # column 0 (padding) never outranks a target
+                           [9.0, 0.4, 0.3, 0.2, 0.1],
+                           [9.0, 0.3, 0.5, 0.3, 0.3]])
+    ranks = target_ranks(scores, torch.tensor([2, 4, 1]))
+    # column 0 (padding) never outranks a target; the target never ties with itself
+    assert ranks.tolist() == [[1, 0], [3, 0], [1, 2]]
 
 
 def test_history_is_removed_from_the_ranking_but_never_the_target():
     scores = torch.tensor([[0.0, 0.9, 0.8, 0.7, 0.6, 0.5]])
-    assert target_ranks(scores, torch.tensor([5])).tolist() == [4]
+    assert target_ranks(scores, torch.tensor([5])).tolist() == [[4, 0]]
     history = pad_right([np.array([1, 3, 5])], length=4)  # padded with 0
-    assert target_ranks(scores, torch.tensor([5]), history).tolist() == [2]  # items 2 and 4
+    assert target_ranks(scores, torch.tensor([5]), history).tolist() == [[2, 0]]  # items 2, 4
     history_with_target_only = pad_right([np.array([2])])
-    assert target_ranks(scores, torch.tensor([2]), history_with_target_only).tolist() == [1]
+    assert target_ranks(scores, torch.tensor([2]), history_with_target_only).tolist() == [[1, 0]]
+    tied = torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.9, 0.5]])
+    assert target_ranks(tied, torch.tensor([2]), pad_right([np.array([3])])).tolist() == [[1, 2]]
 
 
 def test_rank_metrics_by_hand():
-    m = rank_metrics(np.array([0, 3, 7, 30]))
+    m = rank_metrics(np.array([[0, 0], [3, 0], [7, 0], [30, 0]]))
     assert m["HR@5"] == pytest.approx(2 / 4) and m["HR@10"] == pytest.approx(3 / 4)
     assert m["HR@20"] == pytest.approx(3 / 4)
     assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
     assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 4)
-    assert math.isnan(rank_metrics(np.array([], dtype=int))["HR@10"])
+    assert math.isnan(rank_metrics(np.zeros((0, 2), dtype=int))["HR@10"])
+
+
+def test_ties_are_broken_at_random_in_expectation():
+    # 3 items above and 4 tied: the rank is uniform on 3..7
+    ranks = np.array([[3, 4]])
+    assert hit_rates(ranks, 5)[0] == pytest.approx(2 / 5)  # ranks 3 and 4 are in the top 5
+    assert hit_rates(ranks, 10)[0] == 1.0 and hit_rates(ranks, 3)[0] == 0.0
+    assert ndcg_gains(ranks, 5)[0] == pytest.approx((1 / math.log2(5) + 1 / math.log2(6)) / 5)
+    assert ndcg_gains(ranks, 20)[0] == pytest.approx(
+        np.mean([1 / math.log2(r + 2) for r in range(3, 8)]))
+    assert expected_rank(ranks)[0] == 5.0
+
+
+def test_a_model_with_equal_scores_ranks_like_chance_never_perfectly():
+    n_items, n_users = 500, 40
+    scores = torch.zeros(n_users, n_items + 1)  # e.g. a collapsed model: every item ties
+    targets = torch.randint(1, n_items + 1, (n_users,))
+    m = rank_metrics(target_ranks(scores, targets).numpy())
+    assert m["HR@10"] == pytest.approx(10 / n_items) and m["HR@20"] == pytest.approx(20 / n_items)
+    assert m["NDCG@10"] < m["HR@10"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_are_an_error_not_a_metric(bad):
+    scores = torch.rand(3, 8)
+    scores[1, 5] = bad
+    with pytest.raises(NonFiniteScoresError):
+        target_ranks(scores, torch.tensor([1, 2, 3]))
+    scores[1, 5] = 0.5
+    scores[:, 0] = -float("inf")  # padding's own score is never ranked
+    assert target_ranks(scores, torch.tensor([1, 2, 3])).shape == (3, 2)
+
+
+def test_an_evaluation_needs_users_and_a_positive_batch_size():
+    def rank_fn(inputs, targets, excluded):
+        return torch.zeros(len(targets), 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="no users"):
+        rank_targets(rank_fn, [], np.zeros(0, dtype=np.int64), max_len=5)
+    for batch_size in (0, -1):
+        with pytest.raises(ValueError, match="batch size"):
+            rank_targets(rank_fn, [np.array([1, 2])], np.array([3]), 5, batch_size=batch_size)
 
 
 def test_head_items_are_the_top_fifth_by_training_frequency():
     counts = np.array([0, 5, 1, 9, 1, 0, 2, 2, 3, 1, 4])   # 10 items -> 2 head items
     assert np.flatnonzero(head_items(counts)).tolist() == [1, 3]
-    m = popularity_metrics(np.array([0, 40, 2]), np.array([3, 2, 1]), head_items(counts))
+    m = popularity_metrics(np.array([[0, 0], [40, 0], [2, 0]]), np.array([3, 2, 1]),
+                           head_items(counts))
     assert (m["n_head"], m["n_tail"]) == (2, 1)
     assert m["head/HR@5"] == 1.0 and m["tail/HR@5"] == 0.0 and m["HR@5"] == pytest.approx(2 / 3)
 
@@ -62,7 +110,7 @@ def test_evaluate_ranking_matches_a_direct_computation_for_any_batching():
             s[0] = -math.inf
             if exclude:
                 s[[i for i in h if i != t]] = -math.inf
-            expected.append(int((s > s[t]).sum()))
+            expected.append([int((s > s[t]).sum()), 0])
         want = popularity_metrics(np.array(expected), targets, head)
         for batch_size in (1, 7, 100):
             got = evaluate_ranking(lambda inputs, t, h: target_ranks(score_fn(inputs), t, h),

@@ -57,29 +57,44 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert logs[0] == logs[1]
 
 
-def test_existing_run_dir_needs_resume(tmp_path):
+def test_existing_run_dir_needs_resume(tmp_path, capsys):
     run(tmp_path, "a", "--epochs", "1")
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "a", "--epochs", "1")
+    assert exit_info.value.code == 2 and "pass --resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncate"])
-def test_corrupt_checkpoint_fails_naming_the_file(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "flip"])
+def test_damaged_checkpoint_fails_naming_the_file(tmp_path, damage, capsys):
     run(tmp_path, "a", "--epochs", "1")
     last = tmp_path / "a" / "last.pt"
+    data = bytearray(last.read_bytes())
     if damage == "garbage":
-        last.write_bytes(b"not a checkpoint at all")
-    else:
-        last.write_bytes(last.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match=f"checkpoint {last} is corrupt"):
+        data = b"not a checkpoint at all"
+    elif damage == "truncate":
+        data = data[:1000]
+    else:  # 4 KiB of 0xff inside the tensor data: the file still unpickles
+        start = len(data) // 2
+        data[start:start + 4096] = b"\xff" * 4096
+    last.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
         train.main(["--resume", "--run-dir", str(tmp_path / "a"), "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"checkpoint {last} is corrupt" in err
+    assert "weights_only" not in err
 
 
-def test_checkpoint_of_other_data_is_refused(tmp_path):
-    run(tmp_path, "a", "--epochs", "1")
-    with pytest.raises(SystemExit, match="trained on different data"):
-        train.main(["--resume", "--run-dir", str(tmp_path / "a"), "--epochs", "2",
-                    "--synthetic-items", "30"])
+def test_checkpoint_of_other_data_is_refused(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"u{u} " + " ".join(f"i{(u + j) % 9}" for j in range(6)) + "\n"
+                            for u in range(30)))
+    flags = ["--data-file", str(data), "--d-model", "16", "--batch-size", "32", "--no-progress",
+             "--threads", "1", "--run-dir", str(tmp_path / "a")]
+    train.main(flags + ["--epochs", "1"])
+    data.write_text(data.read_text().replace("i3", "i10"))
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--run-dir", str(tmp_path / "a"), "--epochs", "2"])
+    assert "trained on different data" in capsys.readouterr().err
 
 
 def test_evaluate_and_recommend_from_checkpoint(tmp_path):

@@ -2,7 +2,7 @@
 available as ``--model name``; ``build_model`` constructs one."""
 from __future__ import annotations
 
-from .base import FFN_KINDS, ModelConfig, SequentialRecommender
+from .base import FFN_KINDS, ConfigError, ModelConfig, SequentialRecommender
 from .scoring import full_item_scores, full_softmax_loss
 
 MODELS: dict[str, type[SequentialRecommender]] = {}
@@ -27,5 +27,5 @@ def build_model(name: str, n_items: int, config: ModelConfig) -> SequentialRecom
 from . import sasrec  # noqa: E402,F401  (registers "sasrec")
 from . import bert4rec, gru4rec, mamba4rec, narm  # noqa: E402,F401  (the baselines)
 
-__all__ = ["MODELS", "register", "build_model", "ModelConfig", "SequentialRecommender",
-           "FFN_KINDS", "full_softmax_loss", "full_item_scores"]
+__all__ = ["MODELS", "register", "build_model", "ConfigError", "ModelConfig",
+           "SequentialRecommender", "FFN_KINDS", "full_softmax_loss", "full_item_scores"]

@@ -2,6 +2,7 @@
 and evaluator use, and the loss / scoring built on :mod:`.scoring`."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -9,12 +10,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hymoe_kernels import HyMoEFFN
+from hymoe_kernels.layer import BACKENDS
 
 from hymoe_kernels.loss import streaming_rank
 
 from .scoring import full_item_scores, full_softmax_loss
 
 FFN_KINDS = ("hymoe", "dense")
+
+
+class ConfigError(ValueError):
+    """A model setting that cannot be honoured; ``setting`` names the ModelConfig field."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass
@@ -42,19 +52,32 @@ class ModelConfig:
     head_skip: float = 0.0     # sasrec with output_head: query = head(h) + head_skip * h
 
     def __post_init__(self):
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        if self.head_skip and not self.output_head:
-            raise ValueError(f"head_skip={self.head_skip} needs output_head=True (it weighs the "
-                             "last block's output added to the head's)")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        def check(ok: bool, setting: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(setting, message)
+
+        check(self.ffn in FFN_KINDS, "ffn", f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        check(self.backend in BACKENDS, "backend",
+              f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult", "rnn_hidden",
-                     "d_state", "d_conv", "expand"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+                     "d_state", "d_conv", "expand", "num_experts"):
+            check(getattr(self, name) >= 1, name, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.d_model % self.n_heads == 0, "d_model",
+              f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        check(1 <= self.top_k <= self.num_experts, "top_k",
+              f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        check(self.warmup_steps >= 0, "warmup_steps",
+              f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"dropout must be in [0, 1), got {self.dropout}")
+        check(math.isfinite(self.lb_weight) and self.lb_weight >= 0, "lb_weight",
+              f"lb_weight must be a finite number >= 0, got {self.lb_weight}")
+        check(0.0 < self.mask_prob < 1.0, "mask_prob",
+              f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        check(math.isfinite(self.head_skip), "head_skip",
+              f"head_skip must be a finite number, got {self.head_skip}")
+        check(not self.head_skip or self.output_head, "head_skip",
+              f"head_skip={self.head_skip} needs output_head=True (it weighs the last block's "
+              "output added to the head's)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,13 +136,13 @@ class SequentialRecommender(nn.Module):
 
     @classmethod
     def check_config(cls, config: ModelConfig) -> None:
-        """Raise ValueError for settings this backbone cannot honour."""
+        """Raise ConfigError for settings this backbone cannot honour."""
         if not cls.has_ffn and config.ffn != "dense":
-            raise ValueError(f"{cls.__name__} has no position-wise FFN to replace: "
-                             f"ffn must be 'dense' (the published model), got {config.ffn!r}")
+            raise ConfigError("ffn", f"{cls.__name__} has no position-wise FFN to replace: "
+                              f"ffn must be 'dense' (the published model), got {config.ffn!r}")
         if config.output_head and not cls.has_output_head:
-            raise ValueError(f"{cls.__name__} has no output head option: output_head "
-                             "must be False (only sasrec implements it)")
+            raise ConfigError("output_head", f"{cls.__name__} has no output head option: "
+                              "output_head must be False (only sasrec implements it)")
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__()
@@ -164,9 +187,9 @@ class SequentialRecommender(nn.Module):
         return full_item_scores(self.query(inputs), self.candidates())
 
     def rank_next(self, inputs: Tensor, targets: Tensor, history: Tensor | None = None) -> Tensor:
-        """0-based rank (B,) int64 of each target (B,) among all items after each history
-        (B, L): the number of items scoring strictly higher, streamed over item chunks so no
-        (B, n_items) score matrix is stored. ``history`` (B, H) right-padded with 0: items
-        left out of the ranking (the target itself always counts)."""
+        """Rank counts (B, 2) int64 ``[above, tied]`` of each target (B,) among all items
+        after each history (B, L) (see :mod:`hymoerec.metrics`), streamed over item chunks
+        so no (B, n_items) score matrix is stored. ``history`` (B, H) right-padded with 0:
+        items left out of the ranking (the target itself always counts)."""
         return streaming_rank(self.query(inputs), self.candidates(), targets, exclude=history,
                               padding_idx=0)

@@ -1,0 +1,94 @@
+"""A training run's folder: which files it holds, the checks made before anything is written
+to it, and reading / writing its JSON files.
+
+    config.json   the settings that ran (rewritten on resume with the settings that changed)
+    log.jsonl     one JSON record per finished epoch
+    last.pt       the checkpoint to resume from (written after every epoch)
+    best.pt       the model of the best validation epoch
+    summary.json  final metrics (valid JSON: NaN is written as null)
+    curves.png    learning curves (when matplotlib is installed)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .data import check_writable
+
+RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "summary.json", "curves.png")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked; the message names it."""
+
+
+def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check ``run_dir`` before a run writes to it, and make it.
+
+    A resumed run needs its ``last.pt``. A new run takes a missing or empty folder; a folder
+    with files is refused (an earlier run, or a folder of the user's) unless ``overwrite``,
+    which removes the earlier run's files (RUN_FILES) and leaves any others. Raises
+    RunFolderError, or NotWritableError if the folder cannot be written."""
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise RunFolderError(f"--resume: {run_dir} holds no run to continue (no last.pt)")
+    elif run_dir.exists():
+        if not run_dir.is_dir():
+            raise RunFolderError(f"run folder {run_dir} is a file, not a folder")
+        if any(run_dir.iterdir()) and not overwrite:
+            held = ("a run; pass --resume to continue it," if last.is_file()
+                    else "files but no run of ours (no last.pt);")
+            raise RunFolderError(f"run folder {run_dir} already holds {held} choose another "
+                                 f"--run-dir, or pass --overwrite to replace its run files")
+        for name in RUN_FILES if overwrite else ():
+            (run_dir / name).unlink(missing_ok=True)
+    check_writable(run_dir, "run folder")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The epoch records of a ``log.jsonl`` (none if it is missing). A last line cut short
+    (a run killed while writing it) is dropped; any other line that is not a JSON record
+    with an ``epoch`` raises RunFolderError naming the file and line."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line_no == len(lines) and not path.read_bytes().endswith(b"\n"):
+                break  # killed while writing its last record
+            raise RunFolderError(f"{path}, line {line_no}: not a JSON record") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise RunFolderError(f"{path}, line {line_no}: not an epoch record of a HyMoERec "
+                                 f"run (no 'epoch')")
+        records.append(record)
+    return records
+
+
+def json_text(value) -> str:
+    """Indented JSON of ``value`` with NaN and infinities written as null, so the text is
+    valid JSON for every reader."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(item) for k, item in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(item) for item in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, value) -> None:
+    """Write :func:`json_text` of ``value`` to ``path`` through a temp file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json_text(value), encoding="utf-8")
+    os.replace(tmp, path)
