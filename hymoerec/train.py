@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic data (default: --seed)")
     g.add_argument("--max-len", type=int, default=None,
-                   help="most recent items the model sees (default 200 for ml-1m, else 50)")
+                   help="most recent items the model sees (default from the data: enough for "
+                        "80%% of the users' whole sequences, 50..200; ML-1M 200, Beauty 50)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="sasrec", choices=sorted(MODELS), help="backbone")
     g.add_argument("--ffn", default="hymoe", choices=FFN_KINDS,
@@ -100,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-mult", type=int, default=4, help="FFN width = ffn_mult * d_model")
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout rate (default: the model's paper value; sasrec, as in the "
-                        "SASRec paper: 0.2 for ml-1m and synthetic data, 0.5 for other, sparse "
-                        "data such as Amazon's)")
+                        "SASRec paper: 0.2 on dense data such as ML-1M and the synthetic data, "
+                        "0.5 on sparse data such as Amazon's, told apart by the data's density)")
     g.add_argument("--num-experts", type=int, default=4, help="sparse experts E")
     g.add_argument("--top-k", type=int, default=2, help="experts per token k")
     g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
@@ -193,11 +194,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data_file:  # absolute, so the run can be evaluated from any folder
         args.data_file = str(Path(args.data_file).resolve())
     synthetic_data = args.dataset == "synthetic" and not args.data_file
-    movielens = args.dataset == "ml-1m" if not args.data_file else args.format == "ml-1m"
-    if args.max_len is None:
-        args.max_len = 200 if movielens else 50
-    if args.dropout is None:
-        args.dropout = 0.2 if movielens or synthetic_data else 0.5
     if args.epochs is None:
         args.epochs = 20 if synthetic_data else 200
     if args.batch_size is None:
@@ -217,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_training_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """parser.error (exit 2) for a training or device setting out of its range."""
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name, least in (("synthetic_users", 2), ("synthetic_items", 2), ("synthetic_length", 5)):
@@ -263,9 +259,25 @@ def load_data(args: argparse.Namespace) -> SequenceData:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    """The ModelConfig fields present in ``args`` (configs saved before a field existed
-    get its default)."""
-    return ModelConfig(**{name: getattr(args, name) for name in MODEL_FIELDS if hasattr(args, name)})
+    """The ModelConfig fields set in ``args`` (a field missing from a config saved before it
+    existed, or a data-dependent one not yet resolved, gets its default)."""
+    return ModelConfig(**{name: getattr(args, name) for name in MODEL_FIELDS
+                          if getattr(args, name, None) is not None})
+
+
+def data_defaults(data: SequenceData) -> dict:
+    """The settings whose defaults depend on the data, from its statistics alone (never its
+    name), so the same data read from any file or format trains the same model:
+
+    * max_len: enough recent items for 80% of the users' whole sequences, rounded up to a
+      multiple of 50, within 50..200 (ML-1M: 200, Beauty: 50);
+    * dropout: 0.2 on dense data (at least 1% of all user-item pairs observed, like ML-1M
+      and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values.
+    """
+    lengths = np.array([len(s) for s in data.sequences])
+    max_len = int(np.clip(50 * math.ceil(np.percentile(lengths, 80) / 50), 50, 200))
+    density = data.n_interactions / (data.n_users * data.n_items)
+    return {"max_len": max_len, "dropout": 0.2 if density >= 0.01 else 0.5}
 
 
 def pick_device(name: str) -> torch.device:
@@ -325,6 +337,9 @@ class Trainer:
         torch.manual_seed(args.seed)
         with self.dist.main_first("loading the data"):  # distributed: one download
             self.data = load_data(args)
+        for name, value in data_defaults(self.data).items():
+            if getattr(args, name) is None:  # not set by a flag, a config or the model's paper
+                setattr(args, name, value)
         self.split = leave_one_out(self.data)
         self.windows = training_windows(self.split.train, args.max_len)
         if not self.windows:

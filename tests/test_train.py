@@ -4,10 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from hymoerec import evaluate, train
+from hymoerec.data import SequenceData
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
@@ -132,18 +134,48 @@ def test_rejected_model_settings_are_usage_errors(flags, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, max_len, dropout, batch", [
-    ([], 50, 0.2, 256),                                               # synthetic
-    (["--dataset", "ml-1m"], 200, 0.2, 2048),
-    (["--dataset", "beauty"], 50, 0.5, 2048),                         # sparse: SASRec's 0.5
-    (["--data-file", "x.dat", "--format", "ml-1m"], 200, 0.2, 2048),
-    (["--data-file", "x.txt", "--dataset", "ml-1m"], 50, 0.5, 2048),  # the file decides
-    (["--dataset", "beauty", "--model", "mamba4rec"], 50, 0.2, 2048),  # its paper's value
-    (["--dataset", "beauty", "--dropout", "0.3", "--batch-size", "512"], 50, 0.3, 512),
+@pytest.mark.parametrize("flags, dropout, batch", [
+    ([], None, 256),                                                  # synthetic
+    (["--dataset", "beauty"], None, 2048),
+    (["--dataset", "beauty", "--model", "mamba4rec"], 0.2, 2048),     # its paper's value
+    (["--dataset", "beauty", "--dropout", "0.3", "--batch-size", "512"], 0.3, 512),
 ])
-def test_data_dependent_defaults(flags, max_len, dropout, batch):
+def test_flag_defaults(flags, dropout, batch):
     args = train.parse_args(flags)
-    assert (args.max_len, args.dropout, args.batch_size) == (max_len, dropout, batch)
+    assert (args.max_len, args.dropout, args.batch_size) == (None, dropout, batch)
+
+
+def sequences(lengths, n_items):
+    rng = np.random.default_rng(0)
+    return SequenceData([rng.integers(1, n_items + 1, size=n) for n in lengths],
+                        ["<pad>"] + [str(i) for i in range(1, n_items + 1)],
+                        [str(u) for u in range(len(lengths))])
+
+
+@pytest.mark.parametrize("lengths, n_items, max_len, dropout", [
+    ([5] * 90 + [400] * 10, 30000, 50, 0.5),    # short and sparse, like Beauty
+    ([100] * 70 + [600] * 30, 3000, 200, 0.2),  # long and dense, like ML-1M
+    ([20] * 75 + [120] * 25, 500, 150, 0.2),
+    ([30] * 100, 10000, 50, 0.5),
+])
+def test_data_dependent_defaults_come_from_the_data(lengths, n_items, max_len, dropout):
+    assert train.data_defaults(sequences(lengths, n_items)) == {"max_len": max_len,
+                                                                "dropout": dropout}
+
+
+def test_the_same_data_in_two_formats_trains_with_the_same_settings(tmp_path):
+    rows = [(u, f"i{(u * 7 + t) % 60}") for u in range(50) for t in range(8)]
+    pairs, table = tmp_path / "pairs.txt", tmp_path / "table.csv"
+    pairs.write_text("".join(f"u{u} {item}\n" for u, item in rows))
+    table.write_text("user,item,timestamp\n" + "".join(
+        f"u{u},{item},{t}\n" for t, (u, item) in enumerate(rows)))
+    summaries = [train.main(["--data-file", str(path), "--format", fmt, "--d-model", "16",
+                             "--epochs", "1", "--no-progress", "--threads", "1",
+                             "--run-dir", str(tmp_path / fmt)])
+                 for path, fmt in ((pairs, "pairs"), (table, "csv"))]
+    configs = [{k: s["config"][k] for k in ("max_len", "dropout")} for s in summaries]
+    assert configs[0] == configs[1] == {"max_len": 50, "dropout": 0.2}
+    assert summaries[0]["test"] == summaries[1]["test"]
 
 
 @pytest.mark.parametrize("entry", [["hymoerec/train.py"], ["-m", "hymoerec.train"],
@@ -159,3 +191,16 @@ def test_learning_curves_png(tmp_path):
     run(tmp_path, "a", "--epochs", "2")
     png = tmp_path / "a" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("name, fmt, max_len, dropout", [
+    ("beauty.txt", "sequences", 50, 0.5), ("ml-1m.txt", "pairs", 200, 0.2)])
+def test_data_defaults_of_the_papers_datasets(name, fmt, max_len, dropout):
+    if not (SHARED / name).is_file():
+        pytest.skip(f"{SHARED / name} is not here (the project's data are never committed)")
+    from hymoerec.data import read_file
+    assert train.data_defaults(read_file(SHARED / name, fmt)) == {"max_len": max_len,
+                                                                  "dropout": dropout}
