@@ -93,6 +93,44 @@ def test_chunked_scan_stays_exact_when_decay_is_large():
     torch.testing.assert_close(got, selective_scan_reference(x, delta, A, B, C))
 
 
+@pytest.mark.parametrize("ffn", ["dense", "hymoe"])
+def test_mamba4rec_init_is_the_official_codes(ffn):
+    # RecBole's init over the whole model: N(0, 0.02) weights and zero biases in every Linear,
+    # the Mamba mixer's dt projection included, so delta starts near softplus(0) = ln 2
+    torch.manual_seed(0)
+    model = build_model("mamba4rec", 500, ModelConfig(**{**MODELS["mamba4rec"].paper_defaults,
+                                                          "ffn": ffn}))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == (6 if ffn == "dense" else 4)
+    for layer in linears + [model.item_emb]:
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        if getattr(layer, "bias", None) is not None:
+            assert not layer.bias.any()
+    assert not model.item_emb.weight[0].any()
+    if ffn == "hymoe":
+        hymoe = model.hymoe_layers()[0]
+        assert hymoe.expert_w1.std().item() == pytest.approx(0.02, rel=0.1)
+        assert not hymoe.dense_b1.any()
+    block = model.layers[0].mamba
+    dt = 0.1 * torch.randn(10, block.dt_rank)      # x_proj's outputs are small at the start
+    delta = torch.nn.functional.softplus(block.dt_proj(dt))
+    torch.testing.assert_close(delta, torch.full_like(delta, math.log(2)), atol=0.01, rtol=0)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+
+
+def test_mamba4rec_dense_ffn_drops_its_hidden_units_like_the_official_one():
+    model = small_model("mamba4rec", dropout=0.5).train()
+    ffn = model.layers[0].ffn
+    seen = {}
+    ffn.fc2.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0]))
+    model.encode(torch.randint(1, 41, (64, 8)))
+    zeros = (seen["hidden"] == 0).float().mean().item()
+    assert zeros == pytest.approx(0.5, abs=0.05)       # dropout between GELU and W2
+    model.eval()
+    model.encode(torch.randint(1, 41, (64, 8)))
+    assert (seen["hidden"] == 0).float().mean().item() < 0.01
+
+
 @pytest.mark.parametrize("name", ["gru4rec", "narm", "mamba4rec", "bert4rec"])
 def test_padding_does_not_change_real_positions(name):
     model = small_model(name)
