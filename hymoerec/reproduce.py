@@ -33,6 +33,7 @@ import numpy as np
 from hymoerec.data import DATASETS, FORMATS, leave_one_out
 from hymoerec.evaluate import Recommender
 from hymoerec.metrics import ndcg_gains, rank_metrics, rank_targets
+from hymoerec.run_folder import read_log
 from hymoerec.train import load_data, parse_args
 from hymoerec.train import main as train_main
 
@@ -148,26 +149,28 @@ def paired_test(ours: np.ndarray, theirs: np.ndarray, seed: int = 0) -> dict:
 
 
 def run_entry(entry: Entry, seed: int, common: list[str], run_root: Path) -> dict:
-    """Train (or reuse / resume) one entry for one seed; returns its summary plus the
-    per-user test ranks."""
+    """Train (or reuse / resume) one entry for one seed; returns its summary. A run whose
+    summary says it is not finished (``--max-minutes`` stopped it) is resumed."""
     run_dir = run_root / f"{entry.model}-{entry.ffn}-s{seed}"
     argv = common + ["--model", entry.model, "--ffn", entry.ffn, "--seed", str(seed),
                      "--run-dir", str(run_dir), "--no-progress"]
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished", True):
         print(f"[reproduce] {entry.label} seed {seed}: reusing {summary_path}", flush=True)
-        summary = json.loads(summary_path.read_text())
-    else:
-        print(f"[reproduce] {entry.label} seed {seed}: training in {run_dir}", flush=True)
-        summary = train_main(argv + (["--resume"] if (run_dir / "last.pt").is_file() else []))
-    return summary
+        return json.loads(summary_path.read_text())
+    print(f"[reproduce] {entry.label} seed {seed}: training in {run_dir}", flush=True)
+    return train_main(argv + (["--resume"] if (run_dir / "last.pt").is_file() else []))
 
 
-def test_ranks(run_dir: Path, split, args: Namespace) -> np.ndarray:
-    """Per-user test ranks (n,) int64 of the best checkpoint in run_dir."""
+def test_ranks(run_dir: Path, split, args: Namespace,
+               exclude_history: bool | None = None) -> np.ndarray:
+    """Per-user test rank counts (n, 2) int64 ``[above, tied]`` of the best checkpoint in
+    run_dir (:mod:`hymoerec.metrics`), under the run's protocol unless ``exclude_history``
+    is given."""
     rec = Recommender.from_checkpoint(run_dir, args.device)
+    exclude = args.exclude_history if exclude_history is None else exclude_history
     return rank_targets(rec.model.rank_next, split.history("test"), split.targets("test"),
-                        args.max_len, args.exclude_history, args.eval_batch_size, rec.device)
+                        args.max_len, exclude, args.eval_batch_size, rec.device)
 
 
 def fmt(values: list[float]) -> str:
@@ -196,6 +199,24 @@ def published_row(label: str, paper_key: str | None) -> dict | None:
     return PUBLISHED.get(paper_key or "", {}).get(entry.paper_row)
 
 
+def epochs_run(run: dict) -> str:
+    """A run's epoch count, marked when the run is still training (--no-train tables)."""
+    return f"{run['epochs_run']}" + ("" if run.get("finished", True) else " (still training)")
+
+
+def other_protocol_table(results: dict, exclude_history: bool) -> str:
+    """Mean test metrics under the protocol the runs were not trained with (history
+    excluded for history-kept runs, and the other way round), from each best checkpoint."""
+    how = ("removed from the ranking (history excluded)" if exclude_history
+           else "kept in the ranking (history kept)")
+    lines = [f"The same checkpoints with the user's earlier items {how}:", "",
+             "| Model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for label, result in results.items():
+        lines.append(f"| {label} | " + " | ".join(
+            fmt([run["test_other_protocol"][m] for run in result["runs"]]) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> str:
     """The main table (ours beside the paper's Table 1 with the gaps, when ``paper_key`` is
     one of PUBLISHED), epochs and validation curves, from the JSON form of ``results``."""
@@ -215,7 +236,7 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
     lines += ["", "| Model | epochs run (per seed) | best epoch | train s / epoch |", "|---|---|---|---|"]
     for label, result in results.items():
         runs = result["runs"]
-        lines.append(f"| {label} | {', '.join(str(r['epochs_run']) for r in runs)} | "
+        lines.append(f"| {label} | {', '.join(epochs_run(r) for r in runs)} | "
                      f"{', '.join(str(r['best_epoch']) for r in runs)} | "
                      f"{np.mean([r['train_seconds_per_epoch'] for r in runs]):.1f} |")
     longest = max(len(run["valid_curve"]) for r in results.values() for run in r["runs"])
@@ -308,7 +329,11 @@ def render(report: dict) -> str:
               f"model starts from its paper's configuration. Total training time "
               f"{train_minutes:.1f} min.",
               f"Published numbers: {published}"]
-    sections = [markdown_table(results, paper_key, header), independent_section(results, paper_key),
+    sections = [markdown_table(results, paper_key, header),
+                other_protocol_table(results, not first["config"]["exclude_history"])
+                if all("test_other_protocol" in run for r in results.values() for run in r["runs"])
+                else "",
+                independent_section(results, paper_key),
                 significance_section(report["significance"])]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -342,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-root", help="folder of the training runs (default runs/reproduce-<data>)")
     p.add_argument("--out", help="Markdown table (default <run-root>/table.md); a .json "
                                  "with the raw results is written next to it")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: the table of the runs in --run-root that have a "
+                        "summary (e.g. of benchmarks/table_runs.sh), marking those still "
+                        "training; rows without one are left out")
     p.add_argument("--render", metavar="JSON",
                    help="train nothing: re-render the Markdown of a saved results JSON (to "
                         "--out, default the .md next to it)")
@@ -373,21 +402,30 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in entries:
         runs, ndcg = [], []
         for seed in range(1, opts.seeds + 1):
-            summary = run_entry(entry, seed, common, run_root)
+            run_dir = run_root / f"{entry.model}-{entry.ffn}-s{seed}"
+            if opts.no_train:
+                if not (run_dir / "summary.json").is_file():
+                    continue
+                summary = json.loads((run_dir / "summary.json").read_text())
+            else:
+                summary = run_entry(entry, seed, common, run_root)
             run_args = Namespace(**summary["config"])
-            ranks = test_ranks(run_root / f"{entry.model}-{entry.ffn}-s{seed}", split, run_args)
+            ranks = test_ranks(run_dir, split, run_args)
             recomputed = rank_metrics(ranks)
             if abs(recomputed["NDCG@10"] - summary["test"]["NDCG@10"]) > 1e-6:
                 raise RuntimeError(f"{entry.label} seed {seed}: re-scored NDCG@10 "
                                    f"{recomputed['NDCG@10']} differs from the run's "
                                    f"{summary['test']['NDCG@10']}")
-            log = run_root / f"{entry.model}-{entry.ffn}-s{seed}" / "log.jsonl"
-            curve = [json.loads(line)["valid"]["NDCG@10"]
-                     for line in log.read_text().splitlines() if line.strip()]
+            curve = [r["valid"]["NDCG@10"] for r in read_log(run_dir / "log.jsonl")]
+            other = rank_metrics(test_ranks(run_dir, split, run_args,
+                                            not run_args.exclude_history))
             runs.append({**{k: summary[k] for k in ("test", "valid", "epochs_run", "best_epoch",
                                                     "train_seconds_per_epoch", "config")},
+                         "finished": summary.get("finished", True), "test_other_protocol": other,
                          "commits": summary.get("commits", []), "valid_curve": curve})
             ndcg.append(ndcg_gains(ranks, 10))
+        if not runs:
+            continue
         results[entry.label] = {"model": entry.model, "ffn": entry.ffn,
                                 "is_hymoerec": entry.is_hymoerec, "runs": runs,
                                 "ndcg10_per_user": np.mean(ndcg, axis=0)}

@@ -537,6 +537,8 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "epochs_run": self.epoch, "best_epoch": self.best_epoch, "steps": self.step,
             "stopped_early": self.bad_epochs >= self.args.patience,
+            # False when --max-minutes ended this invocation first: --resume goes on
+            "finished": self.bad_epochs >= self.args.patience or self.epoch >= self.args.epochs,
             "train_seconds_per_epoch": self.train_seconds / max(self.epoch, 1),
             "train_cpu_seconds_per_epoch": self.train_cpu_seconds / max(self.epoch, 1),
             "valid": self.evaluate("valid"), "test": test,

@@ -1,5 +1,6 @@
 """Baseline backbones (GRU4Rec, NARM, BERT4Rec, Mamba4Rec), --ffn inside each backbone, and
 the reproduction script."""
+import json
 import math
 
 import numpy as np
@@ -236,6 +237,26 @@ def test_reproduce_writes_the_table(tmp_path):
                             "--d-model", "16", *TINY_DATA])
     assert (again["results"]["GRU4Rec"]["runs"][0]["test"]
             == result["results"]["GRU4Rec"]["runs"][0]["test"])
+    # the same checkpoints under the other protocol: history excluded never ranks worse
+    assert "earlier items removed from the ranking (history excluded)" in text
+    for label, r in result["results"].items():
+        run = r["runs"][0]
+        assert run["test_other_protocol"]["HR@10"] >= run["test"]["HR@10"] and run["finished"]
+
+
+def test_no_train_tables_what_has_a_summary_and_marks_runs_still_training(tmp_path):
+    runs = tmp_path / "runs"
+    flags = ["--seeds", "2", "--models", "gru4rec", "narm", "--run-root", str(runs),
+             "--out", str(tmp_path / "t.md"), "--d-model", "16", *TINY_DATA]
+    reproduce.main(["--seeds", "1", "--budget", "1"] + flags[2:])   # gru4rec and narm, seed 1
+    summary_path = runs / "narm-dense-s1" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "finished": False}))  # as --max-minutes leaves it
+    result = reproduce.main(["--no-train", "--budget", "1"] + flags)
+    text = (tmp_path / "t.md").read_text()
+    assert [len(r["runs"]) for r in result["results"].values()] == [1, 1]  # no seed 2 trained
+    assert "| NARM | 1 (still training) |" in text and "| GRU4Rec | 1 |" in text
+    assert not (runs / "gru4rec-dense-s2").exists()
 
 
 def fake_report(command_data: list[str], ours: dict[str, float]) -> dict:

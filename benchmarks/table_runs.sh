@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Long table runs in parallel slots, each slot training its runs one after another on one
+# thread, every run stopping cleanly (--max-minutes) before a shared deadline and resuming
+# (--resume) where an earlier call left it. Run folders are named as hymoerec.reproduce
+# names them (<model>-<ffn>-s<seed>), so `python -m hymoerec.reproduce --run-root OUT_DIR
+# --no-train ...` renders the table of what has finished, and a later reproduce call reuses
+# the runs.
+# Usage: benchmarks/table_runs.sh DATA_FILE FORMAT OUT_DIR MINUTES SLOT [SLOT ...] [-- FLAGS]
+#   SLOT: space-separated runs "model:ffn:seed ...", e.g. "sasrec:dense:1 sasrec:dense:2"
+#   MINUTES: the deadline from now; a run starts no new epoch after it
+#   FLAGS: extra train.py flags for every run (the same on every call: resume refuses changes)
+# Finished runs (summary.json with "finished": true) are skipped, so the same call goes on
+# where the last one stopped.
+set -euo pipefail
+data=$1; format=$2; out=$3; minutes=$4; shift 4
+slots=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do slots+=("$1"); shift; done
+[ $# -gt 0 ] && shift
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+deadline=$(( $(date +%s) + ${minutes%.*} * 60 ))
+
+finished() {  # a run folder whose summary says it is done
+  python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished", True) else 1)' \
+    "$1/summary.json" 2>/dev/null
+}
+
+for slot in "${slots[@]}"; do
+  (
+    for run in $slot; do
+      IFS=: read -r model ffn seed <<< "$run"
+      dir="$out/$model-$ffn-s$seed"
+      finished "$dir" && continue
+      left=$(( (deadline - $(date +%s)) / 60 ))
+      [ "$left" -ge 5 ] || break
+      resume=(); [ -f "$dir/last.pt" ] && resume=(--resume)
+      python hymoerec/train.py --data-file "$data" --format "$format" --model "$model" \
+        --ffn "$ffn" --seed "$seed" --threads 1 --no-progress --run-dir "$dir" \
+        --max-minutes "$left" "${resume[@]}" "$@" >> "$dir.log" 2>&1 || true
+    done
+  ) &
+done
+wait

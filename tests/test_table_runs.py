@@ -1,0 +1,31 @@
+"""benchmarks/table_runs.sh: parallel slots of runs named as reproduce names them, a finished
+run skipped on the next call, and --no-train tabling what it left."""
+import json
+import subprocess
+from pathlib import Path
+
+from hymoerec import reproduce
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_slots_train_resume_and_feed_the_table(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"u{u} " + " ".join(f"i{(u * 3 + j) % 17}" for j in range(7)) + "\n"
+                            for u in range(60)))
+    out = tmp_path / "runs"
+    call = ["bash", "benchmarks/table_runs.sh", str(data), "sequences", str(out), "30",
+            "sasrec:dense:1", "gru4rec:dense:1 narm:dense:1", "--", "--d-model", "16",
+            "--epochs", "1"]
+    subprocess.run(call, cwd=REPO, check=True, timeout=600)
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["gru4rec-dense-s1", "narm-dense-s1", "sasrec-dense-s1"]
+    summaries = {r: json.loads((out / r / "summary.json").read_text()) for r in runs}
+    assert all(s["finished"] and s["config"]["threads"] == 1 for s in summaries.values())
+    before = (out / "sasrec-dense-s1" / "last.pt").stat().st_mtime_ns
+    subprocess.run(call, cwd=REPO, check=True, timeout=600)  # all finished: nothing trains
+    assert (out / "sasrec-dense-s1" / "last.pt").stat().st_mtime_ns == before
+    result = reproduce.main(["--no-train", "--seeds", "1", "--data-file", str(data),
+                             "--run-root", str(out), "--out", str(tmp_path / "t.md"),
+                             "--d-model", "16", "--epochs", "1"])
+    assert set(result["results"]) == {"GRU4Rec", "NARM", "SASRec (dense FFN)"}
