@@ -7,6 +7,8 @@ of :func:`hymoe_kernels.reference.hymoe_reference`.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 from typing import Callable
 
@@ -18,6 +20,20 @@ from .reference import hymoe_reference
 from .torch_backend import hymoe_torch
 
 BACKENDS = ("auto", "torch", "reference", "triton")
+EXPERT_INITS = ("copy", "drop", "random")
+
+
+def check_gelu(activation) -> None:
+    """Raise ValueError naming ``activation`` unless it is exact (erf) GELU, the kernels'
+    activation: "gelu", F.gelu or nn.GELU(approximate="none")."""
+    if activation == "gelu" or activation is F.gelu or (
+            isinstance(activation, nn.GELU) and activation.approximate == "none"):
+        return
+    name = activation if isinstance(activation, str) else (
+        getattr(activation, "__name__", None) or repr(activation))
+    raise ValueError(f"activation {name} is not exact GELU: HyMoE's experts and dense FFN use "
+                     "exact (erf) GELU, so a dense FFN with another activation cannot be "
+                     "converted without changing its function")
 
 
 def resolve_backend(name: str, x: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
@@ -58,9 +74,17 @@ class HyMoEFFN(nn.Module):
         router_hidden: width of the router's hidden layer (default d_model).
 
     ``forward(x, mask=None)`` takes x of shape (..., d_model) and an optional bool mask of
-    shape x.shape[:-1] (True = real token; padding is excluded from the router
-    statistics) and returns a tensor of x's shape and dtype. After a training forward,
-    ``aux_loss`` holds the load-balance term (a scalar with grad) to add to the task loss.
+    shape x.shape[:-1] (True = real token) and returns a tensor of x's shape and dtype.
+    Padded tokens are replaced by zeros (a selection, not a product) before anything is
+    computed, so whatever they hold, NaN or inf included, never reaches the real tokens'
+    outputs, the router statistics, ``aux_loss`` or any gradient; a padded token's output
+    is that of a zero token. The layer computes in x's dtype whatever its parameters'
+    (an fp32 layer given bf16 input computes in bf16, as under autocast; gradients reach
+    the fp32 parameters through the cast), with the routing math in at least float32.
+    After a training forward, ``aux_loss`` holds the load-balance term (a scalar with
+    grad) to add to the task loss.
+
+    :meth:`from_dense` builds the layer around a trained dense FFN (sparse upcycling).
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 2,
@@ -74,6 +98,9 @@ class HyMoEFFN(nn.Module):
             raise ValueError(f"top_k must be an int in 1..num_experts={num_experts}, got {top_k!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        if not (isinstance(lb_weight, numbers.Real) and math.isfinite(lb_weight)
+                and lb_weight >= 0):
+            raise ValueError(f"lb_weight must be a finite number >= 0, got {lb_weight!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.d_model, self.d_ff = d_model, d_ff
@@ -125,6 +152,94 @@ class HyMoEFFN(nn.Module):
                     param.zero_()
             self.alpha_param.zero_()
 
+    @classmethod
+    def from_dense(cls, up: nn.Linear, down: nn.Linear, *, activation="gelu",
+                   num_experts: int = 4, top_k: int = 2, expert_init: str = "copy",
+                   drop_ratio: float = 0.5, noise_std: float = 0.0, router_std: float = 0.02,
+                   warmup_steps: int = 500, lb_weight: float = 0.02, dropout: float = 0.0,
+                   backend: str = "auto", router_hidden: int | None = None) -> "HyMoEFFN":
+        """A HyMoE layer whose dense expert is the trained FFN ``down(act(up(x)))``.
+
+        ``up`` is nn.Linear(D, F) and ``down`` nn.Linear(F, D) (biases optional, zero when
+        absent), of one dtype and device, which the layer takes; ``activation`` the FFN's
+        activation, which must be exact GELU ("gelu", F.gelu or nn.GELU()): anything else
+        is a ValueError naming it. The dense expert gets their weights exactly (transposed
+        to the layer's (in, out) layout). Each sparse expert starts as
+        ``expert_init``:
+
+        * "copy": a copy of the dense FFN (sparse upcycling), plus N(0, noise_std) noise on
+          its weights when ``noise_std`` > 0;
+        * "drop": a copy whose hidden units are re-initialised at a fraction ``drop_ratio``
+          of them, a different random subset per expert (Drop-Upcycling, Nakamura et al.,
+          ICLR 2025): the chosen columns of W1, entries of b1 and rows of W2 are drawn
+          from N(mean, std) of the dense tensor they come from; then noise as for "copy";
+        * "random": every hidden unit re-initialised that way ("drop" with ratio 1).
+
+        The router's first layer keeps nn.Linear's init, its output layer is
+        N(0, router_std) with zero bias (near-uniform routing), alpha_param is 0 and the
+        step counter 0. As alpha = sigmoid(alpha_param) * min(1, t / warmup_steps) is 0 at
+        t = 0, the layer's output then equals the dense FFN's up to the rounding of the
+        same GEMMs, on every backend, and training adds the experts as alpha warms up; so
+        ``warmup_steps`` must be >= 1. Random draws use torch's global RNG.
+        The other arguments are the constructor's; ``dropout`` is applied to the output.
+        """
+        for name, linear in (("up", up), ("down", down)):
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"{name} must be an nn.Linear, got {type(linear).__name__}")
+        d_model, d_ff = up.in_features, up.out_features
+        if (down.in_features, down.out_features) != (d_ff, d_model):
+            raise ValueError(f"up is Linear({d_model}, {d_ff}), so down must be Linear({d_ff}, "
+                             f"{d_model}), got Linear({down.in_features}, {down.out_features})")
+        ref = up.weight
+        if (down.weight.dtype, down.weight.device) != (ref.dtype, ref.device):
+            raise ValueError(f"up is {ref.dtype} on {ref.device}, down {down.weight.dtype} on "
+                             f"{down.weight.device}: they must match")
+        check_gelu(activation)
+        if expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
+        for name, value in (("drop_ratio", drop_ratio), ("noise_std", noise_std),
+                            ("router_std", router_std)):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if drop_ratio > 1:
+            raise ValueError(f"drop_ratio must be in [0, 1], got {drop_ratio!r}")
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1 for from_dense (alpha must start at 0 "
+                             f"so that the layer starts as the dense FFN), got {warmup_steps!r}")
+        layer = cls(d_model, d_ff, num_experts, top_k, warmup_steps, lb_weight, dropout,
+                    backend, router_hidden).to(device=ref.device, dtype=ref.dtype)
+
+        def bias(linear: nn.Linear, size: int) -> Tensor:
+            return linear.bias if linear.bias is not None else ref.new_zeros(size)
+
+        dense = (up.weight.t(), bias(up, d_ff), down.weight.t(), bias(down, d_model))
+        ratio = {"copy": 0.0, "drop": drop_ratio, "random": 1.0}[expert_init]
+        n_drop = round(ratio * d_ff)
+        with torch.no_grad():
+            for param, value in zip((layer.dense_w1, layer.dense_b1, layer.dense_w2,
+                                     layer.dense_b2), dense):
+                param.copy_(value)
+            experts = (layer.expert_w1, layer.expert_b1, layer.expert_w2, layer.expert_b2)
+            for param, value in zip(experts, dense):
+                param.copy_(value.expand_as(param))
+            # hidden unit j is column j of W1 (D, F), entry j of b1 (F,), row j of W2 (F, D)
+            moments = [(value.float().mean(), value.float().std(correction=0))
+                       for value in dense[:3]]
+            for expert in range(num_experts if n_drop else 0):
+                units = torch.randperm(d_ff)[:n_drop].to(ref.device)
+                for param, value, hidden_dim, (mean, std) in zip(experts[:3], dense[:3],
+                                                                 (1, 0, 0), moments):
+                    shape = list(value.shape)
+                    shape[hidden_dim] = n_drop
+                    fresh = torch.randn(shape, device=ref.device) * std + mean
+                    param[expert].index_copy_(hidden_dim, units, fresh.to(ref.dtype))
+            if noise_std:
+                for param in (layer.expert_w1, layer.expert_w2):
+                    param.add_(torch.randn_like(param) * noise_std)
+            layer.router_w2.normal_(0.0, router_std)
+            layer.router_b2.zero_()
+        return layer
+
     def weights(self) -> tuple[Tensor, ...]:
         """The twelve weight tensors in the order of the backend functions' signature."""
         return (self.router_w1, self.router_b1, self.router_w2, self.router_b2,
@@ -143,10 +258,15 @@ class HyMoEFFN(nn.Module):
         return torch.sigmoid(self.alpha_param.float()) * self.ramp()
 
     def set_step(self, t: int) -> None:
-        """Set the warm-up step counter t (e.g. when resuming training)."""
+        """Set the warm-up step counter t, an int >= 0 (e.g. when resuming training); a
+        float such as 2.7 is a TypeError, not silently truncated."""
+        try:
+            t = operator.index(t)
+        except TypeError:
+            raise TypeError(f"step must be an int, got {t!r}") from None
         if t < 0:
             raise ValueError(f"step must be >= 0, got {t}")
-        self.step.fill_(int(t))
+        self.step.fill_(t)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if not x.is_floating_point():
@@ -161,6 +281,8 @@ class HyMoEFFN(nn.Module):
                                  f"got {tuple(mask.shape)}")
             flat_mask = mask.reshape(-1).to(torch.bool)
         x2 = x.reshape(-1, self.d_model)
+        if flat_mask is not None:
+            x2 = torch.where(flat_mask.unsqueeze(-1), x2, 0.0)
         fn = resolve_backend(self.backend, x2)
         ramp = self.ramp()
         y, prob_sum, load = fn(x2, flat_mask, *self.weights(), self.alpha_param, ramp, self.top_k)

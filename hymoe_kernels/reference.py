@@ -50,12 +50,21 @@ def hymoe_reference(
     router_w1 (D, H), router_b1 (H,), router_w2 (H, E), router_b2 (E,);
     expert_w1 (E, D, F), expert_b1 (E, F), expert_w2 (E, F, D), expert_b2 (E, D);
     dense_w1 (D, F), dense_b1 (F,), dense_w2 (F, D), dense_b2 (D,);
-    alpha_param () and ramp () float tensors.
+    alpha_param () and ramp () float tensors. Weights of another floating dtype are cast
+    (differentiably) to x's: an fp32 layer given a bf16 input computes in bf16, as under
+    autocast; the routing math (softmax, gates, alpha) runs in at least float32.
 
     Returns ``(y, prob_sum, load)``: y (N, D) in the compute dtype of x; prob_sum (E,)
-    float32 (float64 for float64 inputs), the sum over real tokens of softmax(logits) (all E experts, differentiable);
-    load (E,) int64, the number of (real token, slot) pairs routed to each expert.
+    float32 (float64 for float64 inputs), the sum over real tokens of softmax(logits) (all
+    E experts, differentiable); load (E,) int64, the number of (real token, slot) pairs
+    routed to each expert. Padding is excluded from both by selection, so non-finite
+    values in padded tokens never reach them.
     """
+    (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2, expert_b2,
+     dense_w1, dense_b1, dense_w2, dense_b2) = (
+        w.to(x.dtype) for w in (router_w1, router_b1, router_w2, router_b2, expert_w1,
+                                expert_b1, expert_w2, expert_b2, dense_w1, dense_b1,
+                                dense_w2, dense_b2))
     num_experts = expert_w1.shape[0]
     logits = router_logits(x, router_w1, router_b1, router_w2, router_b2)
     acc_dtype = torch.promote_types(logits.dtype, torch.float32)       # routing math in >= fp32
@@ -75,7 +84,7 @@ def hymoe_reference(
     y = y_dense + alpha.to(y_dense.dtype) * y_moe
 
     real = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask
-    prob_sum = (logits.softmax(dim=-1) * real.unsqueeze(-1)).sum(dim=0)
+    prob_sum = torch.where(real.unsqueeze(-1), logits.softmax(dim=-1), 0.0).sum(dim=0)
     load = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
     load = load.index_add(0, top_ids[real].reshape(-1),
                           torch.ones_like(top_ids[real].reshape(-1)))

@@ -200,14 +200,15 @@ def hymoe_torch(
     ramp: Tensor,
     top_k: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """HyMoE forward on a flat batch of tokens; arguments, shapes and returns exactly as
-    :func:`hymoe_kernels.reference.hymoe_reference` (y (N, D) in the compute dtype of x,
-    prob_sum (E,) float32, load (E,) int64)."""
+    """HyMoE forward on a flat batch of tokens; arguments, shapes, dtype rules and returns
+    exactly as :func:`hymoe_kernels.reference.hymoe_reference` (weights cast to x's dtype;
+    y (N, D) in the compute dtype of x, prob_sum (E,) float32, load (E,) int64; padding
+    excluded from prob_sum and load by selection)."""
     num_tokens = x.shape[0]
     num_experts = expert_w1.shape[0]
     device = x.device
 
-    router_act = F.gelu(torch.addmm(router_b1, x, router_w1))
+    router_act = F.gelu(torch.addmm(router_b1.to(x.dtype), x, router_w1.to(x.dtype)))
     compute_dtype = router_act.dtype                   # x's dtype, or autocast's
     # F.linear with a contiguous (E, H) weight: the orientation in which the skinny
     # (N, H) x (H, E) matmuls are fast, forward and backward.
@@ -239,7 +240,7 @@ def hymoe_torch(
     y = y_dense + y_moe
 
     real = torch.ones(num_tokens, dtype=torch.bool, device=device) if mask is None else mask
-    prob_sum = (logits.softmax(dim=-1) * real.unsqueeze(-1)).sum(dim=0)
+    prob_sum = torch.where(real.unsqueeze(-1), logits.softmax(dim=-1), 0.0).sum(dim=0)
     real_slots = real.unsqueeze(1).expand(num_tokens, top_k).reshape(-1).long()
     load = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
         0, flat_ids, real_slots)

@@ -1,8 +1,15 @@
-"""HyMoEFFN: schedule, statistics, invariances, state, errors, dtypes, torch.compile."""
+"""HyMoEFFN: schedule, statistics, invariances, padding, state, errors, dtypes, torch.compile."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 from hymoe_kernels import HyMoEFFN
+from kernel_cases import DEVICE
+
+# every backend; "triton" runs in the interpreter on a CPU machine (see conftest.py)
+ALL_BACKENDS = ("reference", "torch", "triton")
 
 
 def make_layer(**kw):
@@ -71,6 +78,78 @@ def test_padding_does_not_change_router_statistics():
     assert sum(stats["gbar"]) == pytest.approx(1.0, rel=1e-5)
 
 
+def padded_run(backend, fill, dtype=torch.float32):
+    """A training forward + backward of a masked batch whose padded tokens all hold
+    ``fill``: (real outputs, gbar, aux_loss, grad of x, grads of every parameter)."""
+    layer = make_layer(backend=backend, warmup_steps=4).to(DEVICE)
+    layer.set_step(2)                               # alpha > 0: experts and router in play
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 16, generator=gen).to(DEVICE, dtype)
+    target = torch.randn(2, 6, 16, generator=gen).to(DEVICE)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool,
+                        device=DEVICE)
+    x[~mask] = fill
+    x.requires_grad_()
+    y = layer(x, mask)
+    loss = (y[mask].float() * target[mask]).sum() + 10 * layer.aux_loss
+    grads = torch.autograd.grad(loss, [x, *layer.parameters()])
+    gbar = torch.tensor(layer.stats()["gbar"])
+    return (y[mask].detach(), gbar, layer.aux_loss.detach(), *grads)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf"), 3e38])
+def test_non_finite_padding_reaches_nothing(backend, fill):
+    """Padding is selected out: whatever a padded token holds, the real outputs, gbar,
+    aux_loss and every gradient are finite, the same bits as with finite padding, and the
+    same as the reference backend's."""
+    finite = padded_run(backend, 0.5)
+    poisoned = padded_run(backend, fill)
+    for got, want in zip(poisoned, finite):
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+    for got, want in zip(poisoned, padded_run("reference", fill)):
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+    padding = ~torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert not poisoned[3].cpu()[padding].any()               # no gradient reaches padding
+
+
+def test_padded_tokens_are_computed_as_zero_tokens():
+    layer = make_layer(warmup_steps=0).eval()
+    x = torch.randn(3, 16)
+    mask = torch.tensor([True, False, True])
+    y = layer(x, mask)
+    torch.testing.assert_close(y[1], layer(torch.zeros(1, 16))[0])
+    torch.testing.assert_close(y[mask], layer(x[mask]))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_layer_computes_in_the_input_dtype(backend, dtype):
+    """Chosen behaviour, the same on every backend: an fp32 layer given a half-precision
+    input computes in that dtype, as autocast would (the triton kernels always did), with
+    the same outputs as the layer cast to that dtype; its fp32 parameters get the
+    gradients through the cast."""
+    layer = make_layer(backend=backend, warmup_steps=4).to(DEVICE)
+    layer.set_step(2)
+    half = copy.deepcopy(layer).to(dtype)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(5)).to(DEVICE) > 0.3
+    outs = []
+    for module in (layer, half):
+        y = module(x, mask)
+        grads = torch.autograd.grad(y.float().square().sum() + module.aux_loss,
+                                    list(module.parameters()))
+        outs.append((y, module.aux_loss, grads))
+    (y32, aux32, grads32), (y16, aux16, grads16) = outs
+    assert y32.dtype == dtype and torch.equal(y32, y16) and torch.equal(aux32, aux16)
+    for (name, param), g32, g16 in zip(layer.named_parameters(), grads32, grads16):
+        assert g32.dtype == torch.float32, name
+        if name == "alpha_param":                  # its gradient is formed in float32
+            torch.testing.assert_close(g32, g16.float(), rtol=1e-2, atol=1e-3)
+        else:                                      # the half gradient, cast back exactly
+            assert torch.equal(g32, g16.float()), name
+
+
 @pytest.mark.parametrize("top_k", [1, 4])
 def test_extreme_top_k(top_k):
     layer = make_layer(top_k=top_k, warmup_steps=0)
@@ -109,6 +188,18 @@ def test_reset_parameters_default_and_normal_init():
             assert not param.any(), name           # biases zero
 
 
+def test_set_step_takes_integers_only():
+    layer = make_layer()
+    for t in (7, np.int64(8), torch.tensor(9)):
+        layer.set_step(t)
+        assert int(layer.step) == int(t)
+    with pytest.raises(TypeError, match="step must be an int, got 2.7"):
+        layer.set_step(2.7)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        layer.set_step(-1)
+    assert int(layer.step) == 9
+
+
 def test_state_dict_round_trip_keeps_step():
     layer = make_layer()
     layer.set_step(123)
@@ -120,7 +211,9 @@ def test_state_dict_round_trip_keeps_step():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(top_k=0), "top_k"), (dict(top_k=5), "top_k"), (dict(backend="cuda"), "backend"),
-    (dict(d_model=0), "d_model"), (dict(warmup_steps=-1), "warmup_steps")])
+    (dict(d_model=0), "d_model"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(lb_weight=float("nan")), "lb_weight"), (dict(lb_weight=float("inf")), "lb_weight"),
+    (dict(lb_weight=-0.1), "lb_weight"), (dict(lb_weight="0.1"), "lb_weight")])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_layer(**kwargs)

@@ -54,3 +54,33 @@ def test_gradcheck_float64(top_k):
         return y, (prob_sum.double() * probe).sum()
 
     assert torch.autograd.gradcheck(f, (x, alpha_param, *w), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
+def test_padding_is_selected_out_of_prob_sum_and_load(fill):
+    """Non-finite values in padded tokens never reach prob_sum or load (selection, not
+    multiplication by the mask): they equal those of the real tokens alone."""
+    D, F, E, H, N = 6, 10, 4, 5, 13
+    w = make_weights(D, F, E, H, dtype=torch.float32)
+    x = torch.randn(N, D)
+    mask = torch.arange(N) % 3 != 0
+    x[~mask] = fill
+    alpha_param, ramp = torch.tensor(0.3), torch.tensor(0.7)
+    y, prob_sum, load = hymoe_reference(x, mask, *w, alpha_param, ramp, 2)
+    y_real, prob_real, load_real = hymoe_reference(x[mask], None, *w, alpha_param, ramp, 2)
+    torch.testing.assert_close(prob_sum, prob_real)
+    assert torch.equal(load, load_real)
+    torch.testing.assert_close(y[mask], y_real)
+
+
+def test_weights_are_cast_to_the_input_dtype():
+    """fp32 weights with a bf16 input: computed in bf16, the same as bf16 weights."""
+    D, F, E, H = 6, 10, 4, 5
+    w = make_weights(D, F, E, H, dtype=torch.float32)
+    x = torch.randn(9, D, dtype=torch.bfloat16)
+    alpha_param, ramp = torch.tensor(0.3), torch.tensor(0.7)
+    mixed = hymoe_reference(x, None, *w, alpha_param, ramp, 2)
+    same = hymoe_reference(x, None, *(t.bfloat16() for t in w), alpha_param, ramp, 2)
+    assert mixed[0].dtype == torch.bfloat16 and mixed[1].dtype == torch.float32
+    for got, want in zip(mixed, same):
+        assert torch.equal(got, want)

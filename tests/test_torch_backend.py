@@ -172,6 +172,41 @@ def test_layer_torch_backend_matches_reference_backend():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_non_finite_padding_is_selected_out_like_the_reference(fill):
+    """prob_sum and load never see padded tokens' values (selection by the mask), as in the
+    reference; real rows' outputs are those of the real tokens alone."""
+    params = make_params(6, 10, 4, 5, seed=2)
+    x = torch.randn(14, 6, generator=torch.Generator().manual_seed(6))
+    mask = torch.arange(14) % 3 != 0
+    x[~mask] = fill
+    args = (*(params[n] for n in PARAM_NAMES[:-1]), params["alpha_param"], torch.tensor(0.6), 2)
+    with torch.no_grad():
+        y, prob_sum, load = hymoe_torch(x, mask, *args)
+        y_real, prob_real, load_real = hymoe_torch(x[mask], None, *args)
+        _, prob_ref, load_ref = hymoe_reference(x, mask, *args)
+    assert torch.isfinite(prob_sum).all() and torch.equal(load, load_real)
+    torch.testing.assert_close(prob_sum, prob_real)
+    torch.testing.assert_close(prob_sum, prob_ref)
+    assert torch.equal(load, load_ref)
+    torch.testing.assert_close(y[mask], y_real)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_are_cast_to_the_input_dtype(dtype):
+    """fp32 weights with a half input compute in that dtype: the same outputs and input
+    gradient as half weights (as hymoe_triton and under autocast)."""
+    params = make_params(6, 10, 4, 5, seed=3)
+    x = torch.randn(11, 6, generator=torch.Generator().manual_seed(7)).to(dtype)
+    mask = torch.arange(11) % 4 != 0
+    half = {n: p.detach().to(dtype).requires_grad_() for n, p in params.items()}
+    half["alpha_param"] = params["alpha_param"]
+    mixed, same = (run(hymoe_torch, x, mask, p, torch.tensor(0.6), 2) for p in (params, half))
+    for name, want in same.items():
+        assert torch.equal(mixed[name], want), name
+    assert params["dense_w1"].grad.dtype == torch.float32
+
+
 def test_expert_ffn_op_registration():
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(7, 3, generator=gen, requires_grad=True)

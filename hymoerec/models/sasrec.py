@@ -45,6 +45,8 @@ class SelfAttention(nn.Module):
 
 class Block(nn.Module):
     """Post-LN transformer block: x = LN(x + drop(attn(x))); x = LN(x + ffn(x, mask))."""
+    # the dense ffn (base.DenseFFN) for hymoe_kernels.replace_ffn: (up, down, output dropout)
+    hymoe_ffn_slots = {"ffn": ("fc1", "fc2", "dropout")}
 
     def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
