@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hymoe_kernels.layer import BACKENDS
+from hymoe_kernels.layer import BACKENDS, EXPERT_INITS
 from hymoe_kernels.loss import NonFiniteScoresError
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
@@ -36,6 +36,7 @@ from hymoerec.data import (DATASETS, FORMATS, DataFormatError, SequenceData, buc
                            training_windows)
 from hymoerec.metrics import evaluate_ranking, head_items
 from hymoerec.models import FFN_KINDS, MODELS, ConfigError, ModelConfig, build_model
+from hymoerec.models.upcycle import upcycle_to_hymoe
 from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json
 
 MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
@@ -156,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run in a --run-dir that already holds files, replacing "
                         "an earlier run's files there")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g = p.add_argument_group("starting from a trained run")
+    g.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from this finished run's best checkpoint (same data and "
+                        "backbone; its config.json gives the defaults) with a fresh optimizer; "
+                        "with --ffn hymoe a dense run's FFNs are upcycled: each becomes the "
+                        "shared expert of a HyMoE layer whose warm-up starts at 0, so training "
+                        "starts from exactly the dense model")
+    g.add_argument("--expert-init", default="copy", choices=EXPERT_INITS,
+                   help="upcycled experts: copies of the dense FFN, copies with --drop-ratio "
+                        "of their hidden units re-drawn (Drop-Upcycling), or fresh")
+    g.add_argument("--drop-ratio", type=float, default=0.5,
+                   help="share of each expert's hidden units re-drawn by --expert-init drop")
     distributed.add_arguments(g)  # distributed
     return p
 
@@ -171,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not args.run_dir:
             parser.error("--resume needs --run-dir")
         saved = saved or str(Path(args.run_dir) / "config.json")
+    elif args.init_from:
+        source = Path(args.init_from)
+        saved = saved or str((source if source.is_dir() else source.parent) / "config.json")
     config = {}
     if saved:
         try:
@@ -186,13 +202,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"config {saved} has unknown keys {unknown}")
         for transient in TRANSIENT_SETTINGS:
             config.pop(transient, None)
+        if not args.resume:  # how the saved run itself started is not inherited
+            for name in ("init_from", "expert_init", "drop_ratio"):
+                config.pop(name, None)
         parser.set_defaults(**config)
         args = parser.parse_args(argv)
     # precedence: command line > saved config > the model's paper defaults > shared defaults
     parser.set_defaults(**{**MODELS[args.model].paper_defaults, **config})
     args = parser.parse_args(argv)
-    if args.data_file:  # absolute, so the run can be evaluated from any folder
-        args.data_file = str(Path(args.data_file).resolve())
+    for name in ("data_file", "init_from"):  # absolute: the run works from any folder
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    if not 0.0 <= args.drop_ratio <= 1.0:
+        parser.error(f"--drop-ratio must be in [0, 1], got {args.drop_ratio}")
     synthetic_data = args.dataset == "synthetic" and not args.data_file
     if args.epochs is None:
         args.epochs = 20 if synthetic_data else 200
@@ -350,7 +372,11 @@ class Trainer:
                                   f"leave-one-out split needs")
         self.head = head_items(self.split.train_item_counts())
         self.config = model_config(args)
-        self.model = build_model(args.model, self.data.n_items, self.config).to(self.device)
+        self.started_from = None  # {"run", "epoch", "upcycled"} with --init-from
+        if args.init_from and not args.resume:
+            self.model = self.model_from_run(Path(args.init_from)).to(self.device)
+        else:
+            self.model = build_model(args.model, self.data.n_items, self.config).to(self.device)
         # distributed: same data and flags everywhere; DDP wrapper; per-rank dropout stream
         self.dist.check_same([len(self.windows), distributed.digest(self.data.item_ids),
                               distributed.digest(vars(args))], "data and flags")
@@ -364,6 +390,41 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0
         self.commits = [git_commit()]  # code of this process (and of earlier ones on resume)
+
+    def model_from_run(self, source: Path) -> torch.nn.Module:
+        """--init-from: the best model of run ``source`` (a run folder or a checkpoint),
+        upcycled to HyMoE when it is dense and this run's --ffn is hymoe. Raises
+        CheckpointError when it was trained on other data, another backbone, or settings
+        this run cannot start from."""
+        best = source / "best.pt" if source.is_dir() else source
+        state = load_checkpoint(best, ("model", "config", "item_ids", "epoch"))
+        if state["item_ids"] != self.data.item_ids:
+            raise CheckpointError(f"--init-from {best} was trained on different data (its item "
+                                  f"ids differ from {self.data.describe()})")
+        if state["config"].get("model") != self.args.model:
+            raise CheckpointError(f"--init-from {best} is a {state['config'].get('model')} "
+                                  f"model, this run trains --model {self.args.model}")
+        source_config = model_config(argparse.Namespace(**state["config"]))
+        model = build_model(self.args.model, self.data.n_items, source_config)
+        load_model_state(model, state["model"], best)
+        upcycled = []
+        if source_config.ffn == "dense" and self.config.ffn == "hymoe":
+            try:
+                upcycled = upcycle_to_hymoe(model, self.config, expert_init=self.args.expert_init,
+                                            drop_ratio=self.args.drop_ratio)
+            except ValueError as err:
+                raise CheckpointError(f"--init-from {best}: {err}") from None
+        else:
+            differing = [f"{name} {getattr(source_config, name)!r} -> {getattr(self.config, name)!r}"
+                         for name in MODEL_FIELDS if name != "backend"
+                         and getattr(source_config, name) != getattr(self.config, name)]
+            if differing:
+                raise CheckpointError(f"--init-from {best}: a {source_config.ffn} model can only "
+                                      f"go on as it is (or a dense one be upcycled with --ffn "
+                                      f"hymoe); these settings differ: {', '.join(differing)}")
+            model.config = self.config
+        self.started_from = {"run": str(best), "epoch": state["epoch"], "upcycled": upcycled}
+        return model
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -503,6 +564,8 @@ class Trainer:
             record = {"epoch": self.epoch, "step": self.step, **record,
                       "valid": {k: v for k, v in valid.items() if "/" not in k},
                       "seconds": time.perf_counter() - wall}
+            if self.epoch == 1 and self.started_from:
+                record["started_from"] = self.started_from
             if valid["NDCG@10"] > self.best_metric:
                 self.best_metric, self.best_epoch, self.bad_epochs = valid["NDCG@10"], self.epoch, 0
                 if self.dist.is_main:  # distributed
@@ -535,6 +598,7 @@ class Trainer:
             "commit": self.commits[0], "commits": self.commits,
             "torch": torch.__version__, "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "started_from": (read_log(self.log_path) or [{}])[0].get("started_from"),
             "epochs_run": self.epoch, "best_epoch": self.best_epoch, "steps": self.step,
             "stopped_early": self.bad_epochs >= self.args.patience,
             # False when --max-minutes ended this invocation first: --resume goes on

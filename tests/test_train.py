@@ -1,4 +1,5 @@
 """End-to-end: a tiny synthetic run, determinism, resume, checkpoints, evaluate / recommend."""
+import argparse
 import json
 import subprocess
 import sys
@@ -204,3 +205,50 @@ def test_data_defaults_of_the_papers_datasets(name, fmt, max_len, dropout):
     from hymoerec.data import read_file
     assert train.data_defaults(read_file(SHARED / name, fmt)) == {"max_len": max_len,
                                                                   "dropout": dropout}
+
+
+def test_init_from_upcycles_a_dense_run_and_starts_where_it_ended(tmp_path, capsys):
+    dense = run(tmp_path, "dense", "--epochs", "2", "--ffn", "dense")
+    up = train.main(["--init-from", str(tmp_path / "dense"), "--ffn", "hymoe", "--epochs", "1",
+                     "--expert-init", "drop", "--run-dir", str(tmp_path / "up")])
+    record = json.loads((tmp_path / "up" / "log.jsonl").read_text().splitlines()[0])
+    started = record["started_from"]
+    assert started["run"] == str(tmp_path / "dense" / "best.pt")
+    assert started["epoch"] == dense["best_epoch"] and started["upcycled"] == ["blocks.0.ffn",
+                                                                                "blocks.1.ffn"]
+    assert up["started_from"] == started and up["config"]["ffn"] == "hymoe"
+    config = json.loads((tmp_path / "up" / "config.json").read_text())
+    assert config["init_from"] == str(tmp_path / "dense")          # recorded, absolute
+    assert config["synthetic_users"] == 120 and config["d_model"] == 16  # inherited
+    # the upcycled model at warm-up step 0 scores exactly like the dense best model
+    from hymoerec.checkpoint import load_checkpoint
+    from hymoerec.models import build_model
+    from hymoerec.models.upcycle import upcycle_to_hymoe
+    args = train.parse_args(["--init-from", str(tmp_path / "dense"), "--ffn", "hymoe"])
+    args.max_len, args.dropout = config["max_len"], config["dropout"]
+    trainer = train.Trainer(argparse.Namespace(**{**vars(args), "run_dir": str(tmp_path / "x")}))
+    best = load_checkpoint(tmp_path / "dense" / "best.pt")
+    dense_model = build_model("sasrec", 40, train.model_config(argparse.Namespace(**best["config"])))
+    dense_model.load_state_dict(best["model"])
+    inputs = torch.tensor([[3, 7, 9, 0], [5, 1, 0, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model.eval().score_next(inputs),
+                                   dense_model.eval().score_next(inputs), rtol=1e-5, atol=1e-5)
+    assert all(int(layer.step) == 0 for layer in trainer.model.hymoe_layers())
+    # a run resumes as the HyMoE model it became
+    resumed = train.main(["--resume", "--run-dir", str(tmp_path / "up"), "--epochs", "2"])
+    assert resumed["epochs_run"] == 2 and resumed["started_from"] == started
+
+
+def test_init_from_refuses_other_data_and_other_models(tmp_path, capsys):
+    run(tmp_path, "dense", "--epochs", "1", "--ffn", "dense")
+    source = str(tmp_path / "dense")
+    for flags, message in ((["--synthetic-items", "30"], "trained on different data"),
+                           (["--model", "gru4rec"], "is a sasrec model"),
+                           (["--d-model", "32"], "it also changes d_model")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--init-from", source, "--ffn", "hymoe" if "gru4rec" not in flags
+                        else "dense", "--epochs", "1", "--run-dir", str(tmp_path / "x"),
+                        "--overwrite", *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
