@@ -1,0 +1,34 @@
+"""benchmarks/upcycle_runs.sh and aggregate_upcycle.py on a tiny file: every run of the study
+trains, a second call trains nothing, and the table compares them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import aggregate_upcycle  # noqa: E402
+
+
+def test_upcycle_study_end_to_end(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"u{u} " + " ".join(f"i{(u * 5 + j) % 23}" for j in range(8)) + "\n"
+                            for u in range(80)))
+    out = tmp_path / "runs"
+    call = ["bash", "benchmarks/upcycle_runs.sh", str(data), str(out), "30", "--d-model", "16",
+            "--epochs", "2", "--warmup-steps", "3"]
+    subprocess.run(call, cwd=REPO, check=True, timeout=600, env={**os.environ, "SEEDS": "1"})
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == ["continued-s1", "dense-s1", "scratch-s1", "upcycled-copy-s1",
+                     "upcycled-drop-s1"]
+    config = json.loads((out / "upcycled-drop-s1" / "config.json").read_text())
+    assert config["ffn"] == "hymoe" and config["expert_init"] == "drop"
+    assert config["init_from"] == str(out / "dense-s1") and config["epochs"] == 2
+    report = aggregate_upcycle.main([str(out), "--out", str(tmp_path / "u.md")])
+    text = (tmp_path / "u.md").read_text()
+    assert "| upcycled to HyMoE, experts copied | 1 of 1 |" in text
+    assert set(report["paired_tests"]) == {"upcycled-copy", "upcycled-drop"}
+    assert report["paired_tests"]["upcycled-copy"]["n_users"] == 80
+
