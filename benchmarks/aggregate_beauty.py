@@ -25,7 +25,7 @@ from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.evaluate import Recommender, evaluate_checkpoint  # noqa: E402
 from hymoerec.metrics import hit_rates, rank_targets  # noqa: E402
 from hymoerec.models import ModelConfig  # noqa: E402
-from hymoerec.train import load_data  # noqa: E402
+from hymoerec.settings import load_data  # noqa: E402
 
 PAPER = {"HR@10": 0.0756, "NDCG@10": 0.0442}  # the paper's HyMoERec test numbers on Beauty
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]

@@ -27,7 +27,7 @@ from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.metrics import ndcg_gains  # noqa: E402
 from hymoerec.reproduce import paired_test, test_ranks  # noqa: E402
 from hymoerec.run_folder import read_log, write_json  # noqa: E402
-from hymoerec.train import load_data  # noqa: E402
+from hymoerec.settings import load_data  # noqa: E402
 
 KINDS = {"dense": "dense SASRec (the starting point)",
          "continued": "dense, trained on (fresh optimizer)",

@@ -26,10 +26,10 @@ from hymoe_kernels.loss import NonFiniteScoresError, streaming_topk
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import DataFormatError, leave_one_out
-from hymoerec.metrics import evaluate_ranking, head_items
+from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.run_folder import write_json
-from hymoerec.train import format_metrics, load_data, model_config, pick_device
+from hymoerec.settings import load_data, model_config, pick_device
 
 
 def checkpoint_path(path: str | Path, which: str = "best") -> Path:

@@ -148,3 +148,12 @@ def evaluate_ranking(rank_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
     ranks = rank_targets(rank_fn, histories, targets, max_len, exclude_history, batch_size,
                          device, shard, combine)
     return popularity_metrics(ranks, targets, head)
+
+
+def format_metrics(metrics: dict) -> str:
+    """HR/NDCG@{5,10,20} of :func:`popularity_metrics`, all / head / tail, as a text table."""
+    keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in CUTOFFS]
+    lines = ["            " + " ".join(f"{k:>9}" for k in keys)]
+    for group, prefix in (("all", ""), ("head", "head/"), ("tail", "tail/")):
+        lines.append(f"{group:>11} " + " ".join(f"{metrics[prefix + k]:9.4f}" for k in keys))
+    return "\n".join(lines)

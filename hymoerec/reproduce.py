@@ -34,7 +34,8 @@ from hymoerec.data import DATASETS, FORMATS, leave_one_out
 from hymoerec.evaluate import Recommender
 from hymoerec.metrics import ndcg_gains, rank_metrics, rank_targets
 from hymoerec.run_folder import read_log
-from hymoerec.train import load_data, parse_args
+from hymoerec.settings import load_data
+from hymoerec.train import parse_args
 from hymoerec.train import main as train_main
 
 METRICS = ("HR@5", "HR@10", "NDCG@5", "NDCG@10")

@@ -26,20 +26,19 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hymoe_kernels.layer import BACKENDS, EXPERT_INITS
+from hymoe_kernels.layer import EXPERT_INITS
 from hymoe_kernels.loss import NonFiniteScoresError
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from hymoerec.cli import ArgumentParser, fail
-from hymoerec.data import (DATASETS, FORMATS, DataFormatError, SequenceData, bucketed_batches,
-                           collate_windows, leave_one_out, load_dataset, read_file, synthetic,
-                           training_windows)
-from hymoerec.metrics import evaluate_ranking, head_items
-from hymoerec.models import FFN_KINDS, MODELS, ConfigError, ModelConfig, build_model
+from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
+                           leave_one_out, training_windows)
+from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
+from hymoerec.models import MODELS, ConfigError, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
 from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json
+from hymoerec.settings import add_model_arguments, data_defaults, load_data, model_config, pick_device
 
-MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
 CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", "best_metric",
                    "best_epoch", "bad_epochs", "rng_torch", "rng_batches")
 # settings a resumed run may change; any other difference from the saved run is refused
@@ -54,10 +53,12 @@ class TrainingError(RuntimeError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except unset ones (None / False), whose help explains them."""
+    """Shows defaults, except unset ones (None / False), whose help explains them, and those
+    of on/off flags such as --plain-loss (store_true / store_false)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.help is None:
+        switch = action.nargs == 0 and isinstance(action.const, bool)
+        if action.default in (None, False) or action.help is None or switch:
             return action.help
         return super()._get_help_string(action)
 
@@ -89,42 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-length", type=int, default=15, help="mean sequence length")
     g.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic data (default: --seed)")
-    g.add_argument("--max-len", type=int, default=None,
-                   help="most recent items the model sees (default from the data: enough for "
-                        "80%% of the users' whole sequences, 50..200; ML-1M 200, Beauty 50)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="sasrec", choices=sorted(MODELS), help="backbone")
-    g.add_argument("--ffn", default="hymoe", choices=FFN_KINDS,
-                   help="position-wise FFN: HyMoE or the plain dense ablation")
-    g.add_argument("--d-model", type=int, default=64, help="embedding / hidden width d")
-    g.add_argument("--n-layers", type=int, default=2, help="transformer blocks")
-    g.add_argument("--n-heads", type=int, default=2, help="attention heads")
-    g.add_argument("--ffn-mult", type=int, default=4, help="FFN width = ffn_mult * d_model")
-    g.add_argument("--dropout", type=float, default=None,
-                   help="dropout rate (default: the model's paper value; sasrec, as in the "
-                        "SASRec paper: 0.2 on dense data such as ML-1M and the synthetic data, "
-                        "0.5 on sparse data such as Amazon's, told apart by the data's density)")
-    g.add_argument("--num-experts", type=int, default=4, help="sparse experts E")
-    g.add_argument("--top-k", type=int, default=2, help="experts per token k")
-    g.add_argument("--warmup-steps", type=int, default=500, help="alpha warm-up T_warmup")
-    g.add_argument("--lb-weight", type=float, default=0.02, help="load-balance lambda_lb")
-    g.add_argument("--backend", default="auto", choices=BACKENDS, help="HyMoEFFN backend")
-    g.add_argument("--plain-loss", dest="fused_loss", action="store_false",
-                   help="score all items with one (positions x items) matrix instead of the "
-                        "fused linear cross-entropy that never stores it")
-    g.add_argument("--rnn-hidden", type=int, default=128, help="GRU width (gru4rec, narm)")
-    g.add_argument("--d-state", type=int, default=32, help="SSM state size (mamba4rec)")
-    g.add_argument("--d-conv", type=int, default=4, help="causal conv width (mamba4rec)")
-    g.add_argument("--expand", type=int, default=2, help="inner width factor (mamba4rec)")
-    g.add_argument("--mask-prob", type=float, default=0.6, help="Cloze mask rate (bert4rec)")
-    g.add_argument("--output-head", action=argparse.BooleanOptionalAction, default=False,
-                   help="sasrec: pass the last block's output through LayerNorm(GELU(Linear)) "
-                        "before scoring it against the tied item embeddings, so the item just "
-                        "consumed no longer scores highest (README, 'The last item comes "
-                        "first')")
-    g.add_argument("--head-skip", type=float, default=0.0,
-                   help="with --output-head: add the last block's output, times this weight, "
-                        "to the head's (query = head(h) + w * h)")
+    add_model_arguments(g)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None,
                    help="maximum epochs (default 200; 20 on synthetic data)")
@@ -269,54 +237,6 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
             and normal(name, saved[name]) != normal(name, current.get(name))]
 
 
-def load_data(args: argparse.Namespace) -> SequenceData:
-    if args.data_file:
-        return read_file(args.data_file, args.format, args.k_core, args.user_col, args.item_col,
-                         args.time_col or None)
-    if args.dataset == "synthetic":
-        return synthetic(args.synthetic_users, args.synthetic_items, args.synthetic_length,
-                         seed=args.seed if getattr(args, "synthetic_seed", None) is None
-                         else args.synthetic_seed)
-    return load_dataset(args.dataset, k_core=args.k_core)
-
-
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    """The ModelConfig fields set in ``args`` (a field missing from a config saved before it
-    existed, or a data-dependent one not yet resolved, gets its default)."""
-    return ModelConfig(**{name: getattr(args, name) for name in MODEL_FIELDS
-                          if getattr(args, name, None) is not None})
-
-
-def data_defaults(data: SequenceData) -> dict:
-    """The settings whose defaults depend on the data, from its statistics alone (never its
-    name), so the same data read from any file or format trains the same model:
-
-    * max_len: enough recent items for 80% of the users' whole sequences, rounded up to a
-      multiple of 50, within 50..200 (ML-1M: 200, Beauty: 50);
-    * dropout: 0.2 on dense data (at least 1% of all user-item pairs observed, like ML-1M
-      and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values.
-    """
-    lengths = np.array([len(s) for s in data.sequences])
-    max_len = int(np.clip(50 * math.ceil(np.percentile(lengths, 80) / 50), 50, 200))
-    density = data.n_interactions / (data.n_users * data.n_items)
-    return {"max_len": max_len, "dropout": 0.2 if density >= 0.01 else 0.5}
-
-
-def pick_device(name: str) -> torch.device:
-    """The device for ``--device`` auto / cpu / cuda; a CUDA device is also made the current
-    one, where Triton launches its kernels."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    device = torch.device(name)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None
-                              else device.index)
-        torch.cuda.set_device(device)
-    return device
-
-
 def git_commit() -> str | None:
     """HEAD of the repository holding this file, with '-dirty' if it has local changes."""
     root = Path(__file__).resolve().parent.parent
@@ -416,7 +336,7 @@ class Trainer:
                 raise CheckpointError(f"--init-from {best}: {err}") from None
         else:
             differing = [f"{name} {getattr(source_config, name)!r} -> {getattr(self.config, name)!r}"
-                         for name in MODEL_FIELDS if name != "backend"
+                         for name in vars(self.config) if name != "backend"
                          and getattr(source_config, name) != getattr(self.config, name)]
             if differing:
                 raise CheckpointError(f"--init-from {best}: a {source_config.ffn} model can only "
@@ -643,14 +563,6 @@ def plot_run(log_path: Path, png_path: Path) -> bool:
     fig.savefig(png_path)
     plt.close(fig)
     return True
-
-
-def format_metrics(metrics: dict) -> str:
-    keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
-    lines = ["            " + " ".join(f"{k:>9}" for k in keys)]
-    for group, prefix in (("all", ""), ("head", "head/"), ("tail", "tail/")):
-        lines.append(f"{group:>11} " + " ".join(f"{metrics[prefix + k]:9.4f}" for k in keys))
-    return "\n".join(lines)
 
 
 # errors of the user's input (data, folders, checkpoints): exit code 2, like a bad flag

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hymoerec import evaluate, train
+from hymoerec import evaluate, settings, train
 from hymoerec.data import SequenceData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def sequences(lengths, n_items):
     ([30] * 100, 10000, 50, 0.5),
 ])
 def test_data_dependent_defaults_come_from_the_data(lengths, n_items, max_len, dropout):
-    assert train.data_defaults(sequences(lengths, n_items)) == {"max_len": max_len,
+    assert settings.data_defaults(sequences(lengths, n_items)) == {"max_len": max_len,
                                                                 "dropout": dropout}
 
 
@@ -203,7 +203,7 @@ def test_data_defaults_of_the_papers_datasets(name, fmt, max_len, dropout):
     if not (SHARED / name).is_file():
         pytest.skip(f"{SHARED / name} is not here (the project's data are never committed)")
     from hymoerec.data import read_file
-    assert train.data_defaults(read_file(SHARED / name, fmt)) == {"max_len": max_len,
+    assert settings.data_defaults(read_file(SHARED / name, fmt)) == {"max_len": max_len,
                                                                   "dropout": dropout}
 
 
@@ -228,7 +228,7 @@ def test_init_from_upcycles_a_dense_run_and_starts_where_it_ended(tmp_path, caps
     args.max_len, args.dropout = config["max_len"], config["dropout"]
     trainer = train.Trainer(argparse.Namespace(**{**vars(args), "run_dir": str(tmp_path / "x")}))
     best = load_checkpoint(tmp_path / "dense" / "best.pt")
-    dense_model = build_model("sasrec", 40, train.model_config(argparse.Namespace(**best["config"])))
+    dense_model = build_model("sasrec", 40, settings.model_config(argparse.Namespace(**best["config"])))
     dense_model.load_state_dict(best["model"])
     inputs = torch.tensor([[3, 7, 9, 0], [5, 1, 0, 0]])
     with torch.no_grad():
@@ -252,3 +252,10 @@ def test_init_from_refuses_other_data_and_other_models(tmp_path, capsys):
                         "--overwrite", *flags])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_named_configs_are_valid_run_settings(config):
+    settings_in_file = json.loads(config.read_text())
+    args = train.parse_args(["--config", str(config)])
+    assert {k: getattr(args, k) for k in settings_in_file} == settings_in_file

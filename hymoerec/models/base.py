@@ -3,7 +3,7 @@ and evaluator use, and the loss / scoring built on :mod:`.scoring`."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import Field, asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,29 +27,49 @@ class ConfigError(ValueError):
         self.setting = setting
 
 
+def setting(default, help: str, **cli) -> Field:
+    """A ModelConfig field with its command-line help; ``cli`` holds how train.py's flag
+    differs from the plain ``--name`` of the field's type (``flag``, ``action``, ``choices``,
+    ``data_default=True``: unset on the command line, filled in from the data)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class ModelConfig:
-    """Backbone hyper-parameters (defaults: the paper's / SASRec's public config)."""
-    max_len: int = 50
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    ffn_mult: int = 4
-    dropout: float = 0.2
-    ffn: str = "hymoe"
-    num_experts: int = 4
-    top_k: int = 2
-    warmup_steps: int = 500
-    lb_weight: float = 0.02
-    backend: str = "auto"
-    fused_loss: bool = True    # full-softmax loss without storing the scores (False: plain)
-    rnn_hidden: int = 128      # GRU width of gru4rec / narm
-    d_state: int = 32          # mamba4rec: SSM state size N
-    d_conv: int = 4            # mamba4rec: causal depthwise conv width
-    expand: int = 2            # mamba4rec: inner width = expand * d_model
-    mask_prob: float = 0.6     # bert4rec: Cloze masking probability rho
-    output_head: bool = False  # sasrec: LayerNorm(GELU(Linear)) before the tied-embedding scores
-    head_skip: float = 0.0     # sasrec with output_head: query = head(h) + head_skip * h
+    """Backbone hyper-parameters (defaults: the paper's / SASRec's public config). The one
+    source of the model's settings: train.py makes a flag of every field."""
+    max_len: int = setting(50, "most recent items the model sees (default from the data: "
+                               "enough for 80%% of the users' whole sequences, 50..200; ML-1M "
+                               "200, Beauty 50)", data_default=True)
+    d_model: int = setting(64, "embedding / hidden width d")
+    n_layers: int = setting(2, "transformer blocks")
+    n_heads: int = setting(2, "attention heads")
+    ffn_mult: int = setting(4, "FFN width = ffn_mult * d_model")
+    dropout: float = setting(0.2, "dropout rate (default: the model's paper value; sasrec, as "
+                                  "in the SASRec paper: 0.2 on dense data such as ML-1M and the "
+                                  "synthetic data, 0.5 on sparse data such as Amazon's, told "
+                                  "apart by the data's density)", data_default=True)
+    ffn: str = setting("hymoe", "position-wise FFN: HyMoE or the plain dense ablation",
+                       choices=FFN_KINDS)
+    num_experts: int = setting(4, "sparse experts E")
+    top_k: int = setting(2, "experts per token k")
+    warmup_steps: int = setting(500, "alpha warm-up T_warmup")
+    lb_weight: float = setting(0.02, "load-balance lambda_lb")
+    backend: str = setting("auto", "HyMoEFFN backend", choices=BACKENDS)
+    fused_loss: bool = setting(True, "score all items with one (positions x items) matrix "
+                                     "instead of the fused linear cross-entropy that never "
+                                     "stores it", flag="--plain-loss", action="store_false")
+    rnn_hidden: int = setting(128, "GRU width (gru4rec, narm)")
+    d_state: int = setting(32, "SSM state size N (mamba4rec)")
+    d_conv: int = setting(4, "causal depthwise conv width (mamba4rec)")
+    expand: int = setting(2, "inner width = expand * d_model (mamba4rec)")
+    mask_prob: float = setting(0.6, "Cloze masking probability (bert4rec)")
+    output_head: bool = setting(False, "sasrec: pass the last block's output through "
+                                       "LayerNorm(GELU(Linear)) before scoring it against the "
+                                       "tied item embeddings, so the item just consumed no "
+                                       "longer scores highest")
+    head_skip: float = setting(0.0, "with --output-head: add the last block's output, times "
+                                    "this weight, to the head's (query = head(h) + w * h)")
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:

@@ -18,12 +18,6 @@ d_model 64, dropout 0.1, mask_prob 0.6 (the released run_beauty.sh; 0.2 for ML-1
 FFN of width 4 d_model with GELU. Not reproduced: the output bias b^O (the shared scoring
 has none) and the paper's optimiser schedule (lr 1e-4, 400k steps); the trainer's shared
 settings are used instead.
-
-Measured on Beauty (``python -m hymoerec.reproduce``, batch 512 targets, seeds 1-3, history
-kept): HR@10 0.0564 ± 0.0025, NDCG@10 0.0284 ± 0.0012, 34% above an independent RecBole
-BERT4Rec on the same data (0.0404 / 0.0211), which used mask ratio 0.2 and dropout 0.2 where
-this uses the paper's Beauty values 0.6 and 0.1. Both runs are well below SASRec (0.0409
-here, 0.0421 in the same RecBole study).
 """
 from __future__ import annotations
 

@@ -7,10 +7,6 @@ Defaults (``paper_defaults``): one GRU layer, embedding 64, GRU width 128
 Mamba4Rec-style tables use; the original paper's session-parallel mini-batches and
 TOP1/BPR ranking losses are not reproduced (the shared full-softmax loss is used).
 It has no position-wise FFN, so ``--ffn`` must stay ``dense``.
-
-Measured on Beauty (``python -m hymoerec.reproduce``, batch 512 targets, seeds 1-3, history
-kept): HR@10 0.0650 ± 0.0014, NDCG@10 0.0356 ± 0.0015, 4% above an independent RecBole run
-of the same model on the same data (0.0623 / 0.0342, ``reproduce.INDEPENDENT``).
 """
 from __future__ import annotations
 

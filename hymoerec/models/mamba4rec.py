@@ -18,17 +18,6 @@ d_conv 4, expand 2, dropout 0.2, FFN of width 4 d_model (``max_len`` 50 for Amaz
 200 for MovieLens-1M, batch 2048, Adam lr 1e-3, early stopping on validation NDCG@10 with
 patience 10 are the trainer's defaults there).
 
-Measured on Beauty before the FFN dropout and the init matched the official code
-(``python -m hymoerec.reproduce``, batch 512 targets, seeds 1-3, history kept): HR@10
-0.0652 ± 0.0017, NDCG@10 0.0392 ± 0.0008 with the dense FFN (the paper's Table 1: 0.0731 /
-0.0432), 0.0654 ± 0.0029 / 0.0395 ± 0.0016 with HyMoE. Its paper reports Mamba4Rec above
-SASRec; here it was 4% below SASRec on NDCG@10 and 21% below on HR@10, although it does not
-waste the top slot on the item just consumed as SASRec does (1% of test users against 90%).
-With dropout 0.4 instead of 0.2, HyMoE on this backbone reached HR@10 0.0744 (NDCG@10
-0.0409, seed 1), against 0.0686 / 0.0413 at 0.2 for the same seed. With the official FFN
-dropout and init, the first two epochs (seed 1, same settings) give validation NDCG@10
-0.0125 / 0.0213 against 0.0122 / 0.0211 before; no full run has been made since.
-
 Mamba block (Gu & Dao, 2023): [x, z] = in_proj(u); x = SiLU(causal depthwise conv(x));
 (dt, B, C) = x_proj(x); delta = softplus(dt_proj(dt)); the selective scan
 h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t, y_t = C_t h_t + D x_t (per channel, state

@@ -11,10 +11,6 @@ Defaults (``paper_defaults``): one GRU layer, embedding 64, GRU width 128
 and 0.5 before the decoder (``CONTEXT_DROPOUT``), the paper's two rates. Trained on every
 position of the window, which is the paper's prefix augmentation. No position-wise FFN,
 so ``--ffn`` must stay ``dense``.
-
-Measured on Beauty (``python -m hymoerec.reproduce``, batch 512 targets, seeds 1-3, history
-kept): HR@10 0.0614 ± 0.0013, NDCG@10 0.0349 ± 0.0006, level with GRU4Rec (0.0356 ±
-0.0015); no published full-ranking NARM number on this data was available to compare with.
 """
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""SASRec-style causal self-attention recommender whose position-wise FFN is HyMoE
-(``ffn="hymoe"``) or a plain dense FFN (``ffn="dense"``, the ablation).
-
-Measured on Beauty (``python -m hymoerec.reproduce``, batch 512 targets, dropout 0.5, seeds
-1-3, history kept): HR@10 0.0823 ± 0.0005, NDCG@10 0.0409 ± 0.0007 with the dense FFN, 2.9%
-below an independent RecBole SASRec on the same data (0.0842 / 0.0421); 0.0833 ± 0.0011 /
-0.0421 ± 0.0004 with HyMoE. For 90% of test users it ranks the item just consumed first
-(README, "The last item comes first"), which costs NDCG more than HR. With ``output_head``
-(same runs otherwise) that share is 1.3% and NDCG@10 rises at HR's cost: 0.0737 ± 0.0013 /
-0.0454 ± 0.0013 dense, 0.0740 ± 0.0010 / 0.0456 ± 0.0007 HyMoE; with history excluded from
-the ranking the model without the head is better (HyMoE 0.0909 / 0.0558 against 0.0782 /
-0.0488). With ``output_head`` and ``head_skip=0.25`` both of the paper's numbers are met:
-0.0771 ± 0.0012 / 0.0461 ± 0.0007 HyMoE, 0.0759 ± 0.0008 / 0.0459 ± 0.0003 dense.
+"""SASRec-style causal self-attention recommender (Kang & McAuley, ICDM 2018) whose
+position-wise FFN is HyMoE (``ffn="hymoe"``, HyMoERec) or a plain dense FFN (``ffn="dense"``,
+the ablation). Its measured numbers are in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -69,7 +59,8 @@ class SASRec(SequentialRecommender):
     ``config.output_head``: the last block's output goes through LayerNorm(GELU(Linear(D, D)))
     (BERT4Rec's transform, plus a LayerNorm) before it is scored against the tied item
     embeddings. Without it the residual stream carries the input item's own embedding to the
-    scores, and the item just consumed ranks first (README, "The last item comes first").
+    scores, and the item just consumed ranks first (benchmarks/results/README.md, "The last
+    item comes first").
     ``config.head_skip`` (with ``output_head``) adds the last block's output h back, weighted:
     query = head(h) + head_skip * h, a model between the two."""
     has_output_head = True
