@@ -20,10 +20,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 deadline=$(( $(date +%s) + ${minutes%.*} * 60 ))
 
-finished() {  # a run folder whose summary says it is done
-  python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished", True) else 1)' \
-    "$1/summary.json" 2>/dev/null
-}
+source benchmarks/run_helpers.sh
 
 for slot in "${slots[@]}"; do
   (
@@ -31,7 +28,7 @@ for slot in "${slots[@]}"; do
       IFS=: read -r model ffn seed <<< "$run"
       dir="$out/$model-$ffn-s$seed"
       finished "$dir" && continue
-      left=$(( (deadline - $(date +%s)) / 60 ))
+      left=$(minutes_left)
       [ "$left" -ge 5 ] || break
       resume=(); [ -f "$dir/last.pt" ] && resume=(--resume)
       python hymoerec/train.py --data-file "$data" --format "$format" --model "$model" \

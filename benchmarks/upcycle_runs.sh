@@ -14,15 +14,12 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 deadline=$(( $(date +%s) + ${minutes%.*} * 60 ))
 
-finished() {  # a run folder whose summary says it is done
-  python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished", True) else 1)' \
-    "$1/summary.json" 2>/dev/null
-}
+source benchmarks/run_helpers.sh
 
 train() {  # train RUN_NAME FLAGS...: one run, resumed if it has a checkpoint, skipped if done
   local dir="$out/$1"; shift
   finished "$dir" && return 0
-  local left=$(( (deadline - $(date +%s)) / 60 ))
+  local left=$(minutes_left)
   [ "$left" -ge 3 ] || return 1
   if [ -f "$dir/last.pt" ]; then
     python hymoerec/train.py --resume --run-dir "$dir" --max-minutes "$left" >> "$dir.log" 2>&1

@@ -13,22 +13,9 @@ from hymoerec import evaluate, train
 from hymoerec.checkpoint import load_checkpoint, save_checkpoint
 from hymoerec.models.base import SequentialRecommender
 from hymoerec.run_folder import json_text
+from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
-        "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
-        "--device", "cpu", "--seed", "7", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(tmp_path, name, *extra):
-    return train.main(TINY + ["--run-dir", str(tmp_path / name), *extra])
 
 
 def user_error(main, argv, capsys, code=2) -> str:

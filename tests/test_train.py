@@ -11,23 +11,9 @@ import torch
 
 from hymoerec import evaluate, settings, train
 from hymoerec.data import SequenceData
+from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
-        "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
-        "--device", "cpu", "--seed", "7", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """train.main(--threads 1) sets torch's thread count for the process; restore it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(tmp_path, name, *extra):
-    return train.main(TINY + ["--run-dir", str(tmp_path / name), *extra])
 
 
 def test_one_epoch_run_writes_log_checkpoints_and_summary(tmp_path, capsys):
