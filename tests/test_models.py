@@ -158,12 +158,22 @@ def test_streamed_ranks_equal_ranks_of_full_scores(exclude):
 
 @pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
 def test_hymoe_starts_like_the_dense_ffn_it_replaces(model):
+    """At warm-up step 0 (alpha = 0) a HyMoE model is the dense model whose FFNs hold the
+    HyMoE layers' dense experts, and both start from the same N(0, 0.02) / zero-bias init."""
     config = dict(max_len=8, d_model=32, n_heads=2, dropout=0.0)
-    dense = build_model(model, 40, ModelConfig(ffn="dense", **config))
-    hymoe = build_model(model, 40, ModelConfig(ffn="hymoe", **config))
-    dense_ffn, hymoe_ffn = dense.blocks[0].ffn, hymoe.blocks[0].ffn
-    for dense_w, hymoe_w in ((dense_ffn.fc1.weight, hymoe_ffn.dense_w1),
-                             (dense_ffn.fc2.weight, hymoe_ffn.expert_w2)):
-        assert abs(float(dense_w.std()) - 0.02) < 0.003
-        assert abs(float(hymoe_w.std()) - 0.02) < 0.003
-    assert not hymoe_ffn.dense_b1.any() and not dense_ffn.fc1.bias.any()
+    hymoe = build_model(model, 40, ModelConfig(ffn="hymoe", **config)).eval()
+    dense = build_model(model, 40, ModelConfig(ffn="dense", **config)).eval()
+    state = {k: v for k, v in hymoe.state_dict().items() if ".ffn." not in k}
+    for i, block in enumerate(hymoe.blocks):
+        ffn = block.ffn
+        name = f"blocks.{i}.ffn"
+        state |= {f"{name}.fc1.weight": ffn.dense_w1.T, f"{name}.fc1.bias": ffn.dense_b1,
+                  f"{name}.fc2.weight": ffn.dense_w2.T, f"{name}.fc2.bias": ffn.dense_b2}
+        assert int(ffn.step) == 0 and not ffn.dense_b1.any() and not ffn.expert_b2.any()
+        for w in (ffn.dense_w1, ffn.expert_w1, ffn.expert_w2):
+            assert abs(float(w.std()) - 0.02) < 0.003
+    dense.load_state_dict(state)
+    inputs = torch.tensor([[3, 7, 9, 0], [5, 1, 2, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(hymoe.score_next(inputs), dense.score_next(inputs),
+                                   rtol=1e-5, atol=1e-6)

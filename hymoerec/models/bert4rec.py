@@ -26,26 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelConfig, SequentialRecommender, init_normal
-from .sasrec import Block
+from .base import ModelConfig, init_normal
+from .layers import TransformerBackbone
 from .scoring import full_softmax_loss
 
 
 @register("bert4rec")
-class BERT4Rec(SequentialRecommender):
+class BERT4Rec(TransformerBackbone):
     """Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
     paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1,
                       "mask_prob": 0.6}
 
     def __init__(self, n_items: int, config: ModelConfig):
-        super().__init__(n_items, config)
+        super().__init__(n_items, config, n_positions=config.max_len + 1, causal=False)
         D = config.d_model
         self.mask_token = n_items + 1
-        self.item_emb = nn.Embedding(n_items + 2, D, padding_idx=0)
-        self.pos_emb = nn.Embedding(config.max_len + 1, D)
-        self.input_norm = nn.LayerNorm(D)
-        self.input_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, causal=False) for _ in range(config.n_layers))
+        self.item_emb = nn.Embedding(n_items + 2, D, padding_idx=0)  # + the [mask] row
         self.head = nn.Linear(D, D)
         init_normal(self)
 
@@ -56,14 +52,7 @@ class BERT4Rec(SequentialRecommender):
     def encode(self, items: Tensor) -> Tensor:
         """items (B, L) int64 right-padded with 0, may hold [mask] (= n_items + 1),
         L <= max_len + 1 -> hidden (B, L, D) float32; bidirectional over real positions."""
-        B, L = items.shape
-        if L > self.config.max_len + 1:
-            raise ValueError(f"sequence length {L} exceeds max_len + 1 = {self.config.max_len + 1}")
-        mask = items > 0
-        x = self.input_dropout(self.input_norm(self.item_emb(items) + self.pos_emb.weight[:L]))
-        for block in self.blocks:
-            x = block(x, mask)
-        return F.gelu(self.head(x))
+        return F.gelu(self.head(self.run_blocks(items)))
 
     def mask_items(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
         """Cloze corruption of right-padded sequences (B, L) int64 (every row non-empty):
