@@ -5,7 +5,8 @@
 ``hymoe::forward`` and ``hymoe::backward`` (registered with fake implementations, so
 torch.compile can trace them), tied together by :class:`HyMoEFunction`. Neither direction
 synchronises with the host: every size is a function of the shapes (the expert-sorted layout
-is sized for the worst case), so the layer can be captured in a CUDA graph.
+is sized for the worst case), so the layer can be captured in a CUDA graph. Every op body runs
+with x's CUDA device current (Triton launches on the current device, not the tensors').
 
 Forward launches: router hidden GEMM; router top-k kernel; three permutation kernels; expert
 up-projection (gathers x rows through the permutation, bias in the epilogue); expert
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import on_device_of
 from .kernels.combine import gate_grads
 from .kernels.fused_tile import fused_tile_backward, fused_tile_forward, fused_tile_supported
 from .kernels.grouped_gemm import Routing, row_gemm, weight_grad
@@ -47,21 +49,24 @@ def hymoe_forward_op(
     needs: router_hidden (N, H), logits (N, E) f32, ids (N, k) i32, gates (N, k) f32,
     dense_hidden (N, F), expert_hidden (P, F), expert_out (P, D), and the Routing tensors
     row_slot (P,), slot_row (N*k,), group_start (E+1,), group_count (E,) (int32)."""
-    num_experts = expert_w1.shape[0]
-    mask = None if mask is None else mask.contiguous()
-    alpha = _alpha(alpha_param, ramp)
-    router_hidden = row_gemm(x, router_w1, router_b1)
-    logits, ids, gates, prob_sum, load = router_topk(router_hidden, router_w2, router_b2,
-                                                     mask, top_k)
-    routing = sort_slots_by_expert(ids, num_experts)
-    expert_hidden = row_gemm(x, expert_w1, expert_b1, routing=routing, gather=True)
-    expert_out = row_gemm(expert_hidden, expert_w2, expert_b2, routing=routing, a_gelu=True)
-    dense_hidden = row_gemm(x, dense_w1, dense_b1)
-    y = row_gemm(dense_hidden, dense_w2, dense_b2, a_gelu=True, routing=routing, gates=gates,
-                 alpha=alpha, combine_src=expert_out, combine_gated=True, out_dtype=x.dtype)
-    return (y, prob_sum, load, router_hidden, logits, ids, gates, dense_hidden, expert_hidden,
-            expert_out, routing.row_slot, routing.slot_row, routing.group_start,
-            routing.group_count)
+    with on_device_of(x):
+        num_experts = expert_w1.shape[0]
+        mask = None if mask is None else mask.contiguous()
+        alpha = _alpha(alpha_param, ramp)
+        router_hidden = row_gemm(x, router_w1, router_b1)
+        logits, ids, gates, prob_sum, load = router_topk(router_hidden, router_w2, router_b2,
+                                                         mask, top_k)
+        routing = sort_slots_by_expert(ids, num_experts)
+        expert_hidden = row_gemm(x, expert_w1, expert_b1, routing=routing, gather=True)
+        expert_out = row_gemm(expert_hidden, expert_w2, expert_b2, routing=routing,
+                              a_gelu=True)
+        dense_hidden = row_gemm(x, dense_w1, dense_b1)
+        y = row_gemm(dense_hidden, dense_w2, dense_b2, a_gelu=True, routing=routing,
+                     gates=gates, alpha=alpha, combine_src=expert_out, combine_gated=True,
+                     out_dtype=x.dtype)
+        return (y, prob_sum, load, router_hidden, logits, ids, gates, dense_hidden,
+                expert_hidden, expert_out, routing.row_slot, routing.slot_row,
+                routing.group_start, routing.group_count)
 
 
 @hymoe_forward_op.register_fake
@@ -92,41 +97,42 @@ def hymoe_backward_op(
            Tensor, Tensor, Tensor, Tensor]:
     """Triton backward. dy (N, D), dprob_sum (E,) f32; the rest as saved by the forward.
     Returns (dx, the 12 weight gradients in WEIGHT_NAMES order, dalpha_param)."""
-    num_experts, top_k = expert_w1.shape[0], ids.shape[1]
-    mask = None if mask is None else mask.contiguous()
-    routing = Routing(row_slot, slot_row, group_start, group_count, top_k)
-    alpha = _alpha(alpha_param, ramp)
-    sig = torch.sigmoid(alpha_param.float())
+    with on_device_of(x):
+        num_experts, top_k = expert_w1.shape[0], ids.shape[1]
+        mask = None if mask is None else mask.contiguous()
+        routing = Routing(row_slot, slot_row, group_start, group_count, top_k)
+        alpha = _alpha(alpha_param, ramp)
+        sig = torch.sigmoid(alpha_param.float())
 
-    dgates, dalpha = gate_grads(dy, expert_out, slot_row, gates, alpha)
-    dalpha_param = (dalpha * ramp.float() * sig * (1 - sig)).reshape(())
+        dgates, dalpha = gate_grads(dy, expert_out, slot_row, gates, alpha)
+        dalpha_param = (dalpha * ramp.float() * sig * (1 - sig)).reshape(())
 
-    dlogits = router_backward(logits, ids, gates, dgates, dprob_sum.float().contiguous(), mask)
-    d_router_hidden = row_gemm(dlogits, router_w2.t(), gelu_grad_of=router_hidden)
-    d_router_w2, d_router_b2 = weight_grad(router_hidden, dlogits, a_gelu=True)
-    d_router_w1, d_router_b1 = weight_grad(x, d_router_hidden)
-    dx_router = row_gemm(d_router_hidden, router_w1.t(), out_dtype=torch.float32)
+        dlogits = router_backward(logits, ids, gates, dgates, dprob_sum.float().contiguous(), mask)
+        d_router_hidden = row_gemm(dlogits, router_w2.t(), gelu_grad_of=router_hidden)
+        d_router_w2, d_router_b2 = weight_grad(router_hidden, dlogits, a_gelu=True)
+        d_router_w1, d_router_b1 = weight_grad(x, d_router_hidden)
+        dx_router = row_gemm(d_router_hidden, router_w1.t(), out_dtype=torch.float32)
 
-    flat_gates = gates.reshape(-1)
-    d_expert_hidden = row_gemm(dy, expert_w2.transpose(1, 2), routing=routing, gather=True,
-                               gates=flat_gates, alpha=alpha, gelu_grad_of=expert_hidden)
-    d_expert_w2, d_expert_b2 = weight_grad(expert_hidden, dy, routing=routing, a_gelu=True,
-                                           b_gather=True, gates=flat_gates, alpha=alpha)
-    d_expert_w1, d_expert_b1 = weight_grad(x, d_expert_hidden, routing=routing, a_gather=True)
-    dx_expert = row_gemm(d_expert_hidden, expert_w1.transpose(1, 2), routing=routing,
-                         out_dtype=torch.float32)
+        flat_gates = gates.reshape(-1)
+        d_expert_hidden = row_gemm(dy, expert_w2.transpose(1, 2), routing=routing, gather=True,
+                                   gates=flat_gates, alpha=alpha, gelu_grad_of=expert_hidden)
+        d_expert_w2, d_expert_b2 = weight_grad(expert_hidden, dy, routing=routing, a_gelu=True,
+                                               b_gather=True, gates=flat_gates, alpha=alpha)
+        d_expert_w1, d_expert_b1 = weight_grad(x, d_expert_hidden, routing=routing, a_gather=True)
+        dx_expert = row_gemm(d_expert_hidden, expert_w1.transpose(1, 2), routing=routing,
+                             out_dtype=torch.float32)
 
-    d_dense_hidden = row_gemm(dy, dense_w2.t(), gelu_grad_of=dense_hidden)
-    d_dense_w2, d_dense_b2 = weight_grad(dense_hidden, dy, a_gelu=True)
-    d_dense_w1, d_dense_b1 = weight_grad(x, d_dense_hidden)
-    dx = row_gemm(d_dense_hidden, dense_w1.t(), routing=routing, residual=dx_router,
-                  combine_src=dx_expert, out_dtype=x.dtype)
+        d_dense_hidden = row_gemm(dy, dense_w2.t(), gelu_grad_of=dense_hidden)
+        d_dense_w2, d_dense_b2 = weight_grad(dense_hidden, dy, a_gelu=True)
+        d_dense_w1, d_dense_b1 = weight_grad(x, d_dense_hidden)
+        dx = row_gemm(d_dense_hidden, dense_w1.t(), routing=routing, residual=dx_router,
+                      combine_src=dx_expert, out_dtype=x.dtype)
 
-    weight_dtype = expert_w1.dtype
-    grads = (d_router_w1, d_router_b1, d_router_w2, d_router_b2,
-             d_expert_w1, d_expert_b1, d_expert_w2, d_expert_b2,
-             d_dense_w1, d_dense_b1, d_dense_w2, d_dense_b2)
-    return (dx, *(g.to(weight_dtype) for g in grads), dalpha_param.to(alpha_param.dtype))
+        weight_dtype = expert_w1.dtype
+        grads = (d_router_w1, d_router_b1, d_router_w2, d_router_b2,
+                 d_expert_w1, d_expert_b1, d_expert_w2, d_expert_b2,
+                 d_dense_w1, d_dense_b1, d_dense_w2, d_dense_b2)
+        return (dx, *(g.to(weight_dtype) for g in grads), dalpha_param.to(alpha_param.dtype))
 
 
 @hymoe_backward_op.register_fake
@@ -190,8 +196,9 @@ def fused_tile_forward_op(
     chosen-expert bitmask (N,) int32 that its backward recomputes from."""
     weights = (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2,
                expert_b2, dense_w1, dense_b1, dense_w2, dense_b2)
-    y, prob_sum, load, (selected_bits,) = fused_tile_forward(x, mask, *weights, alpha_param,
-                                                             ramp, top_k)
+    with on_device_of(x):
+        y, prob_sum, load, (selected_bits,) = fused_tile_forward(x, mask, *weights, alpha_param,
+                                                                 ramp, top_k)
     return y, prob_sum, load, selected_bits
 
 
@@ -214,11 +221,12 @@ def fused_tile_backward_op(
     """The fused token-tile backward: (dx, the 12 weight gradients, dalpha_param)."""
     weights = (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2,
                expert_b2, dense_w1, dense_b1, dense_w2, dense_b2)
-    dx, *grads = fused_tile_backward((selected_bits,), x, mask, weights, alpha_param, ramp,
-                                     top_k, dy, dprob_sum)
-    # the weight gradients are views of one reduction buffer; a custom op's outputs may not
-    # alias each other, so each gets its own (small) copy
-    return (dx, *(g.clone() for g in grads))
+    with on_device_of(x):
+        dx, *grads = fused_tile_backward((selected_bits,), x, mask, weights, alpha_param, ramp,
+                                         top_k, dy, dprob_sum)
+        # the weight gradients are views of one reduction buffer; a custom op's outputs may
+        # not alias each other, so each gets its own (small) copy
+        return (dx, *(g.clone() for g in grads))
 
 
 @fused_tile_backward_op.register_fake

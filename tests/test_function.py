@@ -10,22 +10,28 @@ from hypothesis import given, settings, strategies as st
 from hymoe_kernels import HyMoEFFN, hymoe, hymoe_reference, hymoe_torch, hymoe_triton
 from hymoe_kernels.layer import resolve_backend
 from hymoe_kernels.reference import ffn
-from kernel_cases import DEVICE, TOL, make_weights, poisoned_outputs, rel_err
+from kernel_cases import (DEVICE, TOL, make_weights, poisoned_outputs, rel_err,
+                          routing_robust_rows)
 
 
 def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, noncontig=False,
                     seed=0, weights=None, mask=None, path="grouped"):
-    """Run hymoe_triton on ``path`` (outputs poisoned) and hymoe_reference in float64 on the same inputs;
-    assert y, prob_sum, load and the gradients of x, 12 weights and alpha_param agree (the
-    loss weighs y and prob_sum with random cotangents)."""
+    """Run hymoe_triton on ``path`` (outputs poisoned) and hymoe_reference in float64 on the
+    same inputs, less the tokens whose routing is a near-tie; assert y, prob_sum, load and
+    the gradients of x, 12 weights and alpha_param agree (the loss weighs y and prob_sum
+    with random cotangents)."""
     gen = torch.Generator().manual_seed(seed)
     if weights is None:
         weights = make_weights(D, H, E, F, dtype, separated_logits=dtype != torch.float32,
                                generator=gen)
     x = torch.randn(N, 2 * D if noncontig else D, generator=gen).to(DEVICE, dtype)
-    x = (x[:, ::2] if noncontig else x).requires_grad_()
     if mask is None and masked:
         mask = (torch.rand(N, generator=gen) > 0.3).to(DEVICE)
+    # a GPU's fp32 dots may break near-ties of the router logits otherwise than the
+    # float64 reference does: those tokens are left out (none are, in the interpreter's draws)
+    keep = routing_robust_rows(x[:, ::2] if noncontig else x, weights, top_k)
+    x, mask, N = x[keep], None if mask is None else mask[keep], int(keep.sum())
+    x = (x[:, ::2] if noncontig else x).requires_grad_()
     alpha_param = torch.tensor(0.4, device=DEVICE, requires_grad=True)
     ramp = torch.tensor(0.75, device=DEVICE)
     dy = torch.randn(N, D, generator=gen, dtype=torch.float64).to(DEVICE)

@@ -7,7 +7,12 @@ from hypothesis import given, settings, strategies as st
 
 from hymoe_kernels.kernels.grouped_gemm import GROUP_PAD
 from hymoe_kernels.kernels.permute import PERMUTE_CONFIGS, padded_rows, sort_slots_by_expert
-from kernel_cases import poisoned_outputs, random_ids
+from kernel_cases import DEVICE, poisoned_outputs, random_ids
+
+# Token counts of the sort sweep: 0 and 1 tokens, block edges; on a GPU also the sizes where
+# the large config takes over (4096 slots) and many blocks (the offsets pass loops over them).
+SWEEP_TOKENS = (0, 1, 2, 65, 300) + ((2047, 2048, 2049, 70_000, 600_000) if DEVICE == "cuda"
+                                     else ())
 
 
 def check_layout(ids: torch.Tensor, num_experts: int, config) -> None:
@@ -55,3 +60,24 @@ def test_deterministic():
     first, second = sort_slots_by_expert(ids, 7), sort_slots_by_expert(ids, 7)
     for a, b in zip(first[:4], second[:4]):
         assert torch.equal(a, b)
+
+
+def sweep_ids(N: int, E: int, pattern: str) -> torch.Tensor:
+    """(N, top_k) int32 ids: "random" (top_k = min(2, E), distinct per token), "one_expert"
+    (top_k = 1, every slot to the last expert), "two_experts" (top_k = 2, every token to
+    experts E-1 and 0)."""
+    if pattern == "random":
+        return random_ids(N, E, min(2, E), torch.Generator().manual_seed(N + E))
+    columns = [E - 1] if pattern == "one_expert" else [E - 1, 0]
+    return torch.tensor(columns, dtype=torch.int32, device=DEVICE).repeat(N, 1).contiguous()
+
+
+@pytest.mark.parametrize("N", SWEEP_TOKENS)
+@pytest.mark.parametrize("E", [1, 3, 5, 16, 33])
+@pytest.mark.parametrize("pattern", ["random", "one_expert", "two_experts"])
+def test_sort_sweep(pattern, E, N):
+    """Sizes and skews the GPU must sort like the interpreter: E not a power of two (and
+    beyond 32), every slot to one expert, 0 and 1 tokens; the picker's own config."""
+    if pattern == "two_experts" and E == 1:
+        pytest.skip("two distinct experts need E >= 2")
+    check_layout(sweep_ids(N, E, pattern), E, None)

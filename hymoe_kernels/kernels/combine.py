@@ -12,17 +12,26 @@ sum_j g_nj r_nj whose total is d loss / d alpha.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING
+from . import INTERPRETING, launch_params
 
-# (BLOCK_T tokens, BLOCK_D columns, num_warps)
+
+class GateGradConfig(NamedTuple):
+    """Launch parameters of ``_gate_grad_kernel``."""
+    BLOCK_T: int       # tokens per program
+    BLOCK_D: int       # columns per step
+    num_warps: int
+
+
 GATE_GRAD_CONFIGS = (
-    (64, 32, 4),
-    (16, 32, 2),
+    GateGradConfig(BLOCK_T=64, BLOCK_D=32, num_warps=4),
+    GateGradConfig(BLOCK_T=16, BLOCK_D=32, num_warps=2),
 )
 
 
@@ -30,7 +39,7 @@ GATE_GRAD_CONFIGS = (
 def combine_gathered_rows(acc, token_rows, row_ok, cols, col_ok, src_ptr, stride_sm, stride_sn,
                           slot_row_ptr, gates_ptr, alpha_ptr, TOP_K: tl.constexpr,
                           GATED: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) f32 for token rows ``token_rows`` (int64) and columns ``cols``:
+    """acc (BLOCK_M, BLOCK_N) f32 for token rows ``token_rows`` and columns ``cols`` (int64):
     returns acc + sum_j c_j src[slot_row[token*TOP_K + j], cols], c_j = alpha*gates[slot]
     when GATED else 1."""
     if GATED:
@@ -67,7 +76,7 @@ def _gate_grad_kernel(
         src_rows = src_rows.to(tl.int64)
         dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
+            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             tile_ok = tok_ok[:, None] & (cols < D)[None, :]
             dy = tl.load(dy_ptr + tokens64[:, None] * stride_dym + cols[None, :] * stride_dyn,
                          mask=tile_ok, other=0.0).to(tl.float32)
@@ -82,14 +91,14 @@ def _gate_grad_kernel(
     tl.store(dalpha_part_ptr + pid, tl.sum(tl.sum(gates * dots, axis=1), axis=0))
 
 
-def pick_gate_grad_config(num_tokens: int, D: int) -> tuple[int, int, int]:
+def pick_gate_grad_config(num_tokens: int, D: int) -> GateGradConfig:
     """Config from :data:`GATE_GRAD_CONFIGS` for ``num_tokens`` tokens of width ``D``."""
     big = INTERPRETING or (num_tokens >= 1024 and D >= 64)
     return GATE_GRAD_CONFIGS[0] if big else GATE_GRAD_CONFIGS[1]
 
 
 def gate_grads(dy: Tensor, expert_out: Tensor, slot_row: Tensor, gates: Tensor,
-               alpha: Tensor, config: tuple[int, int, int] | None = None
+               alpha: Tensor, config: GateGradConfig | None = None
                ) -> tuple[Tensor, Tensor]:
     """Backward of the combine w.r.t. the gates and alpha.
 
@@ -100,15 +109,14 @@ def gate_grads(dy: Tensor, expert_out: Tensor, slot_row: Tensor, gates: Tensor,
     """
     num_tokens, top_k = gates.shape
     D = dy.shape[1]
-    block_t, block_d, num_warps = config or pick_gate_grad_config(num_tokens, D)
-    num_blocks = triton.cdiv(num_tokens, block_t)
+    config = config or pick_gate_grad_config(num_tokens, D)
+    num_blocks = triton.cdiv(num_tokens, config.BLOCK_T)
     dgates = torch.empty(num_tokens, top_k, device=dy.device, dtype=torch.float32)
     dalpha_part = torch.zeros(max(num_blocks, 1), device=dy.device, dtype=torch.float32)
     if num_blocks > 0:
         _gate_grad_kernel[(num_blocks,)](
             dy, dy.stride(0), dy.stride(1), expert_out, expert_out.stride(0), expert_out.stride(1),
             slot_row, gates, alpha, dgates, dalpha_part, num_tokens, D,
-            TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=num_warps,
+            TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), **launch_params(config),
         )
     return dgates, dalpha_part.sum().reshape(1)

@@ -1,5 +1,6 @@
 """Triton device functions shared by the kernels: the tensor-core dot, the rounding cast
-to 16-bit types and the exact GELU with its derivative.
+to 16-bit types, the fp16 range scale of a dot operand, the exact GELU with its derivative,
+and the NaN-safe top-k step of the routers.
 
 Triton's CPU interpreter (3.9) has two bf16 faults, worked around under TRITON_INTERPRET=1
 only (the branches are compiled away on a GPU): it keeps bf16 as uint16 and multiplies the
@@ -40,6 +41,47 @@ def cast_to(x, dtype: tl.constexpr):
                 bits = bits + 0x7FFF + ((bits >> 16) & 1)
                 x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def fp16_range_scale(x, dtype: tl.constexpr):
+    """(s, 1 / s) for an fp32 tile x about to be rounded to ``dtype`` for a dot: fp32 powers
+    of two with s * (largest finite |x|) in [1, 2) when ``dtype`` is float16 and that
+    magnitude is below 1 (s <= 2^64), else 1. fp16's 5 exponent bits round values below
+    2^-24 to zero, which fp32 gradients (a router's, scaled by 1 / tokens) reach; bf16 has
+    fp32's range. Scaling by a power of two is exact, so dot(x * s, .) * (1 / s) loses
+    nothing but the underflow. NaN and inf do not take part in the maximum."""
+    if dtype == tl.float16:
+        magnitude = tl.abs(x)
+        largest = tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0))
+        biased_exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        shift = tl.where(largest > 0.0, tl.minimum(tl.maximum(127 - biased_exponent, 0), 64), 0)
+        return (((127 + shift) << 23).to(tl.float32, bitcast=True),
+                ((127 - shift) << 23).to(tl.float32, bitcast=True))
+    return 1.0, 1.0
+
+
+@triton.jit
+def without_nan(x):
+    """x with NaN replaced by -inf (so a max or a comparison ranks it below every number)."""
+    return tl.where(x != x, float("-inf"), x)
+
+
+@triton.jit
+def top_k_step(scores, taken, cols, NUM_COLS: tl.constexpr):
+    """One step of a top-k selection along the rows of scores (R, NUM_COLS) fp32.
+
+    taken: bool, broadcastable to scores, True for columns already chosen or not valid;
+    every row must have a free column. Returns (best (R,) fp32, col (R,) int32): the
+    largest free score (NaN ranks below every number) and its column, ties to the lowest
+    column; a row whose free scores are all NaN or -inf gets its lowest free column. So
+    TOP_K steps choose TOP_K distinct valid columns whatever the scores (a NaN token
+    cannot pick a padding column, which would collide with another token's slot)."""
+    free_scores = tl.where(taken, float("-inf"), without_nan(scores))
+    best = tl.max(free_scores, axis=1)
+    col = tl.min(tl.where(~taken & (free_scores == best[:, None]), cols[None, :], NUM_COLS),
+                 axis=1)
+    return best, col
 
 
 @triton.jit

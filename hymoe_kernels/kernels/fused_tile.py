@@ -19,14 +19,16 @@ bitwise reproducible. Block configurations are module-level tuples picked by mod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .device_math import cast_to, gelu_and_grad, mma
+from . import MAX_PARTIAL_ELEMENTS, launch_params, pick_width_config
+from .device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_step,
+                          without_nan)
 
 MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
@@ -37,9 +39,9 @@ WEIGHT_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2",
                 "dense_w1", "dense_b1", "dense_w2", "dense_b2")
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Block sizes of one kernel for next_pow2(D) <= max_block_d and fp32 (or 16-bit) inputs.
+class TileConfig(NamedTuple):
+    """Block sizes of one kernel for next_pow2(D) <= max_block_d and fp32 (or 16-bit) inputs
+    (the upper-case fields and num_warps / num_stages are the kernel's launch parameters).
 
     Chosen so that every config compiles for sm_90 without register spills under Triton 3.6
     and 3.9 (and, where registers allow, with BLOCK_M = 64 so the token-side dots run on
@@ -51,27 +53,27 @@ class TileConfig:
 
     max_block_d: int
     fp32: bool
-    block_m: int      # tokens per tile
-    block_f: int      # FFN hidden (and router hidden) chunk
+    BLOCK_M: int      # tokens per tile
+    BLOCK_F: int      # FFN hidden (and router hidden) chunk
     num_warps: int
     num_stages: int
 
 
 FORWARD_CONFIGS = (
-    TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=64, num_warps=4, num_stages=1),
-    TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=64, fp32=True, block_m=64, block_f=32, num_warps=8, num_stages=1),
+    TileConfig(max_block_d=64, fp32=False, BLOCK_M=64, BLOCK_F=64, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=128, fp32=False, BLOCK_M=64, BLOCK_F=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=64, fp32=True, BLOCK_M=64, BLOCK_F=32, num_warps=8, num_stages=1),
 )
 BACKWARD_TOKEN_CONFIGS = (
-    TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=128, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=32, fp32=True, block_m=64, block_f=16, num_warps=4, num_stages=1),
-    TileConfig(max_block_d=64, fp32=True, block_m=32, block_f=16, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=64, fp32=False, BLOCK_M=64, BLOCK_F=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=128, fp32=False, BLOCK_M=64, BLOCK_F=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=32, fp32=True, BLOCK_M=64, BLOCK_F=16, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=64, fp32=True, BLOCK_M=32, BLOCK_F=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_CONFIGS = (
-    TileConfig(max_block_d=64, fp32=False, block_m=64, block_f=32, num_warps=8, num_stages=2),
-    TileConfig(max_block_d=128, fp32=False, block_m=32, block_f=32, num_warps=4, num_stages=2),
-    TileConfig(max_block_d=64, fp32=True, block_m=16, block_f=16, num_warps=4, num_stages=1),
+    TileConfig(max_block_d=64, fp32=False, BLOCK_M=64, BLOCK_F=32, num_warps=8, num_stages=2),
+    TileConfig(max_block_d=128, fp32=False, BLOCK_M=32, BLOCK_F=32, num_warps=4, num_stages=2),
+    TileConfig(max_block_d=64, fp32=True, BLOCK_M=16, BLOCK_F=16, num_warps=4, num_stages=1),
 )
 WEIGHT_GRAD_MAX_SPLITS = 32        # token splits of the weight-gradient pass
 WEIGHT_GRAD_MIN_SPLIT_TOKENS = 1024
@@ -89,10 +91,9 @@ def block_e_for(E: int) -> int:
 
 def pick_config(configs: tuple[TileConfig, ...], D: int, dtype: torch.dtype) -> TileConfig:
     """The first config of ``configs`` for ``dtype`` whose max_block_d covers D."""
-    block_d = block_d_for(D)
-    for config in configs:
-        if config.fp32 == (dtype == torch.float32) and block_d <= config.max_block_d:
-            return config
+    config = pick_width_config(configs, block_d_for(D), dtype == torch.float32)
+    if config is not None:
+        return config
     raise ValueError(f"D={D} is wider than the fused tile path supports for {dtype} "
                      f"({MAX_FUSED_D[dtype]})")
 
@@ -137,8 +138,9 @@ def _router_logits(x, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, offs_d, d_ok, offs_e, 
 
 @triton.jit
 def _softmaxes(logits, selected):
-    """Full softmax over the valid logits and softmax over the selected ones, (BLOCK_M, BLOCK_E)."""
-    row_max = tl.max(logits, axis=1)
+    """Full softmax over the valid logits and softmax over the selected ones, (BLOCK_M, BLOCK_E).
+    A row with NaN logits gets NaN probabilities (and NaN gates if it selected one)."""
+    row_max = tl.max(without_nan(logits), axis=1)
     exps = tl.exp(logits - row_max[:, None])
     probs = exps / tl.sum(exps, axis=1)[:, None]
     kept = tl.where(selected, exps, 0.0)
@@ -148,13 +150,12 @@ def _softmaxes(logits, selected):
 
 
 @triton.jit
-def _top_k_mask(logits, offs_e, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Bool (BLOCK_M, BLOCK_E): the TOP_K largest logits per row (lowest index on ties)."""
+def _top_k_mask(logits, offs_e, e_ok, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Bool (BLOCK_M, BLOCK_E): the TOP_K largest valid logits per row (lowest index on ties,
+    NaN below every number: see top_k_step)."""
     selected = offs_e[None, :] < 0
     for _ in tl.static_range(TOP_K):
-        candidates = tl.where(selected, float("-inf"), logits)
-        best = tl.max(candidates, axis=1)
-        first = tl.min(tl.where(candidates == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        first = top_k_step(logits, selected | ~e_ok[None, :], offs_e, BLOCK_E)[1]
         selected = selected | (offs_e[None, :] == first[:, None])
     return selected
 
@@ -241,7 +242,7 @@ def fused_tile_forward_kernel(
 
     logits = _router_logits(x, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, offs_d, d_ok, offs_e, e_ok,
                             H, E, BLOCK_M, BLOCK_F, BLOCK_E)
-    selected = _top_k_mask(logits, offs_e, TOP_K, BLOCK_E)
+    selected = _top_k_mask(logits, offs_e, e_ok, TOP_K, BLOCK_E)
     probs, gates = _softmaxes(logits, selected)
     bits = tl.sum(tl.where(selected, 1 << offs_e[None, :], 0), axis=1)
     tl.store(selected_bits_ptr + rows, bits, mask=row_ok)
@@ -282,9 +283,9 @@ def fused_tile_backward_token_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    """Recompute one token tile and write dx (N, D), the router-logit gradient (N, E) in the
-    compute dtype, alpha * gates (N, E) fp32 for the weight-gradient pass, and this tile's
-    partial of d loss / d alpha (fp32)."""
+    """Recompute one token tile and write dx (N, D), the router-logit gradient (N, E) fp32
+    (fp16 would flush its small values, see fp16_range_scale), alpha * gates (N, E) fp32
+    for the weight-gradient pass, and this tile's partial of d loss / d alpha (fp32)."""
     tile = tl.program_id(0)
     rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -336,7 +337,7 @@ def fused_tile_backward_token_kernel(
                         0.0)
     row_e = rows[:, None] * E + offs_e[None, :]
     store_e = row_ok[:, None] & e_ok[None, :]
-    tl.store(dlogits_ptr + row_e, cast_to(dlogits, dlogits_ptr.dtype.element_ty), mask=store_e)
+    tl.store(dlogits_ptr + row_e, dlogits, mask=store_e)
     tl.store(gate_scale_ptr + row_e, alpha * gates, mask=store_e)
 
     # router backward into dx (the router's weight gradients come from the weight pass)
@@ -378,12 +379,11 @@ def fused_tile_weight_grad_kernel(
     chunk = tl.program_id(1)
     split = tl.program_id(2)
     ffn64 = ffn.to(tl.int64)
+    is_router = ffn == E + 1
     if ffn < E:
         w1_ptr = ew1_ptr + ffn64 * D * F
         b1_ptr = eb1_ptr + ffn64 * F
         w2_ptr = ew2_ptr + ffn64 * F * D
-        dout_ptr = dy_ptr
-        stride_out = stride_dym + ffn64 * 0
         hidden_width = F + ffn * 0
         out_width = D + ffn * 0
         scale_col = ffn
@@ -395,8 +395,6 @@ def fused_tile_weight_grad_kernel(
         w1_ptr = dw1_ptr
         b1_ptr = db1_ptr
         w2_ptr = dw2_ptr
-        dout_ptr = dy_ptr
-        stride_out = stride_dym + ffn64 * 0
         hidden_width = F + ffn * 0
         out_width = D + ffn * 0
         scale_col = ffn * 0 - 1
@@ -408,8 +406,6 @@ def fused_tile_weight_grad_kernel(
         w1_ptr = rw1_ptr
         b1_ptr = rb1_ptr
         w2_ptr = rw2_ptr
-        dout_ptr = dlogits_ptr
-        stride_out = E + ffn64 * 0
         hidden_width = H + ffn * 0
         out_width = E + ffn * 0
         scale_col = ffn * 0 - 1
@@ -440,12 +436,20 @@ def fused_tile_weight_grad_kernel(
             row_ok = m0 + local_rows < token_end
             x = tl.load(x_ptr + m64 * stride_xm + local_rows[:, None] * stride_xm
                         + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            dout = tl.load(dout_ptr + m64 * stride_out + local_rows[:, None] * stride_out
-                           + offs_o[None, :], mask=row_ok[:, None] & o_ok[None, :],
-                           other=0.0).to(tl.float32)
+            out_ok = row_ok[:, None] & o_ok[None, :]
+            if is_router:    # d logits, fp32
+                dout = tl.load(dlogits_ptr + m64 * E + local_rows[:, None] * E
+                               + offs_o[None, :], mask=out_ok, other=0.0)
+            else:
+                dout = tl.load(dy_ptr + m64 * stride_dym + local_rows[:, None] * stride_dym
+                               + offs_o[None, :], mask=out_ok, other=0.0).to(tl.float32)
             scale = tl.load(gate_scale_ptr + m64 * E + local_rows * E + scale_col,
                             mask=row_ok & (local_rows * 0 + scale_col >= 0), other=1.0)
-            dout = cast_to(dout * scale[:, None], x.dtype)
+            dout = dout * scale[:, None]
+            # fp16: this tile's output gradient times a power of two s before it is rounded
+            # for the dots, every accumulator scaled by s around them (exact)
+            s, inv_s = fp16_range_scale(dout, x.dtype)
+            dout = cast_to(dout * s, x.dtype)
             # the weight chunks are re-read per token tile (L2-resident) rather than held in
             # registers across the loop (fewer live registers, pipelined into shared memory)
             w1 = tl.load(w1_ptr + offs_d[:, None] * hidden_width + offs_f[None, :],
@@ -455,12 +459,13 @@ def fused_tile_weight_grad_kernel(
                          mask=f_ok[:, None] & o_ok[None, :], other=0.0)
             pre = mma(x, w1, None, FP32_DOT_PRECISION) + b1[None, :]
             hidden, hidden_grad = gelu_and_grad(pre)
-            dhidden = mma(dout, tl.trans(w2), None, FP32_DOT_PRECISION)
-            dpre = dhidden * hidden_grad
-            acc_w1 += mma(tl.trans(x), cast_to(dpre, x.dtype), None, FP32_DOT_PRECISION)
-            acc_w2 += mma(tl.trans(cast_to(hidden, x.dtype)), dout, None, FP32_DOT_PRECISION)
-            acc_b1 += tl.sum(dpre, axis=0)
-            acc_b2 += tl.sum(dout.to(tl.float32), axis=0)
+            dpre = mma(dout, tl.trans(w2), None, FP32_DOT_PRECISION) * hidden_grad   # * s
+            acc_w1 = mma(tl.trans(x), cast_to(dpre, x.dtype), acc_w1 * s,
+                         FP32_DOT_PRECISION) * inv_s
+            acc_w2 = mma(tl.trans(cast_to(hidden, x.dtype)), dout, acc_w2 * s,
+                         FP32_DOT_PRECISION) * inv_s
+            acc_b1 += tl.sum(dpre, axis=0) * inv_s
+            acc_b2 += tl.sum(dout.to(tl.float32), axis=0) * inv_s
         base = partial_ptr + split.to(tl.int64) * split_stride
         tl.store(base + region_w1 + offs_d[:, None] * hidden_width + offs_f[None, :], acc_w1,
                  mask=d_ok[:, None] & f_ok[None, :])
@@ -546,7 +551,7 @@ def fused_tile_forward(x: Tensor, mask: Tensor | None,
         return (y, torch.zeros(E, dtype=torch.float32, device=device),
                 torch.zeros(E, dtype=torch.int64, device=device), (selected_bits,))
     config = pick_config(FORWARD_CONFIGS, D, x.dtype)
-    num_tiles = triton.cdiv(N, config.block_m)
+    num_tiles = triton.cdiv(N, config.BLOCK_M)
     prob_partial = _empty((num_tiles, E), torch.float32, device)
     load_partial = _empty((num_tiles, E), torch.int32, device)
     mask_arg, has_mask = _mask_arg(mask, x)
@@ -554,9 +559,8 @@ def fused_tile_forward(x: Tensor, mask: Tensor | None,
         x, mask_arg, *weights, alpha_param, ramp,
         y, selected_bits, prob_partial, load_partial,
         N, D, F, H, E, x.stride(0), y.stride(0),
-        BLOCK_M=config.block_m, BLOCK_D=block_d_for(D), BLOCK_F=config.block_f,
-        BLOCK_E=block_e_for(E), TOP_K=top_k, HAS_MASK=has_mask, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        BLOCK_D=block_d_for(D), BLOCK_E=block_e_for(E), TOP_K=top_k, HAS_MASK=has_mask,
+        **launch_params(config))
     prob_sum = prob_partial.sum(dim=0)
     load = load_partial.sum(dim=0, dtype=torch.int64)
     return y, prob_sum, load, (selected_bits,)
@@ -576,10 +580,14 @@ def _grad_regions(D: int, F: int, H: int, E: int) -> tuple[dict[str, int], int]:
     return offsets, total
 
 
-def weight_grad_splits(N: int, block_m: int) -> tuple[int, int]:
-    """(number of token splits, tokens per split) of the weight-gradient pass; depends only
-    on N so the summation order (and the result) is reproducible."""
-    num_splits = max(1, min(WEIGHT_GRAD_MAX_SPLITS, triton.cdiv(N, WEIGHT_GRAD_MIN_SPLIT_TOKENS)))
+def weight_grad_splits(N: int, block_m: int, split_elements: int) -> tuple[int, int]:
+    """(number of token splits, tokens per split) of the weight-gradient pass, whose every
+    split writes ``split_elements`` fp32 partials: up to WEIGHT_GRAD_MAX_SPLITS splits of at
+    least WEIGHT_GRAD_MIN_SPLIT_TOKENS tokens, and no more than MAX_PARTIAL_ELEMENTS
+    partials in all (one split at least). Depends only on the shapes, so the summation order
+    (and the result) is reproducible."""
+    num_splits = max(1, min(WEIGHT_GRAD_MAX_SPLITS, triton.cdiv(N, WEIGHT_GRAD_MIN_SPLIT_TOKENS),
+                            MAX_PARTIAL_ELEMENTS // split_elements))
     tokens_per_split = triton.cdiv(triton.cdiv(N, num_splits), block_m) * block_m
     return triton.cdiv(N, tokens_per_split), tokens_per_split
 
@@ -611,32 +619,30 @@ def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights, a
     mask_arg, has_mask = _mask_arg(mask, x)
 
     token_config = pick_config(BACKWARD_TOKEN_CONFIGS, D, dtype)
-    num_tiles = triton.cdiv(N, token_config.block_m)
+    num_tiles = triton.cdiv(N, token_config.BLOCK_M)
     dx = _empty((N, D), dtype, device)
-    dlogits = _empty((N, E), dtype, device)
+    dlogits = _empty((N, E), torch.float32, device)
     gate_scale = _empty((N, E), torch.float32, device)
     dalpha_partial = _empty((num_tiles,), torch.float32, device)
     fused_tile_backward_token_kernel[(num_tiles,)](
         x, mask_arg, dy, dprob_sum, selected_bits, *weights, alpha_param, ramp,
         dx, dlogits, gate_scale, dalpha_partial,
         N, D, F, H, E, x.stride(0), dy.stride(0), dx.stride(0),
-        BLOCK_M=token_config.block_m, BLOCK_D=block_d_for(D), BLOCK_F=token_config.block_f,
-        BLOCK_E=block_e_for(E), HAS_MASK=has_mask, num_warps=token_config.num_warps,
-        num_stages=token_config.num_stages)
+        BLOCK_D=block_d_for(D), BLOCK_E=block_e_for(E), HAS_MASK=has_mask,
+        **launch_params(token_config))
 
     wgrad_config = pick_config(WEIGHT_GRAD_CONFIGS, D, dtype)
-    num_splits, tokens_per_split = weight_grad_splits(N, wgrad_config.block_m)
     offsets, split_stride = _grad_regions(D, F, H, E)
+    num_splits, tokens_per_split = weight_grad_splits(N, wgrad_config.BLOCK_M, split_stride)
     partial = _empty((num_splits, split_stride), torch.float32, device)
-    num_chunks = triton.cdiv(max(F, H), wgrad_config.block_f)
+    num_chunks = triton.cdiv(max(F, H), wgrad_config.BLOCK_F)
     rw1, rb1, rw2, _, ew1, eb1, ew2, _, dw1, db1, dw2, _ = weights
     fused_tile_weight_grad_kernel[(E + 2, num_chunks, num_splits)](
         x, dy, dlogits, gate_scale, rw1, rb1, rw2, ew1, eb1, ew2, dw1, db1, dw2, partial,
         N, D, F, H, E, x.stride(0), dy.stride(0), tokens_per_split, split_stride,
         *(offsets[name] for name in WEIGHT_NAMES),
-        BLOCK_M=wgrad_config.block_m, BLOCK_D=block_d_for(D), BLOCK_F=wgrad_config.block_f,
-        BLOCK_O=max(block_d_for(D), block_e_for(E)), num_warps=wgrad_config.num_warps,
-        num_stages=wgrad_config.num_stages)
+        BLOCK_D=block_d_for(D), BLOCK_O=max(block_d_for(D), block_e_for(E)),
+        **launch_params(wgrad_config))
     flat_grads = partial.sum(dim=0).to(dtype)
     weight_grads = [flat_grads[offsets[name]:offsets[name] + w.numel()].view(w.shape)
                     for name, w in zip(WEIGHT_NAMES, weights)]

@@ -15,7 +15,8 @@ Two kernel templates cover every matrix product of the layer, forward and backwa
 
 Dots take operands in the weights' dtype and accumulate in fp32. fp32 operands use
 ``input_precision="ieee"`` (true fp32, not tf32) so fp32 results match PyTorch to ~1e-6;
-bf16/fp16 use the tensor cores. Row indices are widened to int64 before they multiply a stride.
+bf16/fp16 use the tensor cores. Row and column indices are int64 before they multiply a stride
+(a column-major input or transposed weight beyond 2^31 elements stays addressable).
 Block configs are fixed tuples picked by a deterministic function of the shapes (no autotune).
 """
 from __future__ import annotations
@@ -27,28 +28,50 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING
+from . import INTERPRETING, MAX_PARTIAL_ELEMENTS, launch_params
 from .combine import combine_gathered_rows
 from .device_math import cast_to, dot_precision, gelu, gelu_and_grad, mma
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+
+class RowGemmConfig(NamedTuple):
+    """Launch parameters of ``_row_gemm_kernel``: a (BLOCK_M, BLOCK_N) output tile,
+    reducing BLOCK_K columns of A a step."""
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+class WeightGradConfig(NamedTuple):
+    """Launch parameters of ``_weight_grad_kernel``: a (BLOCK_K, BLOCK_N) tile of dW,
+    reducing BLOCK_R rows a step."""
+    BLOCK_K: int
+    BLOCK_N: int
+    BLOCK_R: int
+    num_warps: int
+    num_stages: int
+
+
+# Each compiles for sm_90 with no register spills under Triton 3.6 and 3.9 in every variant
+# the host launches (benchmarks/results/h200_resource_card.md). With 2 stages instead of 3
+# (and 8 warps for the 64x64 row tile) ptxas spilled a few values rather than exceed 72-96
+# registers, mostly in fp32 FMA ("ieee") variants.
 ROW_GEMM_CONFIGS = (
-    (64, 128, 16, 8, 2),
-    (64, 64, 32, 8, 3),
-    (32, 64, 32, 4, 2),
-    (16, 32, 32, 2, 2),
+    RowGemmConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2),
+    RowGemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    RowGemmConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    RowGemmConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
 )
-# (BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages): a (BLOCK_K, BLOCK_N) tile of dW,
-# reducing BLOCK_R rows a step
 WEIGHT_GRAD_CONFIGS = (
-    (64, 64, 32, 4, 2),
-    (32, 64, 16, 4, 2),
-    (16, 32, 16, 2, 2),
+    WeightGradConfig(BLOCK_K=64, BLOCK_N=64, BLOCK_R=32, num_warps=8, num_stages=3),
+    WeightGradConfig(BLOCK_K=32, BLOCK_N=64, BLOCK_R=16, num_warps=4, num_stages=2),
+    WeightGradConfig(BLOCK_K=16, BLOCK_N=32, BLOCK_R=16, num_warps=2, num_stages=2),
 )
 # Expert groups are padded to a multiple of GROUP_PAD rows, so every row-GEMM tile (BLOCK_M
 # divides GROUP_PAD) lies inside one expert's group.
-GROUP_PAD = max(cfg[0] for cfg in ROW_GEMM_CONFIGS)
-assert all(GROUP_PAD % cfg[0] == 0 for cfg in ROW_GEMM_CONFIGS)
+GROUP_PAD = max(cfg.BLOCK_M for cfg in ROW_GEMM_CONFIGS)
+assert all(GROUP_PAD % cfg.BLOCK_M == 0 for cfg in ROW_GEMM_CONFIGS)
 # Enough programs to fill a large GPU; weight-grad row splits aim for this many programs.
 TARGET_PROGRAMS = 264
 
@@ -94,7 +117,7 @@ def _row_gemm_kernel(
         ends = tl.load(group_start_ptr + 1 + groups, mask=groups < num_groups, other=2147483647)
         group = tl.sum((ends <= row0).to(tl.int32), axis=0)
         if group >= num_groups:  # past the last group: rows are padding, written as zeros
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
                      tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
                      mask=(rows < M)[:, None] & (cols < N)[None, :])
@@ -112,12 +135,12 @@ def _row_gemm_kernel(
             scale = tl.load(gates_ptr + slots, mask=row_ok, other=0.0) * tl.load(alpha_ptr)
     else:
         a_rows = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = cols < N
     w_base = w_ptr + group.to(tl.int64) * stride_wg
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_ok = ks < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -177,9 +200,9 @@ def _weight_grad_kernel(
     chunk = tl.cdiv(tl.cdiv(count, num_splits), BLOCK_R) * BLOCK_R
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, start + count)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ks = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     k_ok = ks < K
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -209,13 +232,13 @@ def _weight_grad_kernel(
         db_acc += tl.sum(b.to(tl.float32), axis=0)
         acc = mma(a_t, cast_to(b, a_ptr.dtype.element_ty), acc, DOT_PRECISION)
     out = pid.to(tl.int64) * K * N
-    tl.store(dw_ptr + out + ks[:, None].to(tl.int64) * N + cols[None, :], acc,
+    tl.store(dw_ptr + out + ks[:, None] * N + cols[None, :], acc,
              mask=k_ok[:, None] & col_ok[None, :])
     if pid_k == 0:
         tl.store(db_ptr + pid.to(tl.int64) * N + cols, db_acc, mask=col_ok)
 
 
-def pick_row_gemm_config(rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+def pick_row_gemm_config(rows: int, n: int, k: int) -> RowGemmConfig:
     """Config from :data:`ROW_GEMM_CONFIGS` for ``rows`` x ``n`` outputs reducing over ``k``."""
     if INTERPRETING or rows >= 4096 and n >= 128 and k >= 64:
         return ROW_GEMM_CONFIGS[0]
@@ -226,7 +249,7 @@ def pick_row_gemm_config(rows: int, n: int, k: int) -> tuple[int, int, int, int,
     return ROW_GEMM_CONFIGS[3]
 
 
-def pick_weight_grad_config(k: int, n: int) -> tuple[int, int, int, int, int]:
+def pick_weight_grad_config(k: int, n: int) -> WeightGradConfig:
     """Config from :data:`WEIGHT_GRAD_CONFIGS` for a (k, n) weight gradient."""
     if INTERPRETING or k >= 64 and n >= 64:
         return WEIGHT_GRAD_CONFIGS[0]
@@ -244,7 +267,7 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
              a_gelu: bool = False, gelu_grad_of: Tensor | None = None,
              residual: Tensor | None = None, combine_src: Tensor | None = None,
              combine_gated: bool = False, out_dtype: torch.dtype | None = None,
-             config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+             config: RowGemmConfig | None = None) -> Tensor:
     """``out = epilogue(prologue(A) @ W)`` row by row; see the module docstring.
 
     w: (K, N) for a plain GEMM over the M rows of a, or (E, K, N) for a grouped GEMM over the
@@ -274,10 +297,10 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or w.dtype)
     if M == 0 or N == 0:
         return out
-    block_m, block_n, block_k, num_warps, num_stages = config or pick_row_gemm_config(M, N, K)
+    config = config or pick_row_gemm_config(M, N, K)
     unused = out  # placeholder pointer for operands a variant does not read
     layout = routing or Routing(unused, unused, unused, unused, 1)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (triton.cdiv(M, config.BLOCK_M), triton.cdiv(N, config.BLOCK_N))
     _row_gemm_kernel[grid](
         a, a.stride(0), a.stride(1),
         w, *w_strides,
@@ -295,8 +318,7 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
         HAS_RESIDUAL=residual is not None,
         COMBINE=0 if combine_src is None else (1 if combine_gated else 2),
         E_POW2=triton.next_power_of_2(num_groups), DOT_PRECISION=dot_precision(w.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        **launch_params(config),
     )
     return out
 
@@ -304,7 +326,7 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
 def weight_grad(a: Tensor, b: Tensor, *, routing: Routing | None = None,
                 a_gather: bool = False, a_gelu: bool = False, b_gather: bool = False,
                 gates: Tensor | None = None, alpha: Tensor | None = None,
-                config: tuple[int, int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+                config: WeightGradConfig | None = None) -> tuple[Tensor, Tensor]:
     """Weight and bias gradients ``dW = A^T @ B``, ``db = sum_rows B``, per group.
 
     a: (M, K), b: (M, N) row-aligned, or with ``routing`` the padded expert-sorted rows (P, .)
@@ -319,15 +341,17 @@ def weight_grad(a: Tensor, b: Tensor, *, routing: Routing | None = None,
     num_groups = routing.group_count.shape[0] if grouped else 1
     K, N = a.shape[1], b.shape[1]
     M = routing.row_slot.shape[0] if grouped else a.shape[0]
-    block_k, block_n, block_r, num_warps, num_stages = config or pick_weight_grad_config(K, N)
-    tiles = num_groups * triton.cdiv(K, block_k) * triton.cdiv(N, block_n)
+    config = config or pick_weight_grad_config(K, N)
+    tiles = num_groups * triton.cdiv(K, config.BLOCK_K) * triton.cdiv(N, config.BLOCK_N)
     rows_per_group = (routing.slot_row.shape[0] // num_groups) if grouped else M
-    num_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), rows_per_group // (4 * block_r),
-                            (1 << 26) // max(1, num_groups * K * N)))
+    num_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles),
+                            rows_per_group // (4 * config.BLOCK_R),
+                            MAX_PARTIAL_ELEMENTS // max(1, num_groups * K * N)))
     dw = torch.empty(num_splits * num_groups, K, N, device=a.device, dtype=torch.float32)
     db = torch.empty(num_splits * num_groups, N, device=a.device, dtype=torch.float32)
     layout = routing or Routing(dw, dw, dw, dw, 1)
-    grid = (num_splits * num_groups, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    grid = (num_splits * num_groups, triton.cdiv(K, config.BLOCK_K),
+            triton.cdiv(N, config.BLOCK_N))
     _weight_grad_kernel[grid](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), dw, db,
         layout.row_slot, layout.group_start, layout.group_count,
@@ -335,9 +359,7 @@ def weight_grad(a: Tensor, b: Tensor, *, routing: Routing | None = None,
         M, K, N, num_groups, num_splits,
         TOP_K=layout.top_k, GROUPED=grouped, A_GATHER=a_gather, A_GELU=a_gelu,
         B_GATHER=b_gather, B_SCALE=gates is not None,
-        DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(a.dtype), **launch_params(config),
     )
     # splits are the leading index of each group's partials: program id = group * splits + split
     dw = dw.view(num_groups, num_splits, K, N).sum(1)

@@ -20,29 +20,49 @@ the splits in a fixed order: no atomics, bit-reproducible gradients.
 
 Dots accumulate in fp32. fp32 inputs use input_precision="tf32x3" (three TF32 tensor-core
 products, about fp32 accuracy; "ieee" FMA dots spill registers at these tiles on sm_90, as
-benchmarks/gpu/compile_card.py shows) unless ``torch.backends.cuda.matmul.allow_tf32`` is
-set, then "tf32" (constexpr ALLOW_TF32). bf16/fp16 inputs multiply in their own type (the P tile is
-cast to it before the second dot, as in flash attention).
+benchmarks/gpu/compile_card.py shows) unless PyTorch's fp32 matmuls may use TF32
+(:func:`tf32_allowed`), then "tf32" (constexpr ALLOW_TF32). bf16/fp16 inputs multiply in
+their own type (the P tile is cast to it before the second dot, as in flash attention).
 
 Kernel arguments are plain pointers, ints and constexprs; tile shapes come from
-``LCE_CONFIGS`` through the deterministic :func:`pick_config`.
+``LCE_CONFIGS`` through the deterministic :func:`pick_config`. The host functions launch on
+the inputs' CUDA device.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# (BLOCK_M rows, BLOCK_V items, num_warps, num_stages); pick_config chooses by BLOCK_D.
+from . import launch_params, on_device_of, pick_width_config
+
+
+class LceConfig(NamedTuple):
+    """Tiles of the three kernels for a padded width BLOCK_D <= max_block_d and fp32 (or
+    16-bit) inputs; BLOCK_M, BLOCK_V, num_warps and num_stages are launch parameters."""
+    max_block_d: int
+    fp32: bool
+    BLOCK_M: int       # rows per tile
+    BLOCK_V: int       # items per tile
+    num_warps: int
+    num_stages: int
+
+
+# h / W tiles of BLOCK_D columns live in registers: each config is the widest that compiles
+# for sm_90 without spills (benchmarks/results/h200_resource_card.md); fp32's tf32x3 dots
+# hold more registers, and past D = 64 they spill.
 LCE_CONFIGS = (
-    (64, 64, 4, 2),   # 16-bit, D <= 128
-    (64, 32, 4, 2),   # 16-bit, D <= 256
-    (32, 32, 4, 2),   # fp32 (tf32x3 dots hold more registers), D <= 64
+    LceConfig(max_block_d=128, fp32=False, BLOCK_M=64, BLOCK_V=64, num_warps=4, num_stages=2),
+    LceConfig(max_block_d=256, fp32=False, BLOCK_M=64, BLOCK_V=32, num_warps=4, num_stages=2),
+    LceConfig(max_block_d=64, fp32=True, BLOCK_M=32, BLOCK_V=32, num_warps=4, num_stages=2),
 )
-# Widest D the kernels take per input dtype: h / W tiles of BLOCK_D columns live in
-# registers, and wider fp32 tiles spill on sm_90 (benchmarks/gpu/compile_card.py).
-MAX_BLOCK_D = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 64}
+# Widest D the kernels take per input dtype.
+MAX_BLOCK_D = {dtype: max(config.max_block_d for config in LCE_CONFIGS
+                          if config.fp32 == (dtype == torch.float32))
+               for dtype in (torch.bfloat16, torch.float16, torch.float32)}
 # Programs a launch aims for per streaming multiprocessor, and the most splits of the
 # streamed dimension used to get there.
 PROGRAMS_PER_SM = 4
@@ -52,12 +72,20 @@ MAX_SPLIT = 16
 INTERPRETER_PROGRAMS = 8
 
 
-def pick_config(block_d: int, fp32: bool) -> tuple[int, int, int, int]:
-    """The LCE_CONFIGS entry for a feature width padded to ``block_d`` (a power of 2) and
-    fp32 or 16-bit inputs."""
-    if fp32:
-        return LCE_CONFIGS[2]
-    return LCE_CONFIGS[0 if block_d <= 128 else 1]
+def pick_config(block_d: int, fp32: bool) -> LceConfig:
+    """The LCE_CONFIGS entry for a feature width padded to ``block_d`` (a power of 2,
+    within MAX_BLOCK_D) and fp32 or 16-bit inputs."""
+    return pick_width_config(LCE_CONFIGS, block_d, fp32)
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch's fp32 CUDA matmuls may use TF32: the ``fp32_precision`` API where
+    it exists (torch >= 2.9, where reading the legacy ``allow_tf32`` warns, and raises once
+    the new API has been used), else ``allow_tf32``."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32
 
 
 def triton_supports(dim: int, dtype: torch.dtype) -> bool:
@@ -185,7 +213,7 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_w_ptr,
     tl.store(part_grad_w_ptr + part_offsets, acc, mask=w_mask)
 
 
-def _launch_params(hidden: Tensor) -> tuple[int, tuple[int, int, int, int], bool, int]:
+def _launch_setup(hidden: Tensor) -> tuple[int, LceConfig, bool, int]:
     """(BLOCK_D, config, ALLOW_TF32, target program count) for a launch on hidden."""
     dim = hidden.shape[1]
     block_d = max(16, triton.next_power_of_2(dim))
@@ -193,7 +221,7 @@ def _launch_params(hidden: Tensor) -> tuple[int, tuple[int, int, int, int], bool
         raise ValueError(f"the Triton linear_cross_entropy takes D <= "
                          f"{MAX_BLOCK_D.get(hidden.dtype)} in {hidden.dtype}, got D = {dim}; "
                          f"use backend='torch'")
-    allow_tf32 = hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    allow_tf32 = hidden.dtype == torch.float32 and tf32_allowed()
     if hidden.is_cuda:
         sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count
         target_programs = PROGRAMS_PER_SM * sm_count
@@ -207,19 +235,20 @@ def triton_lce_forward(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[
     int64 target (N,) in [0, V)."""
     n_rows, dim = hidden.shape
     n_items = weight.shape[0]
-    block_d, (block_m, block_v, num_warps, num_stages), allow_tf32, programs = \
-        _launch_params(hidden)
-    row_tiles = triton.cdiv(n_rows, block_m)
-    n_split, tiles_per_split = pick_split(row_tiles, triton.cdiv(n_items, block_v), programs)
-    part_max, part_sum, part_target = torch.empty(
-        3, n_split, n_rows, dtype=torch.float32, device=hidden.device)
-    _lce_forward_kernel[(row_tiles, n_split)](
-        hidden, weight, target, part_max, part_sum, part_target, n_rows, n_items, dim,
-        tiles_per_split * block_v, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
-        ALLOW_TF32=allow_tf32, num_warps=num_warps, num_stages=num_stages)
-    row_max = part_max.amax(dim=0)
-    lse = row_max + (part_sum * torch.exp(part_max - row_max)).sum(dim=0).log()
-    return lse, lse - part_target.sum(dim=0)
+    block_d, config, allow_tf32, programs = _launch_setup(hidden)
+    row_tiles = triton.cdiv(n_rows, config.BLOCK_M)
+    n_split, tiles_per_split = pick_split(row_tiles, triton.cdiv(n_items, config.BLOCK_V),
+                                          programs)
+    with on_device_of(hidden):
+        part_max, part_sum, part_target = torch.empty(
+            3, n_split, n_rows, dtype=torch.float32, device=hidden.device)
+        _lce_forward_kernel[(row_tiles, n_split)](
+            hidden, weight, target, part_max, part_sum, part_target, n_rows, n_items, dim,
+            tiles_per_split * config.BLOCK_V, BLOCK_D=block_d, ALLOW_TF32=allow_tf32,
+            **launch_params(config))
+        row_max = part_max.amax(dim=0)
+        lse = row_max + (part_sum * torch.exp(part_max - row_max)).sum(dim=0).log()
+        return lse, lse - part_target.sum(dim=0)
 
 
 def triton_lce_backward(hidden: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
@@ -228,28 +257,27 @@ def triton_lce_backward(hidden: Tensor, weight: Tensor, target: Tensor, lse: Ten
     per-row losses; ``lse`` float32 (N,) from the forward, ``scale`` a float32 0-d tensor."""
     n_rows, dim = hidden.shape
     n_items = weight.shape[0]
-    block_d, (block_m, block_v, num_warps, num_stages), allow_tf32, programs = \
-        _launch_params(hidden)
-    meta = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, ALLOW_TF32=allow_tf32,
-                num_warps=num_warps, num_stages=num_stages)
-    row_tiles, item_tiles = triton.cdiv(n_rows, block_m), triton.cdiv(n_items, block_v)
+    block_d, config, allow_tf32, programs = _launch_setup(hidden)
+    meta = dict(BLOCK_D=block_d, ALLOW_TF32=allow_tf32, **launch_params(config))
+    row_tiles = triton.cdiv(n_rows, config.BLOCK_M)
+    item_tiles = triton.cdiv(n_items, config.BLOCK_V)
+    with on_device_of(hidden):
+        n_split, tiles_per_split = pick_split(row_tiles, item_tiles, programs)
+        part_grad_hidden = torch.empty(n_split, n_rows, dim, dtype=torch.float32,
+                                       device=hidden.device)
+        _lce_grad_hidden_kernel[(row_tiles, n_split)](
+            hidden, weight, target, lse, part_grad_hidden, n_rows, n_items, dim,
+            tiles_per_split * config.BLOCK_V, **meta)
 
-    n_split, tiles_per_split = pick_split(row_tiles, item_tiles, programs)
-    part_grad_hidden = torch.empty(n_split, n_rows, dim, dtype=torch.float32,
-                                   device=hidden.device)
-    _lce_grad_hidden_kernel[(row_tiles, n_split)](
-        hidden, weight, target, lse, part_grad_hidden, n_rows, n_items, dim,
-        tiles_per_split * block_v, **meta)
-
-    n_split, tiles_per_split = pick_split(item_tiles, row_tiles, programs)
-    part_grad_weight = torch.empty(n_split, n_items, dim, dtype=torch.float32,
-                                   device=hidden.device)
-    _lce_grad_weight_kernel[(item_tiles, n_split)](
-        hidden, weight, target, lse, part_grad_weight, n_rows, n_items, dim,
-        tiles_per_split * block_m, **meta)
-    grad_hidden = _sum_splits(part_grad_hidden).mul_(scale).to(hidden.dtype)
-    grad_weight = _sum_splits(part_grad_weight).mul_(scale).to(weight.dtype)
-    return grad_hidden, grad_weight
+        n_split, tiles_per_split = pick_split(item_tiles, row_tiles, programs)
+        part_grad_weight = torch.empty(n_split, n_items, dim, dtype=torch.float32,
+                                       device=hidden.device)
+        _lce_grad_weight_kernel[(item_tiles, n_split)](
+            hidden, weight, target, lse, part_grad_weight, n_rows, n_items, dim,
+            tiles_per_split * config.BLOCK_M, **meta)
+        grad_hidden = _sum_splits(part_grad_hidden).mul_(scale).to(hidden.dtype)
+        grad_weight = _sum_splits(part_grad_weight).mul_(scale).to(weight.dtype)
+        return grad_hidden, grad_weight
 
 
 def _sum_splits(partials: Tensor) -> Tensor:

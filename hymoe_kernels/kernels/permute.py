@@ -14,22 +14,35 @@ N*top_k + E*(pad-1) rows, so grids never depend on the routing and no .item() is
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING
+from . import INTERPRETING, launch_params
 from .grouped_gemm import GROUP_PAD, Routing
 
-# (BLOCK_S slots per block, num_warps) for the histogram and scatter passes
+
+class PermuteConfig(NamedTuple):
+    """Launch parameters of the histogram and scatter passes."""
+    BLOCK_S: int       # slots per block
+    num_warps: int
+
+
+class OffsetsConfig(NamedTuple):
+    """Launch parameters of the single-program offsets pass."""
+    BLOCK_B: int       # blocks per step
+    num_warps: int
+
+
 PERMUTE_CONFIGS = (
-    (256, 4),
-    (64, 2),
+    PermuteConfig(BLOCK_S=256, num_warps=4),
+    PermuteConfig(BLOCK_S=64, num_warps=2),
 )
-# (BLOCK_B blocks per step, num_warps) for the single-program offsets pass
 OFFSETS_CONFIGS = (
-    (64, 4),
+    OffsetsConfig(BLOCK_B=64, num_warps=4),
 )
 
 
@@ -91,14 +104,15 @@ def padded_rows(num_slots: int, num_experts: int) -> int:
     return num_slots + num_experts * (GROUP_PAD - 1)
 
 
-def pick_permute_config(num_slots: int) -> tuple[int, int]:
+def pick_permute_config(num_slots: int) -> PermuteConfig:
     """Config from :data:`PERMUTE_CONFIGS` for ``num_slots`` slots."""
     return PERMUTE_CONFIGS[0] if INTERPRETING or num_slots >= 4096 else PERMUTE_CONFIGS[1]
 
 
 def sort_slots_by_expert(ids: Tensor, num_experts: int,
-                         config: tuple[int, int] | None = None) -> Routing:
-    """Expert-sorted slot layout of ``ids`` (N, top_k) int32 contiguous (values in [0, E)).
+                         config: PermuteConfig | None = None) -> Routing:
+    """Expert-sorted slot layout of ``ids`` (N, top_k) int32 contiguous (values in [0, E),
+    as the routers guarantee: an id outside would collide with another slot's row).
 
     Returns a :class:`Routing` with row_slot of length :func:`padded_rows` (-1 on padding
     rows, i.e. rows beyond a group's count); groups start at multiples of ``GROUP_PAD``.
@@ -107,8 +121,8 @@ def sort_slots_by_expert(ids: Tensor, num_experts: int,
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
     e_pow2 = triton.next_power_of_2(num_experts)
-    block_s, num_warps = config or pick_permute_config(num_slots)
-    num_blocks = triton.cdiv(num_slots, block_s)
+    config = config or pick_permute_config(num_slots)
+    num_blocks = triton.cdiv(num_slots, config.BLOCK_S)
     device = ids.device
     block_counts = torch.empty(num_blocks, e_pow2, device=device, dtype=torch.int32)
     block_base = torch.empty(num_blocks, e_pow2, device=device, dtype=torch.int32)
@@ -119,12 +133,11 @@ def sort_slots_by_expert(ids: Tensor, num_experts: int,
     slot_row = torch.empty(num_slots, device=device, dtype=torch.int32)
     if num_blocks > 0:
         _slot_histogram_kernel[(num_blocks,)](ids, block_counts, num_slots, E_POW2=e_pow2,
-                                              BLOCK_S=block_s, num_warps=num_warps)
-    block_b, offsets_warps = OFFSETS_CONFIGS[0]
+                                              **launch_params(config))
     _group_offsets_kernel[(1,)](block_counts, block_base, group_start, group_count, num_blocks,
-                                num_experts, PAD=GROUP_PAD, E_POW2=e_pow2, BLOCK_B=block_b,
-                                num_warps=offsets_warps)
+                                num_experts, PAD=GROUP_PAD, E_POW2=e_pow2,
+                                **launch_params(OFFSETS_CONFIGS[0]))
     if num_blocks > 0:
         _scatter_slots_kernel[(num_blocks,)](ids, block_base, row_slot, slot_row, num_slots,
-                                             E_POW2=e_pow2, BLOCK_S=block_s, num_warps=num_warps)
+                                             E_POW2=e_pow2, **launch_params(config))
     return Routing(row_slot, slot_row, group_start, group_count, top_k)

@@ -3,7 +3,8 @@
 Forward (:func:`router_topk`), per block of tokens, from the router's hidden pre-activation
 h_pre = x @ router_w1 + router_b1 (computed by :func:`.grouped_gemm.row_gemm`):
 logits = GELU(h_pre) @ router_w2 + router_b2 (fp32 accumulation, kept in fp32), the top_k
-experts (ties to the lower index), gates = softmax over the kept logits, and over real
+experts (ties to the lower index; NaN logits rank below every number, so every id is a
+valid expert, distinct within a token), gates = softmax over the kept logits, and over real
 tokens (mask) the per-block sums of the full softmax over all E logits and the per-block
 slot counts; the partials are summed in a fixed order (no atomics).
 
@@ -12,23 +13,38 @@ for real tokens, from d prob_sum through the full softmax.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING
-from .device_math import cast_to, dot_precision, gelu, mma
+from . import INTERPRETING, launch_params
+from .device_math import cast_to, dot_precision, gelu, mma, top_k_step, without_nan
 
-# (BLOCK_T tokens, BLOCK_H hidden columns per step, num_warps, num_stages)
+
+class RouterConfig(NamedTuple):
+    """Launch parameters of ``_router_topk_kernel``."""
+    BLOCK_T: int       # tokens per program
+    BLOCK_H: int       # hidden columns per step
+    num_warps: int
+    num_stages: int
+
+
+class RouterBackwardConfig(NamedTuple):
+    """Launch parameters of ``_router_backward_kernel``."""
+    BLOCK_T: int       # tokens per program
+    num_warps: int
+
+
 ROUTER_CONFIGS = (
-    (64, 64, 4, 2),
-    (16, 32, 2, 1),
+    RouterConfig(BLOCK_T=64, BLOCK_H=64, num_warps=4, num_stages=2),
+    RouterConfig(BLOCK_T=16, BLOCK_H=32, num_warps=2, num_stages=1),
 )
-# (BLOCK_T tokens, num_warps)
 ROUTER_BACKWARD_CONFIGS = (
-    (128, 4),
-    (16, 1),
+    RouterBackwardConfig(BLOCK_T=128, num_warps=4),
+    RouterBackwardConfig(BLOCK_T=16, num_warps=1),
 )
 
 
@@ -62,20 +78,22 @@ def _router_topk_kernel(
     out_ok = tok_ok[:, None] & expert_ok[None, :]
     tl.store(logits_ptr + tokens64[:, None] * num_experts + experts[None, :], logits, mask=out_ok)
 
-    top = tl.max(logits, axis=1)
+    # the choice ranks NaN below every number (see top_k_step); gates and probabilities
+    # use the logits themselves, so a token with NaN logits gets NaN gates, not a
+    # padding expert id
     ranks = tl.arange(0, K_POW2)
     kept = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
     chosen = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
-    selected = tl.zeros((BLOCK_T, E_POW2), dtype=tl.int32)
-    remaining = logits
+    taken = tl.broadcast_to(~expert_ok[None, :], (BLOCK_T, E_POW2))
+    top = tl.max(without_nan(logits), axis=1)
     for j in tl.static_range(TOP_K):
-        best = tl.max(remaining, axis=1)
-        best_id = tl.min(tl.where(remaining == best[:, None], experts[None, :], E_POW2), axis=1)
+        best_id = top_k_step(logits, taken, experts, E_POW2)[1]
+        hit = experts[None, :] == best_id[:, None]
+        best = tl.sum(tl.where(hit, logits, 0.0), axis=1)
         kept = tl.where(ranks[None, :] == j, tl.exp(best - top)[:, None], kept)
         chosen = tl.where(ranks[None, :] == j, best_id[:, None], chosen)
-        hit = experts[None, :] == best_id[:, None]
-        selected += hit.to(tl.int32)
-        remaining = tl.where(hit, float("-inf"), remaining)
+        taken = taken | hit
+    selected = (taken & expert_ok[None, :]).to(tl.int32)
     slot_ok = tok_ok[:, None] & (ranks < TOP_K)[None, :]
     slots = tokens64[:, None] * TOP_K + ranks[None, :]
     tl.store(gates_ptr + slots, kept / tl.sum(kept, axis=1)[:, None], mask=slot_ok)
@@ -131,13 +149,13 @@ def _router_backward_kernel(
              mask=tile_ok)
 
 
-def pick_router_config(num_tokens: int, H: int) -> tuple[int, int, int, int]:
+def pick_router_config(num_tokens: int, H: int) -> RouterConfig:
     """Config from :data:`ROUTER_CONFIGS` for ``num_tokens`` tokens, hidden width ``H``."""
     big = INTERPRETING or (num_tokens >= 1024 and H >= 64)
     return ROUTER_CONFIGS[0] if big else ROUTER_CONFIGS[1]
 
 
-def pick_router_backward_config(num_tokens: int) -> tuple[int, int]:
+def pick_router_backward_config(num_tokens: int) -> RouterBackwardConfig:
     """Config from :data:`ROUTER_BACKWARD_CONFIGS` for ``num_tokens`` tokens."""
     big = INTERPRETING or num_tokens >= 1024
     return ROUTER_BACKWARD_CONFIGS[0] if big else ROUTER_BACKWARD_CONFIGS[1]
@@ -148,7 +166,7 @@ def _experts_pow2(num_experts: int) -> int:
 
 
 def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_k: int,
-                config: tuple[int, int, int, int] | None = None
+                config: RouterConfig | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Top-k routing of N tokens from the router's hidden pre-activation.
 
@@ -161,8 +179,8 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
     num_tokens, H = h_pre.shape
     num_experts = w2.shape[1]
     e_pow2 = _experts_pow2(num_experts)
-    block_t, block_h, num_warps, num_stages = config or pick_router_config(num_tokens, H)
-    num_blocks = triton.cdiv(num_tokens, block_t)
+    config = config or pick_router_config(num_tokens, H)
+    num_blocks = triton.cdiv(num_tokens, config.BLOCK_T)
     device = h_pre.device
     logits = torch.empty(num_tokens, num_experts, device=device, dtype=torch.float32)
     ids = torch.empty(num_tokens, top_k, device=device, dtype=torch.int32)
@@ -177,7 +195,7 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
             logits, ids, gates, prob_part, load_part, num_tokens, H, num_experts,
             TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), E_POW2=e_pow2,
             HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(w2.dtype),
-            BLOCK_T=block_t, BLOCK_H=block_h, num_warps=num_warps, num_stages=num_stages,
+            **launch_params(config),
         )
     prob_sum = prob_part.sum(0)[:num_experts]
     load = load_part.sum(0, dtype=torch.int64)[:num_experts]
@@ -186,20 +204,20 @@ def router_topk(h_pre: Tensor, w2: Tensor, b2: Tensor, mask: Tensor | None, top_
 
 def router_backward(logits: Tensor, ids: Tensor, gates: Tensor, dgates: Tensor,
                     dprob_sum: Tensor, mask: Tensor | None,
-                    config: tuple[int, int] | None = None) -> Tensor:
+                    config: RouterBackwardConfig | None = None) -> Tensor:
     """d loss / d logits (N, E) f32 from dgates (N, top_k) f32 (through the top-k softmax)
     and dprob_sum (E,) contiguous f32 (through the full softmax, real tokens only); the
     other arguments as returned by :func:`router_topk`. config: one of
     :data:`ROUTER_BACKWARD_CONFIGS` (default :func:`pick_router_backward_config`)."""
     num_tokens, num_experts = logits.shape
-    block_t, num_warps = config or pick_router_backward_config(num_tokens)
+    config = config or pick_router_backward_config(num_tokens)
     dlogits = torch.empty_like(logits)
-    num_blocks = triton.cdiv(num_tokens, block_t)
+    num_blocks = triton.cdiv(num_tokens, config.BLOCK_T)
     if num_blocks > 0:
         _router_backward_kernel[(num_blocks,)](
             logits, ids, gates, dgates, dprob_sum, logits if mask is None else mask, dlogits,
             num_tokens, num_experts,
             TOP_K=ids.shape[1], E_POW2=_experts_pow2(num_experts), HAS_MASK=mask is not None,
-            BLOCK_T=block_t, num_warps=num_warps,
+            **launch_params(config),
         )
     return dlogits
