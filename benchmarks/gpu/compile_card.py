@@ -6,30 +6,42 @@ compiler rejects, so this module compiles each kernel with ``triton.compile`` fo
 in Triton's wheel: registers, stack and local memory (non-zero = spills), shared memory, and
 the number of HGMMA (Hopper warpgroup tensor-core) instructions in the SASS.
 
-Nothing is declared by hand. Every @triton.jit kernel of ``hymoe_kernels.kernels`` (a jit
-function no other jit function calls) is found by walking the package; during a *recording*
-pass each kernel object is replaced by a recorder, and the package's own host wrappers are
-driven on CPU tensors (zero-filled; nothing is launched) through forward and backward at
-:data:`DRIVER_SHAPES` x dtypes. The recorder specializes each launch's arguments exactly as
+No kernel or launch is declared by hand. Every @triton.jit kernel of ``hymoe_kernels.kernels``
+(a jit function no other jit function calls) is found by walking the package; during a
+*recording* pass each kernel object is replaced by a recorder, and the package's own host
+wrappers are driven on CPU tensors (zero-filled; nothing is launched) through forward and
+backward, both layer paths and the loss, at :data:`DRIVER_SHAPES` x dtypes. The recorder specializes each launch's arguments exactly as
 Triton's launcher does (``native_specialize_impl``: pointer dtypes, 16-byte alignment,
 integers equal to 1 or divisible by 16, constexprs, num_warps/num_stages), so the compiled
 variants are the ones the GPU would build -- every block configuration the pickers choose at
 those shapes. A new kernel needs nothing here unless no driver reaches it (it is then listed
 under ``unlaunched`` and the test fails); a new host entry point gets a driver in
-:data:`DRIVERS`.
+:data:`DRIVERS`; a new block-configuration table (``*_CONFIGS``) is listed in
+:data:`CONFIG_TABLES`, and DRIVER_SHAPES must reach each of its entries in each dtype it can
+be picked for (:func:`missing_configs`).
 
 Run (TRITON_INTERPRET is removed first; @triton.jit reads it when a module is imported)::
 
     python -m benchmarks.gpu.compile_card [--subset ci|full] [--json PATH] [--markdown PATH]
+        [--other-report PATH] [--record-only]
 
 ``full``: every shape of DRIVER_SHAPES in fp32, bf16 and fp16. ``ci`` (the test suite's set):
 CI_SHAPES in bf16 plus the first shape in fp32. Compilations run in parallel processes.
+``--record-only`` prints the launches (no compilation), which tests compare with the committed
+card (:data:`CARD_JSON`, with the kernel sources' digest) to keep it current.
+``--other-report`` adds the per-row registers of a report made under another Triton version.
+
+Regenerate the committed card after any change to the kernels or their host code::
+
+    python -m benchmarks.gpu.compile_card --subset full --json benchmarks/results/h200_resource_card.json \
+        --markdown benchmarks/results/h200_resource_card.md
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import contextlib
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -55,12 +67,35 @@ from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 KERNEL_PACKAGE = "hymoe_kernels.kernels"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CARD_JSON = os.path.join(REPO_ROOT, "benchmarks", "results", "h200_resource_card.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (tokens, D, F, E, top_k): recommender widths (fused tile and grouped paths), a wide layer
-# (grouped GEMMs' large tiles), and small batches / widths (the pickers' small configs).
+# (grouped GEMMs' large tiles), D = 256 (the 16-bit loss tiles for 128 < D <= 256), and
+# small batches / widths (the pickers' small configs; D = 32 for the middle weight-gradient
+# tile).
 DRIVER_SHAPES = ((2048, 64, 256, 4, 2), (8192, 512, 2048, 4, 2), (2048, 128, 512, 4, 2),
-                 (64, 64, 256, 4, 2), (64, 16, 32, 4, 1))
+                 (2048, 256, 1024, 4, 2), (64, 64, 256, 4, 2), (64, 32, 64, 4, 2),
+                 (64, 16, 32, 4, 1))
 CI_SHAPES = DRIVER_SHAPES[:2]
+# Every block-configuration table of the kernel modules ("module.NAME") and the kernels its
+# entries configure; see missing_configs.
+CONFIG_TABLES = {
+    "router.ROUTER_CONFIGS": ("router._router_topk_kernel",),
+    "router.ROUTER_BACKWARD_CONFIGS": ("router._router_backward_kernel",),
+    "permute.PERMUTE_CONFIGS": ("permute._slot_histogram_kernel",
+                                "permute._scatter_slots_kernel"),
+    "permute.OFFSETS_CONFIGS": ("permute._group_offsets_kernel",),
+    "grouped_gemm.ROW_GEMM_CONFIGS": ("grouped_gemm._row_gemm_kernel",),
+    "grouped_gemm.WEIGHT_GRAD_CONFIGS": ("grouped_gemm._weight_grad_kernel",),
+    "combine.GATE_GRAD_CONFIGS": ("combine._gate_grad_kernel",),
+    "fused_tile.FORWARD_CONFIGS": ("fused_tile.fused_tile_forward_kernel",),
+    "fused_tile.BACKWARD_TOKEN_CONFIGS": ("fused_tile.fused_tile_backward_token_kernel",),
+    "fused_tile.WEIGHT_GRAD_CONFIGS": ("fused_tile.fused_tile_weight_grad_kernel",),
+    "linear_cross_entropy.LCE_CONFIGS": ("linear_cross_entropy._lce_forward_kernel",
+                                         "linear_cross_entropy._lce_grad_hidden_kernel",
+                                         "linear_cross_entropy._lce_grad_weight_kernel"),
+}
 # a 16-bit tt.dot whose result has >= this many rows could run on HGMMA (one warpgroup = 64)
 WGMMA_MIN_ROWS = 64
 _DOT_RESULT = re.compile(r"tt\.dot .*: tensor<\d+x\d+x(bf16|f16)\b.*-> tensor<(\d+)x(\d+)x")
@@ -83,6 +118,14 @@ class Launch:
 
     def uses_16bit_operands(self) -> bool:
         return any(t in ("*bf16", "*fp16") for _, t in self.signature)
+
+    def key(self) -> str:
+        """16 hex digits of sha256 of the launch (kernel, signature, constexprs,
+        specialization attributes, num_warps, num_stages: what makes Triton compile a new
+        variant)."""
+        text = json.dumps([self.kernel, self.signature, self.constexprs, self.attrs,
+                           self.num_warps, self.num_stages])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def discover_kernels() -> dict[str, tuple[object, str, JITFunction]]:
@@ -173,30 +216,21 @@ def _layer_inputs(shape: tuple, dtype: torch.dtype):
     return x, mask, weights, torch.zeros(()), torch.ones(())
 
 
-def drive_fused_tile(shape: tuple, dtype: torch.dtype) -> None:
-    """Forward + backward of the fused token-tile path where it supports the shape."""
-    from hymoe_kernels.kernels import fused_tile
-    tokens, D, Fh, E, top_k = shape
-    if not fused_tile.fused_tile_supported(D, Fh, E, D, top_k, dtype):
-        return
-    x, mask, weights, alpha_param, ramp = _layer_inputs(shape, dtype)
-    _, _, _, saved = fused_tile.fused_tile_forward(x, mask, *weights, alpha_param, ramp, top_k)
-    fused_tile.fused_tile_backward(saved, x, mask, weights, alpha_param, ramp, top_k,
-                                   torch.randn_like(x), torch.randn(E))
-
-
 def drive_hymoe_triton(shape: tuple, dtype: torch.dtype) -> None:
-    """Forward + backward of the package's Triton layer function, if this checkout has it."""
-    try:
-        from hymoe_kernels.function import hymoe_triton
-    except ImportError:
-        return
-    x, mask, weights, alpha_param, ramp = _layer_inputs(shape, dtype)
-    leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights],
-              alpha_param.requires_grad_()]
-    y, prob_sum, _ = hymoe_triton(x, mask, *weights, alpha_param, ramp, shape[4])
-    torch.autograd.grad([y, prob_sum], leaves, [torch.randn_like(y), torch.randn_like(prob_sum)],
-                        allow_unused=True)
+    """Forward + backward of the package's Triton layer function on each path it can take
+    at the shape: the grouped path always, the fused token tile where it is supported
+    (path "auto" picks one of the two)."""
+    from hymoe_kernels.function import hymoe_triton
+    from hymoe_kernels.kernels.fused_tile import fused_tile_supported
+    tokens, D, Fh, E, top_k = shape
+    paths = ["grouped"] + (["fused"] if fused_tile_supported(D, Fh, E, D, top_k, dtype) else [])
+    for path in paths:
+        x, mask, weights, alpha_param, ramp = _layer_inputs(shape, dtype)
+        leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights],
+                  alpha_param.requires_grad_()]
+        y, prob_sum, _ = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k, path=path)
+        torch.autograd.grad([y, prob_sum], leaves,
+                            [torch.randn_like(y), torch.randn_like(prob_sum)], allow_unused=True)
 
 
 def drive_linear_cross_entropy(shape: tuple, dtype: torch.dtype) -> None:
@@ -214,7 +248,6 @@ def drive_linear_cross_entropy(shape: tuple, dtype: torch.dtype) -> None:
 
 
 DRIVERS: dict[str, Callable[[tuple, torch.dtype], None]] = {
-    "fused_tile": drive_fused_tile,
     "hymoe_triton": drive_hymoe_triton,
     "linear_cross_entropy": drive_linear_cross_entropy,
 }
@@ -238,6 +271,63 @@ def record_launches(subset: str) -> tuple[dict[Launch, set], list[str]]:
                 launches.setdefault(launch, set()).add(f"{dtype} {shape[0]}x{shape[1]}x{shape[2]}")
     launched = {launch.kernel for launch in launches}
     return launches, sorted(set(kernels) - launched)
+
+
+def config_tables() -> dict[str, tuple]:
+    """{"module.NAME": entries} of every block-configuration table of KERNEL_PACKAGE: a
+    module-level ``*_CONFIGS`` tuple of NamedTuples (importable with or without the
+    interpreter: nothing is compiled)."""
+    package = importlib.import_module(KERNEL_PACKAGE)
+    tables = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{KERNEL_PACKAGE}.{info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("_CONFIGS") and isinstance(value, tuple):
+                tables[f"{info.name}.{name}"] = value
+    return tables
+
+
+def config_dtypes(entry) -> tuple[str, ...]:
+    """The input dtypes a config can be picked for: by its ``fp32`` field, else all."""
+    fp32 = getattr(entry, "fp32", None)
+    return tuple(DTYPES) if fp32 is None else ("fp32",) if fp32 else ("bf16", "fp16")
+
+
+def missing_configs(rows: list[dict]) -> list[str]:
+    """Every (kernel, table entry, dtype) the host code can launch -- each entry of each
+    CONFIG_TABLES table, for each kernel it configures, in each dtype of config_dtypes --
+    that no compiled row of a report matches (same launch parameters; a parameter the
+    config does not set, e.g. num_stages, may have any value)."""
+    from hymoe_kernels.kernels import launch_params
+    tables = config_tables()
+    missing = [f"{name}: a config table not in CONFIG_TABLES"
+               for name in sorted(set(tables) - set(CONFIG_TABLES))]
+    for table, kernels in CONFIG_TABLES.items():
+        for entry in tables.get(table, ()):
+            wanted = launch_params(entry)
+            for kernel in kernels:
+                for dtype in config_dtypes(entry):
+                    if not any(row["ok"] and row["kernel"] == kernel
+                               and dtype in row["dtype"].split("/")
+                               and all(row["launch_params"].get(k) == v
+                                       for k, v in wanted.items())
+                               for row in rows):
+                        missing.append(f"{kernel} {dtype} {wanted} ({table})")
+    return missing
+
+
+def kernel_source_digest() -> str:
+    """sha256 (16 hex digits) of the source files of KERNEL_PACKAGE, which the card's
+    numbers belong to."""
+    package = importlib.import_module(KERNEL_PACKAGE)
+    digest = hashlib.sha256()
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        path = os.path.join(package.__path__[0], f"{info.name}.py")
+        with open(path, "rb") as handle:
+            digest.update(info.name.encode() + b"\0" + handle.read())
+    with open(package.__file__, "rb") as handle:
+        digest.update(b"__init__\0" + handle.read())
+    return digest.hexdigest()[:16]
 
 
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -277,7 +367,10 @@ def compile_launch(launch: Launch, contexts: set, kernels: dict) -> dict:
     _, _, fn = kernels[launch.kernel]
     row = {"kernel": launch.kernel, "config": launch.label(), "num_warps": launch.num_warps,
            "num_stages": launch.num_stages, "seen_at": sorted(contexts),
-           "dtype": "/".join(sorted({context.split()[0] for context in contexts}))}
+           "dtype": "/".join(sorted({context.split()[0] for context in contexts})),
+           "launch_params": {**dict(launch.constexprs), "num_warps": launch.num_warps,
+                             "num_stages": launch.num_stages},
+           "key": launch.key()}
     start = time.perf_counter()
     try:
         compiled = triton.compile(
@@ -306,6 +399,7 @@ def _compile_work_item(index: int) -> dict:
 def card(subset: str) -> dict:
     """Record, compile and measure; the report (rows, unlaunched kernels, versions)."""
     kernels = discover_kernels()
+    digest = kernel_source_digest()        # of the sources discover_kernels just read
     launches, unlaunched = record_launches(subset)
     _WORK[:] = [(launch, contexts, kernels) for launch, contexts
                 in sorted(launches.items(), key=lambda item: (item[0].kernel, item[0].label()))]
@@ -313,59 +407,98 @@ def card(subset: str) -> dict:
             max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
         rows = list(pool.map(_compile_work_item, range(len(_WORK))))
     return {"triton": triton.__version__, "target": "cuda sm_90", "subset": subset,
-            "kernels": sorted(kernels), "unlaunched": unlaunched, "rows": rows}
+            "source_digest": digest, "kernels": sorted(kernels),
+            "unlaunched": unlaunched, "missing_configs": missing_configs(rows), "rows": rows}
 
 
-def markdown(report: dict) -> str:
-    """The resource card as Markdown."""
+def _summary(report: dict) -> str:
+    ok = [r for r in report["rows"] if r["ok"]]
+    return (f"{len(report['rows'])} specializations of {len(report['kernels'])} kernels; "
+            f"{len(report['rows']) - len(ok)} failed to compile; "
+            f"{sum(1 for r in ok if r['spill_accesses'] or r['local'])} spill (STL/LDL "
+            f"in the SASS); {sum(1 for r in ok if r['stack'])} reserve a stack frame; "
+            f"{sum(1 for r in ok if r['dots_missing_wgmma'])} have 16-bit dots of >= "
+            f"{WGMMA_MIN_ROWS} rows not on warpgroup MMA; "
+            f"{sum(1 for r in ok if r['wgmma_dots'] and not r['hgmma'])} plan warpgroup MMA "
+            "but have no HGMMA in the SASS.")
+
+
+def markdown(report: dict, other: dict | None = None) -> str:
+    """The resource card as Markdown; with ``other`` (a report of the same launches under
+    another Triton version) its registers, spills and HGMMA beside each row's."""
+    other_rows = {row["key"]: row for row in (other or {}).get("rows", [])}
     lines = [f"# sm_90 (H200) resource card -- Triton {report['triton']}, subset "
              f"`{report['subset']}`", "",
-             "`python -m benchmarks.gpu.compile_card --subset full --markdown ...` compiles, "
-             "for `GPUTarget('cuda', 90, 32)` without a GPU, every kernel specialization the "
-             "package's host code launches at the driver shapes "
-             f"(tokens x D x F, E=4: {', '.join(f'{s[0]}x{s[1]}x{s[2]}' for s in DRIVER_SHAPES)}). "
-             "REG = registers per thread; STACK / LOCAL = stack frame / local memory bytes per "
-             "thread; STL+LDL = local-memory stores+loads in the SASS (register spills); shared = Triton's dynamic shared memory per program (bytes); HGMMA = "
-             "Hopper warpgroup MMA instructions in the SASS (0 is expected for kernels "
-             "without dots, fp32 FMA dots and tiles of < 64 rows).", "",
-             "| kernel | dtype | constexprs | warps | stages | REG | STACK | LOCAL | STL+LDL | "
-             "shared | HGMMA | seen at |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Kernel sources {report['source_digest']} (sha256 of `hymoe_kernels/kernels/`, "
+             "checked by tests/test_compile_sm90.py). Regenerate with `python -m "
+             "benchmarks.gpu.compile_card --subset full --json "
+             "benchmarks/results/h200_resource_card.json --markdown "
+             "benchmarks/results/h200_resource_card.md` after any change to the kernels or "
+             "their host code.", "",
+             "This compiles, for `GPUTarget('cuda', 90, 32)` without a GPU, every kernel "
+             "specialization the package's host code launches at the driver shapes "
+             f"(tokens x D x F, E=4: {', '.join(f'{s[0]}x{s[1]}x{s[2]}' for s in DRIVER_SHAPES)}"
+             "), which reach every entry of every block-configuration table in every dtype "
+             "it can be picked for. REG = registers per thread; STACK / LOCAL = stack frame / "
+             "local memory bytes per thread; STL+LDL = local-memory stores+loads in the SASS "
+             "(register spills); shared = Triton's dynamic shared memory per program (bytes); "
+             "HGMMA = Hopper warpgroup MMA instructions in the SASS (0 is expected for kernels "
+             "without dots, fp32 FMA dots and tiles of < 64 rows).", ""]
+    other_head, other_rule = "", ""
+    if other is not None:
+        lines += [f"Triton {other['triton']} (subset `{other['subset']}`, sources "
+                  f"{other['source_digest']}): {_summary(other)} Its REG / STL+LDL / HGMMA "
+                  "are in the last column (- where it did not build the row).", ""]
+        other_head, other_rule = f" Triton {other['triton']} |", "---|"
+    lines += ["| kernel | dtype | constexprs | warps | stages | REG | STACK | LOCAL | STL+LDL | "
+              "shared | HGMMA | seen at |" + other_head,
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + other_rule]
     for row in report["rows"]:
         seen = ", ".join(row["seen_at"][:3]) + (" ..." if len(row["seen_at"]) > 3 else "")
         head = (f"| {row['kernel']} | {row['dtype']} | {row['config']} | {row['num_warps']} | "
                 f"{row['num_stages']} | ")
         if row["ok"]:
-            lines.append(head + f"{row['registers']} | {row['stack']} | {row['local']} | "
-                         f"{row['spill_accesses']} | {row['dynamic_shared']} | {row['hgmma']} | "
-                         f"{seen} |")
+            line = head + (f"{row['registers']} | {row['stack']} | {row['local']} | "
+                           f"{row['spill_accesses']} | {row['dynamic_shared']} | "
+                           f"{row['hgmma']} | {seen} |")
         else:
-            lines.append(head + f"FAILED: {row['error'][:300]!r} | | | | | | {seen} |")
-    ok = [r for r in report["rows"] if r["ok"]]
-    lines += ["", f"{len(report['rows'])} specializations of {len(report['kernels'])} kernels; "
-              f"{len(report['rows']) - len(ok)} failed to compile; "
-              f"{sum(1 for r in ok if r['spill_accesses'] or r['local'])} spill (STL/LDL "
-              f"in the SASS); {sum(1 for r in ok if r['stack'])} reserve a stack frame; "
-              f"{sum(1 for r in ok if r['dots_missing_wgmma'])} have 16-bit dots of >= "
-              f"{WGMMA_MIN_ROWS} rows not on warpgroup MMA; "
-              f"{sum(1 for r in ok if r['wgmma_dots'] and not r['hgmma'])} plan warpgroup MMA "
-              "but have no HGMMA in the SASS."]
+            line = head + f"FAILED: {row['error'][:300]!r} | | | | | | {seen} |"
+        if other is not None:
+            twin = other_rows.get(row["key"])
+            line += (" - |" if twin is None else " FAILED |" if not twin["ok"] else
+                     f" {twin['registers']} / {twin['spill_accesses']} / {twin['hgmma']} |")
+        lines.append(line)
+    lines += ["", _summary(report)]
     if report["unlaunched"]:
         lines.append("Kernels no driver launched (not compiled): " + ", ".join(report["unlaunched"]))
+    if report["missing_configs"]:
+        lines.append("Configs the host can launch that no row compiled: "
+                     + "; ".join(report["missing_configs"]))
     return "\n".join(lines) + "\n"
 
 
-def run_card_subprocess(subset: str, timeout_s: float = 900) -> dict:
-    """Run this module in a fresh interpreter without TRITON_INTERPRET; its JSON report."""
+def _run_subprocess(args: list[str], timeout_s: float) -> dict:
+    """Run this module with ``args`` in a fresh interpreter without TRITON_INTERPRET; the
+    JSON it prints."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([repo_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu.compile_card",
-                             "--subset", subset, "--json", "-"], cwd=repo_root, env=env,
-                            capture_output=True, text=True, timeout=timeout_s)
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu.compile_card", *args],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout_s)
     if result.returncode not in (0, 1):
         raise RuntimeError(f"compile card crashed (rc {result.returncode}):\n{result.stderr[-4000:]}")
     return json.loads(result.stdout)
+
+
+def run_card_subprocess(subset: str, timeout_s: float = 900) -> dict:
+    """The report of ``subset``, compiled in a fresh interpreter."""
+    return _run_subprocess(["--subset", subset, "--json", "-"], timeout_s)
+
+
+def record_subprocess(subset: str, timeout_s: float = 300) -> dict:
+    """{"source_digest", "launches": [Launch.key()], "unlaunched"} of ``subset``, recorded
+    (not compiled) in a fresh interpreter."""
+    return _run_subprocess(["--subset", subset, "--record-only"], timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,9 +506,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=("ci", "full"), default="full")
     parser.add_argument("--json", help="write the report as JSON here ('-' = stdout only)")
     parser.add_argument("--markdown", help="write the Markdown card here")
+    parser.add_argument("--other-report", help="a JSON report of another Triton version, "
+                        "shown beside this one in the Markdown")
+    parser.add_argument("--record-only", action="store_true",
+                        help="print the launches as JSON, compile nothing")
     args = parser.parse_args(argv)
+    if args.record_only:
+        launches, unlaunched = record_launches(args.subset)
+        print(json.dumps({"source_digest": kernel_source_digest(), "unlaunched": unlaunched,
+                          "launches": sorted(launch.key() for launch in launches)}))
+        return 0
     report = card(args.subset)
-    text = markdown(report)
+    other = None
+    if args.other_report:
+        with open(args.other_report, encoding="utf-8") as handle:
+            other = json.load(handle)
+    text = markdown(report, other)
     if args.json == "-":
         print(json.dumps(report))
     else:
@@ -386,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as handle:
             handle.write(text)
-    return 0 if all(row["ok"] for row in report["rows"]) and not report["unlaunched"] else 1
+    complete = args.subset != "full" or not report["missing_configs"]
+    return 0 if all(row["ok"] for row in report["rows"]) and not report["unlaunched"] \
+        and complete else 1
 
 
 if __name__ == "__main__":
