@@ -28,7 +28,7 @@ import torch
 from benchmarks.baselines import DensePFFN, NaiveMoEFFN
 from benchmarks.harness import DEVICES, TINY, run_benchmark
 from hymoe_kernels import HyMoEFFN
-from hymoe_kernels.layer import BACKENDS
+from hymoe_kernels.backend import BACKENDS
 
 
 @dataclass(frozen=True)

@@ -6,24 +6,28 @@ FFNs -> combine with the dense FFN, y = y_dense + alpha * y_moe.
 Into an existing model: ``replace_ffn`` upcycles its dense FFNs in place
 (``HyMoEFFN.from_dense``); ``hymoe_aux_loss`` and ``hymoe_stats`` serve its training loop.
 
-The Triton parts (``HyMoEFunction``, ``hymoe``) are imported on first use, so the package
-and its PyTorch backends work where Triton is not installed.
+The weights travel as one :class:`HyMoEWeights`; ``HyMoEFFN.weights()`` returns them, and
+every functional form takes ``(x, mask, weights, alpha_param, ramp, top_k)``.
+
+The Triton path (``hymoe_triton`` and its alias ``hymoe``) is imported on first use, so the
+package and its PyTorch backends work where Triton is not installed.
 """
 from .layer import HyMoEFFN
-from .loss import linear_cross_entropy, streaming_rank, streaming_topk
+from .linear_cross_entropy import linear_cross_entropy
 from .reference import hymoe_reference
 from .torch_backend import hymoe_torch
 from .upcycle import hymoe_aux_loss, hymoe_stats, replace_ffn
+from .weights import HyMoEWeights
 
-__all__ = ["HyMoEFFN", "HyMoEFunction", "hymoe", "hymoe_aux_loss", "hymoe_reference",
+__all__ = ["HyMoEFFN", "HyMoEWeights", "hymoe", "hymoe_aux_loss", "hymoe_reference",
            "hymoe_stats", "hymoe_torch", "hymoe_triton", "linear_cross_entropy",
-           "replace_ffn", "streaming_rank", "streaming_topk"]
+           "replace_ffn"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """Lazy Triton exports: HyMoEFunction, hymoe_triton and its alias hymoe."""
-    if name in ("HyMoEFunction", "hymoe_triton", "hymoe"):
-        from . import function
-        return function.HyMoEFunction if name == "HyMoEFunction" else function.hymoe_triton
+    """Lazy Triton exports: hymoe_triton and its alias hymoe."""
+    if name in ("hymoe_triton", "hymoe"):
+        from .function import hymoe_triton
+        return hymoe_triton
     raise AttributeError(f"module 'hymoe_kernels' has no attribute {name!r}")

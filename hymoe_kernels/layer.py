@@ -9,17 +9,17 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backend import BACKENDS, Backend, resolve
 from .reference import hymoe_reference
 from .torch_backend import hymoe_torch
+from .weights import HyMoEWeights
 
-BACKENDS = ("auto", "torch", "reference", "triton")
 EXPERT_INITS = ("copy", "drop", "random")
 
 
@@ -36,26 +36,13 @@ def check_gelu(activation) -> None:
                      "converted without changing its function")
 
 
-def resolve_backend(name: str, x: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-    """The HyMoE function for backend ``name`` on the device of ``x``.
-
-    "auto" is "triton" for CUDA tensors and "torch" otherwise. "triton" runs on CUDA
-    tensors, or on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1).
-    """
-    if name == "auto":
-        name = "triton" if x.is_cuda else "torch"
-    if name == "torch":
-        return hymoe_torch
-    if name == "reference":
-        return hymoe_reference
-    if name == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend 'triton' needs CUDA tensors (x is on {x.device}); on the "
-                             "CPU set TRITON_INTERPRET=1 before importing triton, or use "
-                             "backend 'torch'")
+def hymoe_function(backend: Backend) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """The HyMoE function (the signature of :func:`hymoe_kernels.reference.hymoe_reference`)
+    of a resolved backend (:func:`hymoe_kernels.backend.resolve`: not AUTO)."""
+    if backend is Backend.TRITON:
         from .function import hymoe_triton
         return hymoe_triton
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return {Backend.TORCH: hymoe_torch, Backend.REFERENCE: hymoe_reference}[backend]
 
 
 class HyMoEFFN(nn.Module):
@@ -107,21 +94,9 @@ class HyMoEFFN(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.warmup_steps, self.lb_weight = warmup_steps, lb_weight
         self.backend = backend
-        hidden = router_hidden or d_model
-        E, D, H = num_experts, d_model, hidden
-
-        self.router_w1 = nn.Parameter(torch.empty(D, H))
-        self.router_b1 = nn.Parameter(torch.empty(H))
-        self.router_w2 = nn.Parameter(torch.empty(H, E))
-        self.router_b2 = nn.Parameter(torch.empty(E))
-        self.expert_w1 = nn.Parameter(torch.empty(E, D, d_ff))
-        self.expert_b1 = nn.Parameter(torch.empty(E, d_ff))
-        self.expert_w2 = nn.Parameter(torch.empty(E, d_ff, D))
-        self.expert_b2 = nn.Parameter(torch.empty(E, D))
-        self.dense_w1 = nn.Parameter(torch.empty(D, d_ff))
-        self.dense_b1 = nn.Parameter(torch.empty(d_ff))
-        self.dense_w2 = nn.Parameter(torch.empty(d_ff, D))
-        self.dense_b2 = nn.Parameter(torch.empty(D))
+        shapes = HyMoEWeights.shapes(d_model, router_hidden or d_model, num_experts, d_ff)
+        for name, shape in zip(HyMoEWeights._fields, shapes):     # router_w1 ... dense_b2
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.alpha_param = nn.Parameter(torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.dropout = nn.Dropout(dropout)
@@ -136,13 +111,10 @@ class HyMoEFFN(nn.Module):
         biases. ``std``: weights ~ N(0, std) and zero biases, the init of backbones such
         as SASRec / BERT4Rec (std 0.02), so the layer starts like the dense FFN it replaces.
         """
-        D, Fh, H = self.d_model, self.d_ff, self.router_w1.shape[1]
-        fan_in = {"router_w1": D, "router_b1": D, "router_w2": H, "router_b2": H,
-                  "expert_w1": D, "expert_b1": D, "expert_w2": Fh, "expert_b2": Fh,
-                  "dense_w1": D, "dense_b1": D, "dense_w2": Fh, "dense_b2": Fh}
+        weights = self.weights()
+        fan_in = HyMoEWeights.fan_in(*weights.sizes())
         with torch.no_grad():
-            for name, fan in fan_in.items():
-                param = getattr(self, name)
+            for name, param, fan in zip(weights._fields, weights, fan_in):
                 if std is None:
                     bound = 1.0 / math.sqrt(fan)
                     param.uniform_(-bound, bound)
@@ -215,11 +187,11 @@ class HyMoEFFN(nn.Module):
         dense = (up.weight.t(), bias(up, d_ff), down.weight.t(), bias(down, d_model))
         ratio = {"copy": 0.0, "drop": drop_ratio, "random": 1.0}[expert_init]
         n_drop = round(ratio * d_ff)
+        weights = layer.weights()
+        experts = weights.experts
         with torch.no_grad():
-            for param, value in zip((layer.dense_w1, layer.dense_b1, layer.dense_w2,
-                                     layer.dense_b2), dense):
+            for param, value in zip(weights.dense, dense):
                 param.copy_(value)
-            experts = (layer.expert_w1, layer.expert_b1, layer.expert_w2, layer.expert_b2)
             for param, value in zip(experts, dense):
                 param.copy_(value.expand_as(param))
             # hidden unit j is column j of W1 (D, F), entry j of b1 (F,), row j of W2 (F, D)
@@ -240,11 +212,9 @@ class HyMoEFFN(nn.Module):
             layer.router_b2.zero_()
         return layer
 
-    def weights(self) -> tuple[Tensor, ...]:
-        """The twelve weight tensors in the order of the backend functions' signature."""
-        return (self.router_w1, self.router_b1, self.router_w2, self.router_b2,
-                self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
-                self.dense_w1, self.dense_b1, self.dense_w2, self.dense_b2)
+    def weights(self) -> HyMoEWeights:
+        """The twelve weight parameters, as the backend functions take them."""
+        return HyMoEWeights(*(getattr(self, name) for name in HyMoEWeights._fields))
 
     def ramp(self) -> Tensor:
         """min(1, t / T_warmup) as a float32 0-d tensor (1 when T_warmup = 0)."""
@@ -283,9 +253,9 @@ class HyMoEFFN(nn.Module):
         x2 = x.reshape(-1, self.d_model)
         if flat_mask is not None:
             x2 = torch.where(flat_mask.unsqueeze(-1), x2, 0.0)
-        fn = resolve_backend(self.backend, x2)
+        fn = hymoe_function(resolve(self.backend, x2))
         ramp = self.ramp()
-        y, prob_sum, load = fn(x2, flat_mask, *self.weights(), self.alpha_param, ramp, self.top_k)
+        y, prob_sum, load = fn(x2, flat_mask, self.weights(), self.alpha_param, ramp, self.top_k)
 
         n_real = x2.new_tensor(x2.shape[0], dtype=torch.float32) if flat_mask is None \
             else flat_mask.sum().float()

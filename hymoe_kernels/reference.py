@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .weights import HyMoEWeights
+
 
 def ffn(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Position-wise FFN: (N, D) @ (D, F) -> exact-erf GELU -> @ (F, D) -> (N, D)."""
@@ -34,22 +36,12 @@ def router_logits(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> 
     return ffn(x, w1, b1, w2, b2)
 
 
-def hymoe_reference(
-    x: Tensor,
-    mask: Tensor | None,
-    router_w1: Tensor, router_b1: Tensor, router_w2: Tensor, router_b2: Tensor,
-    expert_w1: Tensor, expert_b1: Tensor, expert_w2: Tensor, expert_b2: Tensor,
-    dense_w1: Tensor, dense_b1: Tensor, dense_w2: Tensor, dense_b2: Tensor,
-    alpha_param: Tensor,
-    ramp: Tensor,
-    top_k: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+def hymoe_reference(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_param: Tensor,
+                    ramp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """HyMoE forward on a flat batch of tokens.
 
-    Shapes: x (N, D); mask (N,) bool, True = real token, or None (all real);
-    router_w1 (D, H), router_b1 (H,), router_w2 (H, E), router_b2 (E,);
-    expert_w1 (E, D, F), expert_b1 (E, F), expert_w2 (E, F, D), expert_b2 (E, D);
-    dense_w1 (D, F), dense_b1 (F,), dense_w2 (F, D), dense_b2 (D,);
+    Shapes: x (N, D); mask (N,) bool, True = real token, or None (all real); weights the
+    :class:`HyMoEWeights` of the layer (shapes ``HyMoEWeights.shapes(D, H, E, F)``);
     alpha_param () and ramp () float tensors. Weights of another floating dtype are cast
     (differentiably) to x's: an fp32 layer given a bf16 input computes in bf16, as under
     autocast; the routing math (softmax, gates, alpha) runs in at least float32.
@@ -60,23 +52,19 @@ def hymoe_reference(
     routed to each expert. Padding is excluded from both by selection, so non-finite
     values in padded tokens never reach them.
     """
-    (router_w1, router_b1, router_w2, router_b2, expert_w1, expert_b1, expert_w2, expert_b2,
-     dense_w1, dense_b1, dense_w2, dense_b2) = (
-        w.to(x.dtype) for w in (router_w1, router_b1, router_w2, router_b2, expert_w1,
-                                expert_b1, expert_w2, expert_b2, dense_w1, dense_b1,
-                                dense_w2, dense_b2))
-    num_experts = expert_w1.shape[0]
-    logits = router_logits(x, router_w1, router_b1, router_w2, router_b2)
+    weights = weights.to(x.dtype)
+    num_experts = weights.expert_w1.shape[0]
+    logits = router_logits(x, *weights.router)
     acc_dtype = torch.promote_types(logits.dtype, torch.float32)       # routing math in >= fp32
     logits = logits.to(acc_dtype)
     top_logits, top_ids = logits.topk(top_k, dim=-1)                  # (N, k)
     gates = top_logits.softmax(dim=-1)                                 # (N, k) acc_dtype
 
-    y_dense = ffn(x, dense_w1, dense_b1, dense_w2, dense_b2)
+    y_dense = ffn(x, *weights.dense)
     y_moe = torch.zeros_like(y_dense)
     for e in range(num_experts):
         token_idx, slot = (top_ids == e).nonzero(as_tuple=True)       # tokens routed to e
-        f_e = ffn(x[token_idx], expert_w1[e], expert_b1[e], expert_w2[e], expert_b2[e])
+        f_e = ffn(x[token_idx], *(w[e] for w in weights.experts))
         gate = gates[token_idx, slot].unsqueeze(-1)
         y_moe = y_moe.index_add(0, token_idx, (gate * f_e).to(y_moe.dtype))
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .weights import HyMoEWeights
+
 
 def _sum_slots(per_token: Tensor, scale: Tensor | None = None) -> Tensor:
     """sum_j scale[:, j] * per_token[:, j] (or the plain sum over j): per_token (N, k, C),
@@ -190,30 +192,23 @@ def _expert_ffn_grad(ctx, grad_out: Tensor | None, _grad_hidden: Tensor | None):
 expert_ffn.register_autograd(_expert_ffn_grad, setup_context=_expert_ffn_setup)
 
 
-def hymoe_torch(
-    x: Tensor,
-    mask: Tensor | None,
-    router_w1: Tensor, router_b1: Tensor, router_w2: Tensor, router_b2: Tensor,
-    expert_w1: Tensor, expert_b1: Tensor, expert_w2: Tensor, expert_b2: Tensor,
-    dense_w1: Tensor, dense_b1: Tensor, dense_w2: Tensor, dense_b2: Tensor,
-    alpha_param: Tensor,
-    ramp: Tensor,
-    top_k: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+def hymoe_torch(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_param: Tensor,
+                ramp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """HyMoE forward on a flat batch of tokens; arguments, shapes, dtype rules and returns
     exactly as :func:`hymoe_kernels.reference.hymoe_reference` (weights cast to x's dtype;
     y (N, D) in the compute dtype of x, prob_sum (E,) float32, load (E,) int64; padding
     excluded from prob_sum and load by selection)."""
     num_tokens = x.shape[0]
-    num_experts = expert_w1.shape[0]
+    num_experts = weights.expert_w1.shape[0]
     device = x.device
 
-    router_act = F.gelu(torch.addmm(router_b1.to(x.dtype), x, router_w1.to(x.dtype)))
+    router_act = F.gelu(torch.addmm(weights.router_b1.to(x.dtype), x,
+                                    weights.router_w1.to(x.dtype)))
     compute_dtype = router_act.dtype                   # x's dtype, or autocast's
     # F.linear with a contiguous (E, H) weight: the orientation in which the skinny
     # (N, H) x (H, E) matmuls are fast, forward and backward.
-    logits = F.linear(router_act, router_w2.to(compute_dtype).t().contiguous(),
-                      router_b2.to(compute_dtype)).float()
+    logits = F.linear(router_act, weights.router_w2.to(compute_dtype).t().contiguous(),
+                      weights.router_b2.to(compute_dtype)).float()
     top_logits, top_ids = logits.topk(top_k, dim=-1)                  # (N, k)
     alpha = torch.sigmoid(alpha_param.float()) * ramp
     slot_scale = top_logits.softmax(dim=-1) * alpha                    # (N, k) float32
@@ -227,10 +222,9 @@ def hymoe_torch(
 
     xc = x.to(compute_dtype)
     expert_rows = _GatherSlotRows.apply(xc, order, inverse, top_k)             # (N*k, D)
-    expert_weights = [w.to(compute_dtype) for w in (expert_w1, expert_b1, expert_w2, expert_b2)]
+    expert_weights = [w.to(compute_dtype) for w in weights.experts]
     # The dense FFN is the same op with a single "expert" that owns all N rows.
-    dense_weights = [w.to(compute_dtype).unsqueeze(0)
-                     for w in (dense_w1, dense_b1, dense_w2, dense_b2)]
+    dense_weights = [w.to(compute_dtype).unsqueeze(0) for w in weights.dense]
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (xc, *expert_weights, *dense_weights))
     all_rows = torch.full((1,), num_tokens)      # on the host: reading it never syncs a GPU

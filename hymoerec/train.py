@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -26,14 +25,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from hymoe_kernels import backend
 from hymoe_kernels.layer import EXPERT_INITS
-from hymoe_kernels.loss import NonFiniteScoresError
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
                            leave_one_out, training_windows)
-from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
+from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import MODELS, ConfigError, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
 from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json
@@ -221,7 +220,7 @@ def check_training_settings(parser: argparse.ArgumentParser, args: argparse.Name
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     on_cpu = args.device == "cpu" or not torch.cuda.is_available()
-    if args.backend == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.backend == "triton" and on_cpu and not backend.INTERPRETING:
         parser.error("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to run the "
                      "kernels on the CPU under Triton's interpreter); use --backend torch")
 

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from hymoe_kernels.weights import HyMoEWeights
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 # Logits closer than this (relative to 1 + the token's largest |logit|) are a near-tie: the
@@ -44,23 +46,27 @@ def poisoned_outputs():
 
 
 def make_weights(D: int, H: int, E: int, F: int, dtype=torch.float32, logit_scale: float = 1.0,
-                 separated_logits: bool = False, generator=None) -> list[torch.Tensor]:
+                 separated_logits: bool = False, generator=None) -> HyMoEWeights:
     """The 12 HyMoE weights at nn.Linear-like scale, requiring grad, on DEVICE.
 
     separated_logits: router_w2 tiny and router_b2 a random permutation of 0, 2, 4, ... so
     routing has no near-ties (for bf16/fp16, whose rounding would otherwise flip choices).
     """
-    def u(*shape, fan):
+    shapes, fan_in = HyMoEWeights.shapes(D, H, E, F), HyMoEWeights.fan_in(D, H, E, F)
+
+    def u(name):
+        shape, fan = getattr(shapes, name), getattr(fan_in, name)
         return (torch.rand(*shape, generator=generator) * 2 - 1) / fan ** 0.5
 
-    router_w2, router_b2 = u(H, E, fan=H) * logit_scale, u(E, fan=H) * logit_scale
+    # the router's output layer is drawn first (the order the tests' seeds were chosen in)
+    router_w2, router_b2 = u("router_w2") * logit_scale, u("router_b2") * logit_scale
     if separated_logits:
         router_w2 = router_w2 * 0.01
         router_b2 = torch.randperm(E, generator=generator).float() * 2
-    weights = [u(D, H, fan=D), u(H, fan=D), router_w2, router_b2,
-               u(E, D, F, fan=D), u(E, F, fan=D), u(E, F, D, fan=F), u(E, D, fan=F),
-               u(D, F, fan=D), u(F, fan=D), u(F, D, fan=F), u(D, fan=F)]
-    return [w.to(device=DEVICE, dtype=dtype).requires_grad_() for w in weights]
+    drawn = {"router_w2": router_w2, "router_b2": router_b2}
+    weights = HyMoEWeights(*(drawn[name] if name in drawn else u(name)
+                             for name in HyMoEWeights._fields))
+    return HyMoEWeights(*(w.to(device=DEVICE, dtype=dtype).requires_grad_() for w in weights))
 
 
 def random_ids(N: int, E: int, top_k: int, generator=None) -> torch.Tensor:
@@ -80,11 +86,11 @@ def near_tie_tokens(logits: torch.Tensor, top_k: int, rtol: float = NEAR_TIE_RTO
     return ((top[:, :-1] - top[:, 1:]) <= rtol * scale).any(dim=1)
 
 
-def routing_robust_rows(x: torch.Tensor, weights, top_k: int) -> torch.Tensor:
+def routing_robust_rows(x: torch.Tensor, weights: HyMoEWeights, top_k: int) -> torch.Tensor:
     """(N,) bool: the tokens of x (N, D) that are not near-ties (:func:`near_tie_tokens`)
-    of the router logits in float64 (weights: the 12 HyMoE weights); tests drop the others
-    before comparing a layer with the reference."""
+    of the router logits in float64; tests drop the others before comparing a layer with the
+    reference."""
     from hymoe_kernels.reference import router_logits
     with torch.no_grad():
-        logits = router_logits(x.double(), *(w.double() for w in weights[:4]))
+        logits = router_logits(x.double(), *(w.double() for w in weights.router))
     return ~near_tie_tokens(logits, top_k)

@@ -1,4 +1,5 @@
-"""HyMoEFunction / hymoe_triton against hymoe_reference: forward and every gradient."""
+"""hymoe_triton (both paths, their custom ops and autograd) against hymoe_reference: forward
+and every gradient."""
 from __future__ import annotations
 
 import functools
@@ -7,8 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels import HyMoEFFN, hymoe, hymoe_reference, hymoe_torch, hymoe_triton
-from hymoe_kernels.layer import resolve_backend
+from hymoe_kernels import HyMoEFFN, HyMoEWeights, hymoe, hymoe_reference, hymoe_triton
+from hymoe_kernels import backend
+from hymoe_kernels.backend import Backend, resolve
+from hymoe_kernels.layer import hymoe_function
 from hymoe_kernels.reference import ffn
 from kernel_cases import (DEVICE, TOL, make_weights, poisoned_outputs, rel_err,
                           routing_robust_rows)
@@ -37,7 +40,7 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
     dy = torch.randn(N, D, generator=gen, dtype=torch.float64).to(DEVICE)
     dprob = torch.randn(E, generator=gen, dtype=torch.float64).to(DEVICE)
     with poisoned_outputs():
-        y, prob_sum, load = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k, path=path)
+        y, prob_sum, load = hymoe_triton(x, mask, weights, alpha_param, ramp, top_k, path=path)
         grads = torch.autograd.grad((y.double() * dy).sum() + (prob_sum.double() * dprob).sum(),
                                     [x, *weights, alpha_param])
 
@@ -45,8 +48,8 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *weights)]
         leaves.append(alpha_param.detach().to(torch.float64 if dtype == torch.float64
                                               else torch.float32).requires_grad_())
-        y_ref, prob_ref, load_ref = hymoe_reference(leaves[0], mask, *leaves[1:13], leaves[13],
-                                                    ramp, top_k)
+        y_ref, prob_ref, load_ref = hymoe_reference(leaves[0], mask, HyMoEWeights(*leaves[1:13]),
+                                                    leaves[13], ramp, top_k)
         loss = (y_ref.double() * dy).sum() + (prob_ref.double() * dprob).sum()
         return leaves, (y_ref, prob_ref, *torch.autograd.grad(loss, leaves)), load_ref
 
@@ -57,9 +60,7 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
     _, same_dtype_refs, _ = reference(dtype)
     bounds = [max(TOL[dtype], 2 * rel_err(same, ref)) for same, ref in zip(same_dtype_refs, refs)]
 
-    names = ["y", "prob_sum", "x", "router_w1", "router_b1", "router_w2", "router_b2",
-             "expert_w1", "expert_b1", "expert_w2", "expert_b2", "dense_w1", "dense_b1",
-             "dense_w2", "dense_b2", "alpha_param"]
+    names = ["y", "prob_sum", "x", *HyMoEWeights._fields, "alpha_param"]
     outs = (y, prob_sum, *grads)
     assert y.dtype == dtype and y.shape == (N, D)
     assert prob_sum.dtype == torch.float32 and load.dtype == torch.int64
@@ -72,7 +73,7 @@ def run_and_compare(N, D, H, E, F, top_k, dtype=torch.float32, masked=True, nonc
     # d/d alpha_param is one sum of N*D terms of either sign; bound its error by the sum of
     # the terms' magnitudes (what any summation order guarantees), not by the result.
     with torch.no_grad():
-        dense = ffn(ref_leaves[0], *ref_leaves[9:13])
+        dense = ffn(ref_leaves[0], *HyMoEWeights(*ref_leaves[1:13]).dense)
         sig = torch.sigmoid(ref_leaves[13])
         dalpha_dparam = sig * (1 - sig) * ramp
         y_moe = (refs[0] - dense) / (sig * ramp)
@@ -116,7 +117,7 @@ def test_edge_shapes(N, D, H, E, F, top_k, path):
 def test_expert_without_tokens():
     weights = make_weights(7, 5, 4, 9)
     with torch.no_grad():
-        weights[3][1] = -1e4  # router_b2: expert 1 is never in a top-2
+        weights.router_b2[1] = -1e4  # expert 1 is never in a top-2
     load = run_and_compare(20, 7, 5, 4, 9, 2, weights=weights)
     assert load[1] == 0
 
@@ -134,8 +135,10 @@ def test_noncontiguous_inputs(dtype):
     weights = make_weights(6, 4, 3, 10, dtype, separated_logits=dtype != torch.float32,
                            generator=gen)
     # dense_w1 as a transposed view and expert_w2 with permuted strides
-    weights[8] = weights[8].detach().t().contiguous().t().requires_grad_()
-    weights[6] = weights[6].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    weights = weights._replace(
+        dense_w1=weights.dense_w1.detach().t().contiguous().t().requires_grad_(),
+        expert_w2=weights.expert_w2.detach().transpose(1, 2).contiguous().transpose(1, 2)
+        .requires_grad_())
     run_and_compare(13, 6, 4, 3, 10, 2, dtype=dtype, noncontig=True, weights=weights)
 
 
@@ -147,7 +150,7 @@ def test_deterministic():
     ramp = torch.tensor(1.0, device=DEVICE)
 
     def run():
-        y, prob_sum, _ = hymoe(x, None, *weights, alpha_param, ramp, 2)
+        y, prob_sum, _ = hymoe(x, None, weights, alpha_param, ramp, 2)
         return (y, prob_sum, *torch.autograd.grad(y.square().sum() + prob_sum[0],
                                                   [x, *weights, alpha_param]))
     for first, second in zip(run(), run()):
@@ -160,7 +163,7 @@ def test_custom_op_registration():
     x = torch.randn(6, 5, generator=gen).to(DEVICE).requires_grad_()
     mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEVICE)
     alpha_param = torch.tensor(0.2, device=DEVICE, requires_grad=True)
-    args = (x, mask, *weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
+    args = (x, mask, list(weights), alpha_param, torch.tensor(0.5, device=DEVICE), 2)
     torch.library.opcheck(torch.ops.hymoe.forward.default, args)
     torch.library.opcheck(torch.ops.hymoe.fused_tile_forward.default, args)
 
@@ -169,14 +172,14 @@ def test_path_choice():
     from hymoe_kernels.function import pick_path
     x = torch.randn(4, 64, device=DEVICE)
     small, wide = make_weights(64, 64, 4, 256), make_weights(64, 64, 16, 256)
-    assert pick_path(x, small[4], small[0], 2) == "fused"     # E=4 <= 4k
-    assert pick_path(x, wide[4], wide[0], 2) == "grouped"     # E=16 > 4k
+    assert pick_path(x, small, 2) == "fused"     # E=4 <= 4k
+    assert pick_path(x, wide, 2) == "grouped"     # E=16 > 4k
     x_wide = torch.randn(4, 512, device=DEVICE, dtype=torch.bfloat16)
     big = make_weights(512, 64, 4, 32)
-    assert pick_path(x_wide, big[4], big[0], 2) == "grouped"  # D beyond the fused tile
+    assert pick_path(x_wide, big, 2) == "grouped"  # D beyond the fused tile
     with pytest.raises(ValueError, match="path 'fused' does not support"):
-        hymoe_triton(x_wide, None, *[w.to(torch.bfloat16) for w in big],
-                     torch.zeros((), device=DEVICE), torch.ones((), device=DEVICE), 2, path="fused")
+        hymoe_triton(x_wide, None, big.to(torch.bfloat16), torch.zeros((), device=DEVICE),
+                     torch.ones((), device=DEVICE), 2, path="fused")
 
 
 def test_torch_compile_fullgraph():
@@ -184,7 +187,7 @@ def test_torch_compile_fullgraph():
     weights = make_weights(5, 4, 3, 6, generator=gen)
     x = torch.randn(6, 5, generator=gen).to(DEVICE).requires_grad_()
     alpha_param = torch.tensor(0.2, device=DEVICE, requires_grad=True)
-    args = (x, None, *weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
+    args = (x, None, weights, alpha_param, torch.tensor(0.5, device=DEVICE), 2)
     for path in ("grouped", "fused"):
         eager = functools.partial(hymoe_triton, path=path)
         compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
@@ -202,11 +205,12 @@ def test_bad_arguments():
     x = torch.randn(6, 5, device=DEVICE)
     alpha_param, ramp = torch.tensor(0.0, device=DEVICE), torch.tensor(1.0, device=DEVICE)
     with pytest.raises(ValueError, match="expert_w1"):
-        hymoe_triton(x, None, *weights[:4], weights[4][:, :4], *weights[5:], alpha_param, ramp, 2)
+        hymoe_triton(x, None, weights._replace(expert_w1=weights.expert_w1[:, :4]),
+                     alpha_param, ramp, 2)
     with pytest.raises(ValueError, match="top_k"):
-        hymoe_triton(x, None, *weights, alpha_param, ramp, 4)
+        hymoe_triton(x, None, weights, alpha_param, ramp, 4)
     with pytest.raises(ValueError, match="mask"):
-        hymoe_triton(x, torch.ones(5, dtype=torch.bool, device=DEVICE), *weights, alpha_param,
+        hymoe_triton(x, torch.ones(5, dtype=torch.bool, device=DEVICE), weights, alpha_param,
                      ramp, 2)
 
 
@@ -233,12 +237,13 @@ def test_layer_triton_backend_matches_reference():
 
 def test_auto_backend_choice(monkeypatch):
     x = torch.zeros(2, 3, device=DEVICE)
-    expected = hymoe_triton if x.is_cuda else hymoe_torch
-    assert resolve_backend("auto", x) is expected
+    expected = Backend.TRITON if x.is_cuda else Backend.TORCH
+    assert resolve("auto", x) is expected
+    assert hymoe_function(Backend.TRITON) is hymoe_triton
     if not x.is_cuda:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(backend, "INTERPRETING", False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-            resolve_backend("triton", x)
+            resolve("triton", x)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs and CUDA graphs need CUDA")
@@ -249,11 +254,11 @@ def test_no_host_sync_and_cuda_graph_capture():
     mask = (torch.rand(50, generator=gen) > 0.2).to(DEVICE)
     alpha_param = torch.tensor(0.3, device=DEVICE, requires_grad=True)
     ramp = torch.tensor(0.5, device=DEVICE)
-    hymoe_triton(x, mask, *weights, alpha_param, ramp, 2)  # compile the kernels first
+    hymoe_triton(x, mask, weights, alpha_param, ramp, 2)  # compile the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, prob_sum, _ = hymoe_triton(x, mask, *weights, alpha_param, ramp, 2)
+        y, prob_sum, _ = hymoe_triton(x, mask, weights, alpha_param, ramp, 2)
         torch.autograd.grad(y.sum() + prob_sum.sum(), [x, *weights, alpha_param])
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -262,17 +267,17 @@ def test_no_host_sync_and_cuda_graph_capture():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
-        hymoe_triton(static_x, mask, *weights, alpha_param, ramp, 2)
+        hymoe_triton(static_x, mask, weights, alpha_param, ramp, 2)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        static_y, static_prob, static_load = hymoe_triton(static_x, mask, *weights,
+        static_y, static_prob, static_load = hymoe_triton(static_x, mask, weights,
                                                           alpha_param, ramp, 2)
     new_x = torch.randn(50, 16, generator=gen).to(DEVICE)
     static_x.copy_(new_x)
     graph.replay()
     with torch.no_grad():
-        y_eager, prob_eager, load_eager = hymoe_triton(new_x, mask, *weights, alpha_param,
+        y_eager, prob_eager, load_eager = hymoe_triton(new_x, mask, weights, alpha_param,
                                                        ramp, 2)
     assert torch.equal(static_y, y_eager) and torch.equal(static_prob, prob_eager)
     assert torch.equal(static_load, load_eager)

@@ -16,6 +16,7 @@ from hymoe_kernels.kernels import fused_tile
 from hymoe_kernels.kernels.fused_tile import (fused_tile_backward, fused_tile_forward,
                                               fused_tile_supported)
 from hymoe_kernels.reference import hymoe_reference
+from hymoe_kernels.weights import HyMoEWeights
 from kernel_cases import routing_robust_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # interpreter has no compile step, so the CPU run draws more
 EXAMPLES = {"cpu": 10, "cuda": 3}[DEVICE]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-GRAD_NAMES = ("x",) + fused_tile.WEIGHT_NAMES + ("alpha_param",)
+GRAD_NAMES = ("x",) + HyMoEWeights._fields + ("alpha_param",)
 
 
 @pytest.fixture(autouse=True)
@@ -36,13 +37,11 @@ def poisoned_buffers(monkeypatch):
 
 
 def make_problem(N, D, F, H, E, dtype, seed, masked=True, alpha_param=0.3, ramp=0.7):
-    """Random inputs: x (N, D), mask (N,) or None, 12 weights, alpha_param, ramp."""
+    """Random inputs: x (N, D), mask (N,) or None, HyMoEWeights, alpha_param, ramp."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(D, H), (H,), (H, E), (E,), (E, D, F), (E, F), (E, F, D), (E, D),
-              (D, F), (F,), (F, D), (D,)]
-    fan_in = [D, D, H, H, D, D, F, F, D, D, F, F]
-    weights = [((torch.rand(s, generator=gen) * 2 - 1) * fan ** -0.5).to(DEVICE, dtype)
-               for s, fan in zip(shapes, fan_in)]
+    shapes, fan_in = HyMoEWeights.shapes(D, H, E, F), HyMoEWeights.fan_in(D, H, E, F)
+    weights = HyMoEWeights(*(((torch.rand(s, generator=gen) * 2 - 1) * fan ** -0.5)
+                             .to(DEVICE, dtype) for s, fan in zip(shapes, fan_in)))
     x = torch.randn(N, D, generator=gen).to(DEVICE, dtype)
     mask = (torch.rand(N, generator=gen) > 0.3).to(DEVICE) if masked else None
     return (x, mask, weights, torch.tensor(alpha_param, device=DEVICE),
@@ -61,7 +60,7 @@ def reference_outputs_and_grads(x, mask, weights, alpha_param, ramp, top_k, dy, 
     """hymoe_reference in float64: (y, prob_sum, load) and the gradients of
     sum(y * dy) + sum(prob_sum * dprob_sum) w.r.t. x, the weights and alpha_param."""
     leaves = [t.detach().double().requires_grad_() for t in (x, *weights, alpha_param)]
-    y, prob_sum, load = hymoe_reference(leaves[0], mask, *leaves[1:13], leaves[13],
+    y, prob_sum, load = hymoe_reference(leaves[0], mask, HyMoEWeights(*leaves[1:13]), leaves[13],
                                         ramp.double(), top_k)
     objective = (y * dy.double()).sum() + (prob_sum * dprob_sum.double()).sum()
     grads = torch.autograd.grad(objective, leaves, allow_unused=True)
@@ -82,7 +81,7 @@ def check_against_reference(N, D, F, H, E, top_k, dtype, seed, masked=True, ramp
     dy = torch.randn(N, D, generator=gen).to(DEVICE, dtype)
     dprob_sum = torch.randn(E, generator=gen).to(DEVICE)
 
-    y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, top_k)
+    y, prob_sum, load, saved = fused_tile_forward(x, mask, weights, alpha_t, ramp_t, top_k)
     grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, top_k, dy, dprob_sum)
     ref_y, ref_prob_sum, ref_load, ref_grads = reference_outputs_and_grads(
         x, mask, weights, alpha_t, ramp_t, top_k, dy, dprob_sum)
@@ -132,7 +131,7 @@ def test_bf16_recommender_shape():
 
 def test_empty_batch():
     x, mask, weights, alpha_t, ramp_t = make_problem(0, 16, 32, 16, 4, torch.float32, seed=3)
-    y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 2)
+    y, prob_sum, load, saved = fused_tile_forward(x, mask, weights, alpha_t, ramp_t, 2)
     assert y.shape == (0, 16)
     assert torch.equal(prob_sum.cpu(), torch.zeros(4)) and torch.equal(load.cpu(), torch.zeros(4, dtype=torch.int64))
     grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, 2,
@@ -145,7 +144,7 @@ def test_all_padding_and_missing_grads():
     """A fully masked batch has zero prob_sum and load; None gradients count as zeros."""
     x, _, weights, alpha_t, ramp_t = make_problem(20, 16, 24, 16, 3, torch.float32, seed=5)
     mask = torch.zeros(20, dtype=torch.bool, device=DEVICE)
-    y, prob_sum, load, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 1)
+    y, prob_sum, load, saved = fused_tile_forward(x, mask, weights, alpha_t, ramp_t, 1)
     assert torch.count_nonzero(prob_sum).item() == 0 and torch.count_nonzero(load).item() == 0
     assert torch.isfinite(y).all()
     grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, 1, None, None)
@@ -162,7 +161,7 @@ def test_strided_input_and_repeatability():
     dprob_sum = torch.randn(4, device=DEVICE)
     runs = []
     for inp in (strided, x):
-        y, prob_sum, load, saved = fused_tile_forward(inp, mask, *weights, alpha_t, ramp_t, 2)
+        y, prob_sum, load, saved = fused_tile_forward(inp, mask, weights, alpha_t, ramp_t, 2)
         grads = fused_tile_backward(saved, inp, mask, weights, alpha_t, ramp_t, 2, dy, dprob_sum)
         runs.append((y, prob_sum, load, *grads))
     for first, second in zip(*runs):
@@ -171,21 +170,19 @@ def test_strided_input_and_repeatability():
 
 def test_bad_inputs_name_the_argument():
     x, mask, weights, alpha_t, ramp_t = make_problem(8, 16, 24, 16, 4, torch.float32, seed=1)
-    wrong = list(weights)
-    wrong[6] = torch.zeros(4, 24, 15, device=DEVICE)
+    wrong = weights._replace(expert_w2=torch.zeros(4, 24, 15, device=DEVICE))
     with pytest.raises(ValueError, match="expert_w2"):
-        fused_tile_forward(x, mask, *wrong, alpha_t, ramp_t, 2)
-    wrong = list(weights)
-    wrong[9] = wrong[9].double()
+        fused_tile_forward(x, mask, wrong, alpha_t, ramp_t, 2)
+    wrong = weights._replace(dense_b1=weights.dense_b1.double())
     with pytest.raises(ValueError, match="dense_b1"):
-        fused_tile_forward(x, mask, *wrong, alpha_t, ramp_t, 2)
+        fused_tile_forward(x, mask, wrong, alpha_t, ramp_t, 2)
     with pytest.raises(ValueError, match="mask"):
-        fused_tile_forward(x, mask[:5], *weights, alpha_t, ramp_t, 2)
+        fused_tile_forward(x, mask[:5], weights, alpha_t, ramp_t, 2)
     with pytest.raises(ValueError, match="top_k=5"):
-        fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 5)
+        fused_tile_forward(x, mask, weights, alpha_t, ramp_t, 5)
     wide_x, _, wide_weights, _, _ = make_problem(8, 72, 24, 16, 4, torch.float32, seed=1)
     with pytest.raises(ValueError, match="D=72"):                # fp32 tiles end at D = 64
-        fused_tile_forward(wide_x, None, *wide_weights, alpha_t, ramp_t, 2)
+        fused_tile_forward(wide_x, None, wide_weights, alpha_t, ramp_t, 2)
 
 
 def test_supported_shapes():
@@ -208,7 +205,7 @@ def test_fp16_router_gradients_do_not_underflow():
                                                      masked=False)
     dy = torch.zeros(N, D, device=DEVICE, dtype=torch.float16)
     dprob_sum = 2e-7 * torch.randn(E, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    _, _, _, saved = fused_tile_forward(x, mask, *weights, alpha_t, ramp_t, 2)
+    _, _, _, saved = fused_tile_forward(x, mask, weights, alpha_t, ramp_t, 2)
     grads = fused_tile_backward(saved, x, mask, weights, alpha_t, ramp_t, 2, dy, dprob_sum)
     ref_grads = reference_outputs_and_grads(x, mask, weights, alpha_t, ramp_t, 2, dy,
                                             dprob_sum)[3]

@@ -16,16 +16,18 @@ import warnings
 import pytest
 import torch
 
-from hymoe_kernels import function, hymoe_reference, hymoe_triton, linear_cross_entropy
-from hymoe_kernels.kernels import INTERPRETING, on_device_of
+from hymoe_kernels import (HyMoEWeights, function, hymoe_reference, hymoe_triton,
+                           linear_cross_entropy)
+from hymoe_kernels.backend import INTERPRETING
+from hymoe_kernels.kernels import on_device_of
 from hymoe_kernels.kernels import linear_cross_entropy as lce
 from kernel_cases import DEVICE, make_weights, rel_err
 
 
 def layer_inputs(device, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    weights = [w.detach().to(device).requires_grad_()
-               for w in make_weights(8, 6, 3, 10, generator=gen)]
+    weights = HyMoEWeights(*(w.detach().to(device).requires_grad_()
+                             for w in make_weights(8, 6, 3, 10, generator=gen)))
     x = torch.randn(9, 8, generator=gen).to(device).requires_grad_()
     alpha_param = torch.tensor(0.2, device=device, requires_grad=True)
     return x, weights, alpha_param, torch.tensor(0.5, device=device)
@@ -34,7 +36,7 @@ def layer_inputs(device, seed=0):
 def run_layer(path, x, weights, alpha_param, ramp):
     """(y, prob_sum, load, gradients of x, the weights and alpha_param) on ``path``."""
     fn = hymoe_reference if path == "reference" else functools.partial(hymoe_triton, path=path)
-    y, prob_sum, load = fn(x, None, *weights, alpha_param, ramp, 2)
+    y, prob_sum, load = fn(x, None, weights, alpha_param, ramp, 2)
     grads = torch.autograd.grad(y.square().sum() + prob_sum[0], [x, *weights, alpha_param])
     return (y, prob_sum, load, *grads)
 

@@ -25,6 +25,7 @@ import torch
 from hymoe_kernels import hymoe_reference, hymoe_torch, hymoe_triton
 from hymoe_kernels.function import hymoe_forward_op
 from hymoe_kernels.kernels.fused_tile import fused_tile_forward
+from hymoe_kernels.weights import HyMoEWeights
 from kernel_cases import DEVICE, make_weights
 
 BACKENDS = {
@@ -45,13 +46,14 @@ def make_case(case: str):
     (inf - inf)."""
     dtype = torch.float32 if case == "nan" else torch.float16
     gen = torch.Generator().manual_seed(0)
-    weights = [w.detach() for w in make_weights(D, H, E, F, dtype, generator=gen)]
+    weights = HyMoEWeights(*(w.detach()
+                             for w in make_weights(D, H, E, F, dtype, generator=gen)))
     x = torch.randn(N, D, generator=gen).to(DEVICE, dtype)
     poisoned = x.clone()
     if case == "nan":
         poisoned[POISONED] = float("nan")
     else:
-        poisoned[POISONED] = 6e4 * weights[0].float().sum(1).sign().to(dtype)
+        poisoned[POISONED] = 6e4 * weights.router_w1.float().sum(1).sign().to(dtype)
     return weights, x, poisoned
 
 
@@ -61,7 +63,7 @@ def run(fn, x, mask, weights, with_grad):
     x = x.detach().requires_grad_(with_grad)
     alpha_param = torch.tensor(0.3, device=DEVICE, requires_grad=with_grad)
     ramp = torch.tensor(0.8, device=DEVICE)
-    y, prob_sum, load = fn(x, mask, *weights, alpha_param, ramp, TOP_K)
+    y, prob_sum, load = fn(x, mask, weights, alpha_param, ramp, TOP_K)
     if not with_grad:
         return y, prob_sum, load, None
     gen = torch.Generator().manual_seed(1)
@@ -120,9 +122,9 @@ def test_poisoned_token_routing_stays_valid(case):
     weights, _, poisoned = make_case(case)
     alpha_param, ramp = torch.tensor(0.3, device=DEVICE), torch.tensor(0.8, device=DEVICE)
     with torch.no_grad():
-        outputs = hymoe_forward_op(poisoned, None, *weights, alpha_param, ramp, TOP_K)
+        outputs = hymoe_forward_op(poisoned, None, list(weights), alpha_param, ramp, TOP_K)
         ids, row_slot, slot_row = outputs[5].long(), outputs[10].long(), outputs[11].long()
-        _, _, _, (selected_bits,) = fused_tile_forward(poisoned, None, *weights, alpha_param,
+        _, _, _, (selected_bits,) = fused_tile_forward(poisoned, None, weights, alpha_param,
                                                        ramp, TOP_K)
     assert ((ids >= 0) & (ids < E)).all()
     assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()

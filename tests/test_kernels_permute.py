@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.grouped_gemm import GROUP_PAD
-from hymoe_kernels.kernels.permute import PERMUTE_CONFIGS, padded_rows, sort_slots_by_expert
+from hymoe_kernels.kernels.permute import (GROUP_PAD, PERMUTE_CONFIGS, padded_rows,
+                                           sort_slots_by_expert)
 from kernel_cases import DEVICE, poisoned_outputs, random_ids
 
 # Token counts of the sort sweep: 0 and 1 tokens, block edges; on a GPU also the sizes where

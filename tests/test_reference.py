@@ -4,24 +4,25 @@ import pytest
 import torch
 
 from hymoe_kernels.reference import ffn, hymoe_reference, router_logits
+from hymoe_kernels.weights import HyMoEWeights
 
 
-def make_weights(D, F, E, H, dtype=torch.float64, seed=0):
+def make_weights(D, F, E, H, dtype=torch.float64, seed=0) -> HyMoEWeights:
     g = torch.Generator().manual_seed(seed)
-    shapes = [(D, H), (H,), (H, E), (E,), (E, D, F), (E, F), (E, F, D), (E, D),
-              (D, F), (F,), (F, D), (D,)]
-    return [(torch.randn(s, generator=g, dtype=dtype) * 0.5).requires_grad_() for s in shapes]
+    return HyMoEWeights(*((torch.randn(s, generator=g, dtype=dtype) * 0.5).requires_grad_()
+                          for s in HyMoEWeights.shapes(D, H, E, F)))
 
 
 def dense_formulation(x, mask, w, alpha_param, ramp, top_k):
     """Independent spec: run every expert on every token and zero the unchosen gates."""
-    logits = router_logits(x, *w[:4])
+    logits = router_logits(x, *w.router)
     kth = logits.topk(top_k, dim=-1).values[:, -1:]
     kept = logits.masked_fill(logits < kth, float("-inf"))
     gates = kept.softmax(-1)                                            # (N, E), zeros off top-k
-    experts = torch.stack([ffn(x, w[4][e], w[5][e], w[6][e], w[7][e])
-                           for e in range(w[4].shape[0])], 1)            # (N, E, D)
-    y = ffn(x, *w[8:]) + torch.sigmoid(alpha_param) * ramp * (gates.unsqueeze(-1) * experts).sum(1)
+    experts = torch.stack([ffn(x, *(p[e] for p in w.experts))
+                           for e in range(w.expert_w1.shape[0])], 1)     # (N, E, D)
+    y_moe = (gates.unsqueeze(-1) * experts).sum(1)
+    y = ffn(x, *w.dense) + torch.sigmoid(alpha_param) * ramp * y_moe
     real = torch.ones(len(x), dtype=torch.bool) if mask is None else mask
     return y, (logits.softmax(-1) * real[:, None]).sum(0)
 
@@ -33,7 +34,7 @@ def test_matches_dense_formulation(top_k):
     x = torch.randn(N, D, dtype=torch.float64)
     mask = torch.rand(N) > 0.3
     alpha_param, ramp = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.7)
-    y, prob_sum, load = hymoe_reference(x, mask, *w, alpha_param, ramp, top_k)
+    y, prob_sum, load = hymoe_reference(x, mask, w, alpha_param, ramp, top_k)
     y_ref, prob_ref = dense_formulation(x, mask, w, alpha_param, ramp, top_k)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(prob_sum, prob_ref)
@@ -50,7 +51,8 @@ def test_gradcheck_float64(top_k):
     probe = torch.randn(E, dtype=torch.float64)
 
     def f(x, alpha_param, *w):
-        y, prob_sum, _ = hymoe_reference(x, mask, *w, alpha_param, torch.tensor(0.6), top_k)
+        y, prob_sum, _ = hymoe_reference(x, mask, HyMoEWeights(*w), alpha_param,
+                                         torch.tensor(0.6), top_k)
         return y, (prob_sum.double() * probe).sum()
 
     assert torch.autograd.gradcheck(f, (x, alpha_param, *w), eps=1e-6, atol=1e-6)
@@ -66,8 +68,8 @@ def test_padding_is_selected_out_of_prob_sum_and_load(fill):
     mask = torch.arange(N) % 3 != 0
     x[~mask] = fill
     alpha_param, ramp = torch.tensor(0.3), torch.tensor(0.7)
-    y, prob_sum, load = hymoe_reference(x, mask, *w, alpha_param, ramp, 2)
-    y_real, prob_real, load_real = hymoe_reference(x[mask], None, *w, alpha_param, ramp, 2)
+    y, prob_sum, load = hymoe_reference(x, mask, w, alpha_param, ramp, 2)
+    y_real, prob_real, load_real = hymoe_reference(x[mask], None, w, alpha_param, ramp, 2)
     torch.testing.assert_close(prob_sum, prob_real)
     assert torch.equal(load, load_real)
     torch.testing.assert_close(y[mask], y_real)
@@ -79,8 +81,8 @@ def test_weights_are_cast_to_the_input_dtype():
     w = make_weights(D, F, E, H, dtype=torch.float32)
     x = torch.randn(9, D, dtype=torch.bfloat16)
     alpha_param, ramp = torch.tensor(0.3), torch.tensor(0.7)
-    mixed = hymoe_reference(x, None, *w, alpha_param, ramp, 2)
-    same = hymoe_reference(x, None, *(t.bfloat16() for t in w), alpha_param, ramp, 2)
+    mixed = hymoe_reference(x, None, w, alpha_param, ramp, 2)
+    same = hymoe_reference(x, None, w.to(torch.bfloat16), alpha_param, ramp, 2)
     assert mixed[0].dtype == torch.bfloat16 and mixed[1].dtype == torch.float32
     for got, want in zip(mixed, same):
         assert torch.equal(got, want)

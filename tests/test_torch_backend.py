@@ -6,29 +6,30 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hymoe_kernels import HyMoEFFN, hymoe_reference
-from hymoe_kernels.layer import resolve_backend
+from hymoe_kernels import HyMoEFFN, HyMoEWeights, hymoe_reference
 from hymoe_kernels import torch_backend
+from hymoe_kernels.backend import Backend, resolve
+from hymoe_kernels.layer import hymoe_function
 from hymoe_kernels.torch_backend import expert_ffn, hymoe_torch
 
-PARAM_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2", "expert_w1", "expert_b1",
-               "expert_w2", "expert_b2", "dense_w1", "dense_b1", "dense_w2", "dense_b2",
-               "alpha_param")
+PARAM_NAMES = (*HyMoEWeights._fields, "alpha_param")
 
 
 def make_params(d_model, d_ff, num_experts, router_hidden, seed, dtype=torch.float32):
-    """The 12 weights and alpha_param as leaf tensors needing grad (nn.Linear-like init)."""
+    """The 12 weights and alpha_param by name, as leaf tensors needing grad (nn.Linear-like
+    init)."""
     gen = torch.Generator().manual_seed(seed)
-    D, Fh, E, H = d_model, d_ff, num_experts, router_hidden
-    shapes = {"router_w1": ((D, H), D), "router_b1": ((H,), D), "router_w2": ((H, E), H),
-              "router_b2": ((E,), H), "expert_w1": ((E, D, Fh), D), "expert_b1": ((E, Fh), D),
-              "expert_w2": ((E, Fh, D), Fh), "expert_b2": ((E, D), Fh),
-              "dense_w1": ((D, Fh), D), "dense_b1": ((Fh,), D), "dense_w2": ((Fh, D), Fh),
-              "dense_b2": ((D,), Fh)}
+    sizes = (d_model, router_hidden, num_experts, d_ff)
     params = {name: ((torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1) / fan ** 0.5)
-              for name, (shape, fan) in shapes.items()}
+              for name, shape, fan in zip(HyMoEWeights._fields, HyMoEWeights.shapes(*sizes),
+                                          HyMoEWeights.fan_in(*sizes))}
     params["alpha_param"] = torch.randn((), generator=gen, dtype=dtype)
     return {name: p.requires_grad_(True) for name, p in params.items()}
+
+
+def weights_of(params: dict) -> HyMoEWeights:
+    """The HyMoEWeights among ``params`` (of make_params)."""
+    return HyMoEWeights(*(params[name] for name in HyMoEWeights._fields))
 
 
 def run(fn, x, mask, params, ramp, top_k, seed=1, autocast=False):
@@ -38,8 +39,7 @@ def run(fn, x, mask, params, ramp, top_k, seed=1, autocast=False):
     for p in params.values():
         p.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y, prob_sum, load = fn(x, mask, *(params[n] for n in PARAM_NAMES[:-1]),
-                               params["alpha_param"], ramp, top_k)
+        y, prob_sum, load = fn(x, mask, weights_of(params), params["alpha_param"], ramp, top_k)
     gen = torch.Generator().manual_seed(seed)
     y_seed = torch.randn(y.shape, generator=gen)
     prob_seed = torch.randn(prob_sum.shape, generator=gen)
@@ -152,8 +152,9 @@ def test_matches_reference_bf16_autocast(mask_kind):
 
 
 def test_layer_torch_backend_matches_reference_backend():
-    assert resolve_backend("torch", torch.zeros(1, 4)) is hymoe_torch
-    assert resolve_backend("reference", torch.zeros(1, 4)) is hymoe_reference
+    assert hymoe_function(resolve("torch", torch.zeros(1, 4))) is hymoe_torch
+    assert hymoe_function(resolve("reference", torch.zeros(1, 4))) is hymoe_reference
+    assert resolve("auto", torch.zeros(1, 4)) is Backend.TORCH
     torch.manual_seed(0)
     fast = HyMoEFFN(8, 16, backend="torch")
     ref = HyMoEFFN(8, 16, backend="reference")
@@ -180,7 +181,7 @@ def test_non_finite_padding_is_selected_out_like_the_reference(fill):
     x = torch.randn(14, 6, generator=torch.Generator().manual_seed(6))
     mask = torch.arange(14) % 3 != 0
     x[~mask] = fill
-    args = (*(params[n] for n in PARAM_NAMES[:-1]), params["alpha_param"], torch.tensor(0.6), 2)
+    args = (weights_of(params), params["alpha_param"], torch.tensor(0.6), 2)
     with torch.no_grad():
         y, prob_sum, load = hymoe_torch(x, mask, *args)
         y_real, prob_real, load_real = hymoe_torch(x[mask], None, *args)
@@ -237,8 +238,8 @@ def test_chunked_experts_match_reference(monkeypatch, chunk_bytes):
     fast = run(hymoe_torch, x, mask, params, torch.tensor(0.9), 2)
     assert_same(ref, fast, rel=1e-5)
     with torch.no_grad():                                  # inference path: no saved hidden
-        y_eval = hymoe_torch(x, mask, *(params[n] for n in PARAM_NAMES[:-1]),
-                             params["alpha_param"], torch.tensor(0.9), 2)[0]
+        y_eval = hymoe_torch(x, mask, weights_of(params), params["alpha_param"],
+                             torch.tensor(0.9), 2)[0]
     torch.testing.assert_close(y_eval, ref["y"], rtol=1e-5, atol=1e-6)
 
 

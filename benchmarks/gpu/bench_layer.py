@@ -39,6 +39,7 @@ from torch import Tensor
 from hymoe_kernels.function import hymoe_triton
 from hymoe_kernels.kernels.fused_tile import fused_tile_supported
 from hymoe_kernels.reference import hymoe_reference
+from hymoe_kernels.weights import HyMoEWeights
 
 H200_HBM_BYTES_PER_S = 4.3e12
 H200_PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}   # dense tensor core / FMA
@@ -67,15 +68,15 @@ def dense_ffn(x, w1, b1, w2, b2):
 
 
 def make_inputs(case: Case, device: str, copies: int, seed: int = 0):
-    """``copies`` different (x, dy, mask), one weight set (requires_grad), alpha_param, ramp."""
+    """``copies`` different (x, dy, mask), one HyMoEWeights (requires_grad), alpha_param, ramp."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dtype = DTYPES[case.dtype]
-    D, Fh, E, H = case.D, case.F, case.E, case.D
-    shapes = [(D, H), (H,), (H, E), (E,), (E, D, Fh), (E, Fh), (E, Fh, D), (E, D),
-              (D, Fh), (Fh,), (Fh, D), (D,)]
-    fan_in = [D, D, H, H, D, D, Fh, Fh, D, D, Fh, Fh]
-    weights = [((torch.rand(s, generator=gen) * 2 - 1) * fan ** -0.5).to(device, dtype)
-               .requires_grad_() for s, fan in zip(shapes, fan_in)]
+    D = case.D
+    sizes = (D, D, case.E, case.F)            # router hidden width H = D
+    weights = HyMoEWeights(*(((torch.rand(s, generator=gen) * 2 - 1) * fan ** -0.5)
+                             .to(device, dtype).requires_grad_()
+                             for s, fan in zip(HyMoEWeights.shapes(*sizes),
+                                               HyMoEWeights.fan_in(*sizes))))
     batches = []
     for _ in range(copies):
         x = torch.randn(case.tokens, D, generator=gen).to(device, dtype).requires_grad_()
@@ -104,7 +105,7 @@ def make_step(path: str, case: Case, batches, weights, alpha_param, ramp, backwa
     counter = [0]
     dprob_sum = torch.randn(case.E, device=alpha_param.device)
     if path == "dense":
-        dense_weights = weights[8:12]
+        dense_weights = weights.dense
 
         def step():
             x, dy, _ = batches[counter[0] % len(batches)]
@@ -126,8 +127,8 @@ def make_step(path: str, case: Case, batches, weights, alpha_param, ramp, backwa
         counter[0] += 1
         if not backward:
             with torch.no_grad():
-                return fn(x, mask, *weights, alpha_param, ramp, case.top_k)
-        y, prob_sum, _ = fn(x, mask, *weights, alpha_param, ramp, case.top_k)
+                return fn(x, mask, weights, alpha_param, ramp, case.top_k)
+        y, prob_sum, _ = fn(x, mask, weights, alpha_param, ramp, case.top_k)
         return torch.autograd.grad([y, prob_sum], [x, *weights, alpha_param], [dy, dprob_sum])
     return step
 

@@ -10,10 +10,11 @@ No kernel or launch is declared by hand. Every @triton.jit kernel of ``hymoe_ker
 (a jit function no other jit function calls) is found by walking the package; during a
 *recording* pass each kernel object is replaced by a recorder, and the package's own host
 wrappers are driven on CPU tensors (zero-filled; nothing is launched) through forward and
-backward, both layer paths and the loss, at :data:`DRIVER_SHAPES` x dtypes. The recorder specializes each launch's arguments exactly as
-Triton's launcher does (``native_specialize_impl``: pointer dtypes, 16-byte alignment,
-integers equal to 1 or divisible by 16, constexprs, num_warps/num_stages), so the compiled
-variants are the ones the GPU would build -- every block configuration the pickers choose at
+backward, both layer paths (``hymoe_triton``) and the fused linear cross-entropy (its
+kernels' host functions), at :data:`DRIVER_SHAPES` x dtypes. The recorder specializes each
+launch's arguments exactly as Triton's launcher does (``native_specialize_impl``: pointer
+dtypes, 16-byte alignment, integers equal to 1 or divisible by 16, constexprs,
+num_warps/num_stages), so the compiled variants are the ones the GPU would build -- every block configuration the pickers choose at
 those shapes. A new kernel needs nothing here unless no driver reaches it (it is then listed
 under ``unlaunched`` and the test fails); a new host entry point gets a driver in
 :data:`DRIVERS`; a new block-configuration table (``*_CONFIGS``) is listed in
@@ -206,14 +207,15 @@ def recording(kernels: dict, sink: list) -> Iterator[None]:
 
 
 def _layer_inputs(shape: tuple, dtype: torch.dtype):
+    """x (tokens, D), an all-real mask, HyMoEWeights (H = D), alpha_param and ramp, all
+    requiring grad but the mask and ramp."""
+    from hymoe_kernels.weights import HyMoEWeights
     tokens, D, Fh, E, _ = shape
-    H = D
-    shapes = [(D, H), (H,), (H, E), (E,), (E, D, Fh), (E, Fh), (E, Fh, D), (E, D),
-              (D, Fh), (Fh,), (Fh, D), (D,)]
-    weights = [torch.randn(s, dtype=dtype) * 0.1 for s in shapes]
-    x = torch.randn(tokens, D, dtype=dtype)
+    weights = HyMoEWeights(*((torch.randn(s, dtype=dtype) * 0.1).requires_grad_()
+                             for s in HyMoEWeights.shapes(D, D, E, Fh)))
+    x = torch.randn(tokens, D, dtype=dtype).requires_grad_()
     mask = torch.ones(tokens, dtype=torch.bool)
-    return x, mask, weights, torch.zeros(()), torch.ones(())
+    return x, mask, weights, torch.zeros(()).requires_grad_(), torch.ones(())
 
 
 def drive_hymoe_triton(shape: tuple, dtype: torch.dtype) -> None:
@@ -226,9 +228,8 @@ def drive_hymoe_triton(shape: tuple, dtype: torch.dtype) -> None:
     paths = ["grouped"] + (["fused"] if fused_tile_supported(D, Fh, E, D, top_k, dtype) else [])
     for path in paths:
         x, mask, weights, alpha_param, ramp = _layer_inputs(shape, dtype)
-        leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights],
-                  alpha_param.requires_grad_()]
-        y, prob_sum, _ = hymoe_triton(x, mask, *weights, alpha_param, ramp, top_k, path=path)
+        leaves = [x, *weights, alpha_param]
+        y, prob_sum, _ = hymoe_triton(x, mask, weights, alpha_param, ramp, top_k, path=path)
         torch.autograd.grad([y, prob_sum], leaves,
                             [torch.randn_like(y), torch.randn_like(prob_sum)], allow_unused=True)
 

@@ -9,14 +9,8 @@
 * :mod:`.device_math` -- device functions the kernels share (dot, rounding cast, GELU, top-k).
 """
 import contextlib
-import os
 
 import torch
-
-# True under Triton's CPU interpreter (TRITON_INTERPRET=1, read when this package is first
-# imported). Every program is then a slow Python call, so the pick_*config functions choose
-# their largest tiles (fewest programs).
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Most fp32 elements of the per-split partial weight gradients one backward launch writes
 # (2^26 = 256 MiB): the weight-gradient passes split the tokens over fewer programs rather

@@ -19,6 +19,7 @@ bitwise reproducible. Block configurations are module-level tuples picked by mod
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..weights import HyMoEWeights, check_kernel_inputs
 from . import MAX_PARTIAL_ELEMENTS, launch_params, pick_width_config
 from .device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_step,
                           without_nan)
@@ -33,10 +35,6 @@ from .device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_s
 MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
 MAX_FUSED_H = 4096         # router hidden width (looped in chunks, bounded for compile size)
-
-WEIGHT_NAMES = ("router_w1", "router_b1", "router_w2", "router_b2",
-                "expert_w1", "expert_b1", "expert_w2", "expert_b2",
-                "dense_w1", "dense_b1", "dense_w2", "dense_b2")
 
 
 class TileConfig(NamedTuple):
@@ -486,33 +484,12 @@ def _empty(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _check_inputs(x: Tensor, mask: Tensor | None, weights, alpha_param: Tensor, ramp: Tensor,
-                  top_k: int) -> tuple[int, int, int, int, int]:
-    """Validate shapes/dtypes; returns (N, D, F, H, E)."""
-    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be a 2-d fp32/bf16/fp16 tensor, got {tuple(x.shape)} {x.dtype}")
-    if len(weights) != 12:
-        raise ValueError(f"weights must be the 12 tensors {WEIGHT_NAMES}, got {len(weights)}")
-    N, D = x.shape
-    H = weights[0].shape[-1] if weights[0].dim() == 2 else -1
-    E, _, F = weights[4].shape if weights[4].dim() == 3 else (-1, -1, -1)
-    expected = {"router_w1": (D, H), "router_b1": (H,), "router_w2": (H, E), "router_b2": (E,),
-                "expert_w1": (E, D, F), "expert_b1": (E, F), "expert_w2": (E, F, D),
-                "expert_b2": (E, D), "dense_w1": (D, F), "dense_b1": (F,), "dense_w2": (F, D),
-                "dense_b2": (D,)}
-    for name, weight in zip(WEIGHT_NAMES, weights):
-        if tuple(weight.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} for x of shape "
-                             f"{tuple(x.shape)}, got {tuple(weight.shape)}")
-        if weight.dtype != x.dtype or weight.device != x.device:
-            raise ValueError(f"{name} must be {x.dtype} on {x.device} like x, "
-                             f"got {weight.dtype} on {weight.device}")
-    if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be a bool tensor of shape ({N},), got "
-                         f"{tuple(mask.shape)} {mask.dtype}")
-    for name, scalar in (("alpha_param", alpha_param), ("ramp", ramp)):
-        if not torch.is_tensor(scalar) or scalar.numel() != 1:
-            raise ValueError(f"{name} must be a one-element tensor, got {scalar!r}")
+def _check_inputs(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_param: Tensor,
+                  ramp: Tensor, top_k: int) -> tuple[int, int, int, int, int]:
+    """check_kernel_inputs with weights of x's dtype, and a shape this path supports;
+    returns (N, D, F, H, E)."""
+    N, D, H, E, F = check_kernel_inputs(x, mask, weights, alpha_param, ramp, top_k,
+                                        same_dtype=True)
     if not fused_tile_supported(D, F, E, H, top_k, x.dtype):
         raise ValueError(f"fused tile path does not support D={D}, F={F}, E={E}, H={H}, "
                          f"top_k={top_k} for {x.dtype} (see fused_tile_supported)")
@@ -527,23 +504,19 @@ def _mask_arg(mask: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
     return mask.contiguous().view(torch.uint8), True
 
 
-def fused_tile_forward(x: Tensor, mask: Tensor | None,
-                       *weights_alpha_ramp_top_k) -> tuple[Tensor, Tensor, Tensor, tuple]:
+def fused_tile_forward(x: Tensor, mask: Tensor | None, weights: HyMoEWeights,
+                       alpha_param: Tensor, ramp: Tensor,
+                       top_k: int) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """HyMoE forward on the fused token-tile path.
 
-    Call as ``fused_tile_forward(x, mask, *weights, alpha_param, ramp, top_k)`` (the
-    signature of ``hymoe_reference``) with the twelve weights in :data:`WEIGHT_NAMES` order,
-    all of x's dtype and device. Returns ``(y (N, D) x.dtype, prob_sum (E,) fp32,
-    load (E,) int64, saved)``; ``saved`` (the selected-expert bitmask (N,) int32) goes to
-    :func:`fused_tile_backward`.
+    The arguments of ``hymoe_reference``, with the weights all of x's dtype and device:
+    x (N, D), mask (N,) bool or None, weights (:class:`HyMoEWeights`), alpha_param and ramp
+    0-d. Returns ``(y (N, D) x.dtype, prob_sum (E,) fp32, load (E,) int64, saved)``;
+    ``saved`` (the selected-expert bitmask (N,) int32) goes to :func:`fused_tile_backward`.
     """
-    if len(weights_alpha_ramp_top_k) != 15:
-        raise ValueError("fused_tile_forward takes x, mask, the 12 weights, alpha_param, ramp, "
-                         f"top_k; got {2 + len(weights_alpha_ramp_top_k)} arguments")
-    *weights, alpha_param, ramp, top_k = weights_alpha_ramp_top_k
     N, D, F, H, E = _check_inputs(x, mask, weights, alpha_param, ramp, top_k)
     x = x.contiguous()
-    weights = [w.contiguous() for w in weights]
+    weights = HyMoEWeights(*(w.contiguous() for w in weights))
     device = x.device
     y = _empty((N, D), x.dtype, device)
     selected_bits = _empty((N,), torch.int32, device)
@@ -566,18 +539,14 @@ def fused_tile_forward(x: Tensor, mask: Tensor | None,
     return y, prob_sum, load, (selected_bits,)
 
 
-def _grad_regions(D: int, F: int, H: int, E: int) -> tuple[dict[str, int], int]:
-    """Offsets of each weight's gradient inside one split's flat fp32 partial buffer, and
-    the buffer's length (the weights' order)."""
-    sizes = {"router_w1": D * H, "router_b1": H, "router_w2": H * E, "router_b2": E,
-             "expert_w1": E * D * F, "expert_b1": E * F, "expert_w2": E * F * D,
-             "expert_b2": E * D, "dense_w1": D * F, "dense_b1": F, "dense_w2": F * D,
-             "dense_b2": D}
-    offsets, total = {}, 0
-    for name in WEIGHT_NAMES:
-        offsets[name] = total
-        total += sizes[name]
-    return offsets, total
+def _grad_regions(D: int, F: int, H: int, E: int) -> tuple[HyMoEWeights, int]:
+    """Offsets (ints, in HyMoEWeights fields) of each weight's gradient inside one split's
+    flat fp32 partial buffer, laid out in the weights' order, and the buffer's length."""
+    offsets, total = [], 0
+    for shape in HyMoEWeights.shapes(D, H, E, F):
+        offsets.append(total)
+        total += math.prod(shape)
+    return HyMoEWeights(*offsets), total
 
 
 def weight_grad_splits(N: int, block_m: int, split_elements: int) -> tuple[int, int]:
@@ -592,22 +561,21 @@ def weight_grad_splits(N: int, block_m: int, split_elements: int) -> tuple[int, 
     return triton.cdiv(N, tokens_per_split), tokens_per_split
 
 
-def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights, alpha_param: Tensor,
-                        ramp: Tensor, top_k: int, dy: Tensor | None,
+def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights: HyMoEWeights,
+                        alpha_param: Tensor, ramp: Tensor, top_k: int, dy: Tensor | None,
                         dprob_sum: Tensor | None) -> tuple[Tensor, ...]:
     """Gradients of the fused tile forward.
 
     Takes ``saved`` from :func:`fused_tile_forward`, the forward's inputs, dy (N, D) (or None
-    = zeros) and dprob_sum (E,) (or None = zeros). Returns ``(dx, *weight_grads,
-    dalpha_param)``: dx (N, D) x.dtype, the twelve weight gradients in the weights' order and
-    dtype, dalpha_param shaped like alpha_param.
+    = zeros) and dprob_sum (E,) float (or None = zeros). Returns ``(dx, *weight_grads,
+    dalpha_param)``: dx (N, D) x.dtype, the twelve weight gradients in HyMoEWeights order
+    and the weights' dtype, dalpha_param shaped like alpha_param.
     """
-    weights = tuple(weights)
     N, D, F, H, E = _check_inputs(x, mask, weights, alpha_param, ramp, top_k)
     (selected_bits,) = saved
     device, dtype = x.device, x.dtype
     x = x.contiguous()
-    weights = [w.contiguous() for w in weights]
+    weights = HyMoEWeights(*(w.contiguous() for w in weights))
     dy = torch.zeros_like(x) if dy is None else dy.to(dtype).contiguous()
     dprob_sum = (torch.zeros(E, dtype=torch.float32, device=device) if dprob_sum is None
                  else dprob_sum.float().contiguous())
@@ -636,16 +604,16 @@ def fused_tile_backward(saved: tuple, x: Tensor, mask: Tensor | None, weights, a
     num_splits, tokens_per_split = weight_grad_splits(N, wgrad_config.BLOCK_M, split_stride)
     partial = _empty((num_splits, split_stride), torch.float32, device)
     num_chunks = triton.cdiv(max(F, H), wgrad_config.BLOCK_F)
-    rw1, rb1, rw2, _, ew1, eb1, ew2, _, dw1, db1, dw2, _ = weights
+    w = weights
     fused_tile_weight_grad_kernel[(E + 2, num_chunks, num_splits)](
-        x, dy, dlogits, gate_scale, rw1, rb1, rw2, ew1, eb1, ew2, dw1, db1, dw2, partial,
-        N, D, F, H, E, x.stride(0), dy.stride(0), tokens_per_split, split_stride,
-        *(offsets[name] for name in WEIGHT_NAMES),
+        x, dy, dlogits, gate_scale, w.router_w1, w.router_b1, w.router_w2, w.expert_w1,
+        w.expert_b1, w.expert_w2, w.dense_w1, w.dense_b1, w.dense_w2, partial,
+        N, D, F, H, E, x.stride(0), dy.stride(0), tokens_per_split, split_stride, *offsets,
         BLOCK_D=block_d_for(D), BLOCK_O=max(block_d_for(D), block_e_for(E)),
         **launch_params(wgrad_config))
     flat_grads = partial.sum(dim=0).to(dtype)
-    weight_grads = [flat_grads[offsets[name]:offsets[name] + w.numel()].view(w.shape)
-                    for name, w in zip(WEIGHT_NAMES, weights)]
+    weight_grads = [flat_grads[offset:offset + weight.numel()].view(weight.shape)
+                    for offset, weight in zip(offsets, weights)]
 
     sig = torch.sigmoid(alpha_param.float())
     dalpha_param = (dalpha_partial.sum() * sig * (1 - sig) * ramp.float()).to(alpha_param.dtype)

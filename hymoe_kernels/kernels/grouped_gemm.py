@@ -13,6 +13,10 @@ Two kernel templates cover every matrix product of the layer, forward and backwa
   reduced over the rows of each group, split into a shape-determined number of row chunks
   whose fp32 partials are summed afterwards (deterministic: no atomics).
 
+The layer's forward calls them by the stage they compute: :func:`linear` (the router's and
+the dense FFN's first layer), :func:`expert_up`, :func:`expert_down` and
+:func:`dense_down_and_combine` (the dense down-projection with the combine epilogue).
+
 Dots take operands in the weights' dtype and accumulate in fp32. fp32 operands use
 ``input_precision="ieee"`` (true fp32, not tf32) so fp32 results match PyTorch to ~1e-6;
 bf16/fp16 use the tensor cores. Row and column indices are int64 before they multiply a stride
@@ -28,9 +32,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING, MAX_PARTIAL_ELEMENTS, launch_params
+from ..backend import INTERPRETING
+from . import MAX_PARTIAL_ELEMENTS, launch_params
 from .combine import combine_gathered_rows
 from .device_math import cast_to, dot_precision, gelu, gelu_and_grad, mma
+from .permute import GROUP_PAD, Routing
 
 
 class RowGemmConfig(NamedTuple):
@@ -68,27 +74,11 @@ WEIGHT_GRAD_CONFIGS = (
     WeightGradConfig(BLOCK_K=32, BLOCK_N=64, BLOCK_R=16, num_warps=4, num_stages=2),
     WeightGradConfig(BLOCK_K=16, BLOCK_N=32, BLOCK_R=16, num_warps=2, num_stages=2),
 )
-# Expert groups are padded to a multiple of GROUP_PAD rows, so every row-GEMM tile (BLOCK_M
-# divides GROUP_PAD) lies inside one expert's group.
-GROUP_PAD = max(cfg.BLOCK_M for cfg in ROW_GEMM_CONFIGS)
+# Every row-GEMM tile of a grouped GEMM lies inside one expert's group: BLOCK_M divides the
+# groups' padding.
 assert all(GROUP_PAD % cfg.BLOCK_M == 0 for cfg in ROW_GEMM_CONFIGS)
 # Enough programs to fill a large GPU; weight-grad row splits aim for this many programs.
 TARGET_PROGRAMS = 264
-
-
-class Routing(NamedTuple):
-    """The expert-sorted slot layout (see :mod:`.permute`), all int32 on the device.
-
-    row_slot (P,): slot n*top_k + j held by each padded row (rows past a group's count unused);
-    slot_row (N*top_k,): row of each slot; group_start (E+1,): first row of each expert's
-    group (padded to GROUP_PAD), group_start[E] = padded total; group_count (E,): slots per
-    expert; top_k: slots per token.
-    """
-    row_slot: Tensor
-    slot_row: Tensor
-    group_start: Tensor
-    group_count: Tensor
-    top_k: int
 
 
 @triton.jit
@@ -321,6 +311,40 @@ def row_gemm(a: Tensor, w: Tensor, bias: Tensor | None = None, *, routing: Routi
         **launch_params(config),
     )
     return out
+
+
+def linear(a: Tensor, w: Tensor, bias: Tensor) -> Tensor:
+    """a @ w + bias, one row per token: a (N, K), w (K, N_out), bias (N_out,). Returns
+    (N, N_out) in w's dtype (the pre-activation of the router's or the dense FFN's first
+    layer)."""
+    return row_gemm(a, w, bias)
+
+
+def expert_up(x: Tensor, w1: Tensor, b1: Tensor, routing: Routing) -> Tensor:
+    """The experts' up-projection in the expert-sorted layout: row r (slot s, expert e) is
+    x[s // top_k] @ w1[e] + b1[e], the token rows gathered through ``routing`` (no permuted
+    copy of x). x (N, D); w1 (E, D, F), b1 (E, F). Returns the pre-activation (P, F) in w1's
+    dtype, P = len(routing.row_slot), padding rows zero."""
+    return row_gemm(x, w1, b1, routing=routing, gather=True)
+
+
+def expert_down(hidden: Tensor, w2: Tensor, b2: Tensor, routing: Routing) -> Tensor:
+    """The experts' outputs f_e = gelu(hidden) @ w2[e] + b2[e] row by row of the
+    expert-sorted layout: hidden (P, F) from :func:`expert_up`; w2 (E, F, D), b2 (E, D).
+    Returns (P, D) in w2's dtype, padding rows zero."""
+    return row_gemm(hidden, w2, b2, routing=routing, a_gelu=True)
+
+
+def dense_down_and_combine(hidden: Tensor, w2: Tensor, b2: Tensor, expert_out: Tensor,
+                           routing: Routing, gates: Tensor, alpha: Tensor,
+                           out_dtype: torch.dtype) -> Tensor:
+    """The layer's output, written once: the dense FFN's down-projection
+    gelu(hidden) @ w2 + b2 with the combine in its epilogue, + alpha * sum_j gates[n, j] *
+    expert_out[slot_row[n * top_k + j]] for token n. hidden (N, F) the dense FFN's
+    pre-activation; w2 (F, D), b2 (D,); expert_out (P, D) from :func:`expert_down`; gates
+    (N, top_k) float32; alpha (1,) float32. Returns y (N, D) in ``out_dtype``."""
+    return row_gemm(hidden, w2, b2, a_gelu=True, routing=routing, gates=gates, alpha=alpha,
+                    combine_src=expert_out, combine_gated=True, out_dtype=out_dtype)
 
 
 def weight_grad(a: Tensor, b: Tensor, *, routing: Routing | None = None,

@@ -1,4 +1,5 @@
-"""Triton kernels of the fused linear + cross-entropy loss (see :mod:`hymoe_kernels.loss`).
+"""Triton kernels of the fused linear + cross-entropy loss (see
+:mod:`hymoe_kernels.linear_cross_entropy`).
 
 For compacted rows h (N, D), item embeddings W (V, D) and targets t (N,), with scores
 z = h @ W.T that are only ever held one (BLOCK_M, BLOCK_V) tile at a time:
@@ -18,9 +19,9 @@ when the tiles alone fill the GPU, so partial buffers only exist for small N or 
 partial is written by exactly one program with a fixed summation order and the host sums
 the splits in a fixed order: no atomics, bit-reproducible gradients.
 
-Dots accumulate in fp32. fp32 inputs use input_precision="tf32x3" (three TF32 tensor-core
-products, about fp32 accuracy; "ieee" FMA dots spill registers at these tiles on sm_90, as
-benchmarks/gpu/compile_card.py shows) unless PyTorch's fp32 matmuls may use TF32
+Dots (device_math's ``mma``) accumulate in fp32. fp32 inputs use "tf32x3" (three TF32
+tensor-core products, about fp32 accuracy; "ieee" FMA dots spill registers at these tiles on
+sm_90, as benchmarks/gpu/compile_card.py shows) unless PyTorch's fp32 matmuls may use TF32
 (:func:`tf32_allowed`), then "tf32" (constexpr ALLOW_TF32). bf16/fp16 inputs multiply in
 their own type (the P tile is cast to it before the second dot, as in flash attention).
 
@@ -38,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch_params, on_device_of, pick_width_config
+from .device_math import mma
 
 
 class LceConfig(NamedTuple):
@@ -102,19 +104,11 @@ def pick_split(n_tiles: int, n_streamed_tiles: int, target_programs: int) -> tup
 
 
 @triton.jit
-def _dot(a, b, ALLOW_TF32: tl.constexpr):
-    if ALLOW_TF32:
-        product = tl.dot(a, b, input_precision="tf32")
-    else:
-        product = tl.dot(a, b, input_precision="tf32x3")
-    return product
-
-
-@triton.jit
 def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, part_max_ptr, part_sum_ptr,
                         part_target_ptr, n_rows, n_items, dim, items_per_split,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         ALLOW_TF32: tl.constexpr):
+    PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "tf32x3"
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_ok = rows < n_rows
@@ -133,7 +127,7 @@ def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, part_max_ptr, part_sum_ptr,
         item_ok = items < v_end
         w = tl.load(w_ptr + items.to(tl.int64)[:, None] * dim + feats[None, :],
                     mask=item_ok[:, None] & feat_ok[None, :], other=0.0)
-        scores = _dot(h, tl.trans(w), ALLOW_TF32)
+        scores = mma(h, tl.trans(w), None, PRECISION)
         scores = tl.where(item_ok[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) \
@@ -148,9 +142,9 @@ def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, part_max_ptr, part_sum_ptr,
 
 
 @triton.jit
-def _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, ALLOW_TF32: tl.constexpr):
+def _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, PRECISION: tl.constexpr):
     """softmax - onehot of one (BLOCK_M, BLOCK_V) tile, zero outside the valid rows/items."""
-    scores = _dot(h, tl.trans(w), ALLOW_TF32)
+    scores = mma(h, tl.trans(w), None, PRECISION)
     probs = tl.exp(scores - lse[:, None])
     probs = probs - tl.where(items[None, :] == target[:, None], 1.0, 0.0)
     return tl.where((rows < n_rows)[:, None] & (items < v_end)[None, :], probs, 0.0)
@@ -161,6 +155,7 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_h_ptr,
                             n_rows, n_items, dim, items_per_split,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "tf32x3"
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_ok = rows < n_rows
@@ -178,8 +173,8 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_h_ptr,
         items = v0 + tl.arange(0, BLOCK_V)
         w = tl.load(w_ptr + items.to(tl.int64)[:, None] * dim + feats[None, :],
                     mask=(items < v_end)[:, None] & feat_ok[None, :], other=0.0)
-        probs = _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, ALLOW_TF32)
-        acc += _dot(probs.to(w.dtype), w, ALLOW_TF32)
+        probs = _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, PRECISION)
+        acc += mma(probs.to(w.dtype), w, None, PRECISION)
     part_offsets = split.to(tl.int64) * n_rows * dim + h_offsets
     tl.store(part_grad_h_ptr + part_offsets, acc, mask=h_mask)
 
@@ -189,6 +184,7 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_w_ptr,
                             n_rows, n_items, dim, rows_per_split,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "tf32x3"
     items = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     split = tl.program_id(1)
     item_ok = items < n_items
@@ -207,8 +203,8 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, part_grad_w_ptr,
                     mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        probs = _grad_logits_tile(h, w, target, lse, rows, items, r_end, n_items, ALLOW_TF32)
-        acc += _dot(tl.trans(probs.to(h.dtype)), h, ALLOW_TF32)
+        probs = _grad_logits_tile(h, w, target, lse, rows, items, r_end, n_items, PRECISION)
+        acc += mma(tl.trans(probs.to(h.dtype)), h, None, PRECISION)
     part_offsets = split.to(tl.int64) * n_items * dim + w_offsets
     tl.store(part_grad_w_ptr + part_offsets, acc, mask=w_mask)
 

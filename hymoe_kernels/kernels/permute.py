@@ -9,7 +9,7 @@ expert keep slot order), deterministic and atomic-free, in three launches:
 3. :func:`_scatter_slots_kernel` -- each slot's row = its block's base for its expert + its
    rank among the block's earlier slots of that expert (a cumulative sum over a one-hot).
 
-The result (:class:`.grouped_gemm.Routing`) has a worst-case size fixed by the shapes:
+The result (:class:`Routing`) has a worst-case size fixed by the shapes:
 N*top_k + E*(pad-1) rows, so grids never depend on the routing and no .item() is needed.
 """
 from __future__ import annotations
@@ -21,8 +21,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING, launch_params
-from .grouped_gemm import GROUP_PAD, Routing
+from ..backend import INTERPRETING
+from . import launch_params
+
+# Expert groups start at multiples of GROUP_PAD rows, so that a tile of the grouped GEMMs
+# (:mod:`.grouped_gemm`, whose row tiles divide it) lies inside one expert's group.
+GROUP_PAD = 64
+
+
+class Routing(NamedTuple):
+    """The expert-sorted slot layout, all int32 on the device.
+
+    row_slot (P,): slot n*top_k + j held by each padded row (-1 on rows past a group's
+    count); slot_row (N*top_k,): row of each slot; group_start (E+1,): first row of each
+    expert's group (a multiple of GROUP_PAD), group_start[E] = padded total; group_count
+    (E,): slots per expert; top_k: slots per token.
+    """
+    row_slot: Tensor
+    slot_row: Tensor
+    group_start: Tensor
+    group_count: Tensor
+    top_k: int
 
 
 class PermuteConfig(NamedTuple):

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRETING, launch_params
+from ..backend import INTERPRETING
+from . import launch_params
 from .device_math import cast_to, dot_precision, gelu, mma, top_k_step, without_nan
 
 

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hymoe_kernels import HyMoEFFN
-from hymoe_kernels.layer import BACKENDS
+from hymoe_kernels.backend import BACKENDS
 
-from hymoe_kernels.loss import streaming_rank
-
+from ..metrics import streaming_rank
 from .scoring import full_item_scores, full_softmax_loss
 
 FFN_KINDS = ("hymoe", "dense")

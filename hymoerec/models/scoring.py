@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from hymoe_kernels.loss import linear_cross_entropy
+from hymoe_kernels.linear_cross_entropy import linear_cross_entropy
 
 
 def full_softmax_loss(hidden: Tensor, item_emb: Tensor, targets: Tensor,
