@@ -12,6 +12,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "pyarrow>=14",   # the columnar readers (hymoerec.readers)
         "tqdm",
         "triton>=3.2; platform_system == 'Linux'",
     ],

@@ -3,10 +3,19 @@ split and length-bucketed batches.
 
 Every reader returns a :class:`SequenceData`: one time-ordered item sequence per user, items
 remapped to 1..n_items (0 is padding), with the original item ids kept for translation.
+Sequences, training sequences and training windows are :class:`Segments`: views into one
+int64 buffer, not one Python object per user.
+
+:func:`read_file` reads with the columnar readers of :mod:`hymoerec.readers` (pyarrow); the
+line-by-line readers here (``read_sequences``, ``read_pairs``, ``read_ml1m``, ``read_amazon``,
+``read_table``) are the readable reference they are tested against, and the one that reads a
+file the columnar reader cannot vouch for (it gives the exact error of a malformed line). A
+file whose name ends in ``.gz`` is decompressed on the fly by both.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import math
 import os
@@ -14,16 +23,19 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-FORMATS = ("sequences", "pairs", "ml-1m", "amazon", "csv", "tsv")
+FORMATS = ("sequences", "pairs", "ml-1m", "amazon", "csv", "tsv", "parquet", "jsonl")
 DATASETS = ("synthetic", "ml-1m", "beauty")
 
 
@@ -38,22 +50,95 @@ class NotWritableError(DataFormatError):
     """A folder that must be written (a run folder, the dataset cache) is not writable."""
 
 
+class Segments(Sequence):
+    """A list of int64 arrays kept as views into one buffer: element i is
+    ``values[starts[i]:ends[i]]``, a view (no copy). values (N,) int64; starts, ends (n,)
+    int64 with 0 <= starts <= ends <= N. Segments may share or skip parts of the buffer
+    (training sequences leave out each user's last two items, training windows overlap by
+    one item). Indexing with an int gives the array, with a slice (or :meth:`take` with an
+    index array) a Segments over the same buffer."""
+
+    __slots__ = ("values", "starts", "ends")
+
+    def __init__(self, values: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.values = np.asarray(values, dtype=np.int64)
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.ends = np.asarray(ends, dtype=np.int64)
+        if self.values.ndim != 1 or self.starts.ndim != 1 or self.starts.shape != self.ends.shape:
+            raise ValueError(f"Segments takes values (N,) and starts, ends (n,), got shapes "
+                             f"{self.values.shape}, {self.starts.shape}, {self.ends.shape}")
+
+    @classmethod
+    def from_lengths(cls, values: np.ndarray, lengths: np.ndarray) -> "Segments":
+        """Consecutive segments of ``values`` (N,) with ``lengths`` (n,) summing to N."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        if len(ends) and ends[-1] != len(values):
+            raise ValueError(f"lengths sum to {ends[-1]}, values hold {len(values)}")
+        return cls(values, ends - np.asarray(lengths, dtype=np.int64), ends)
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Segments":
+        """The arrays (any iterable of 1-D integer arrays) copied into one buffer."""
+        arrays = [np.asarray(a, dtype=np.int64) for a in arrays]
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        values = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
+        return cls.from_lengths(values, lengths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(n,) int64 length of every segment."""
+        return self.ends - self.starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Segments(self.values, self.starts[index], self.ends[index])
+        return self.values[self.starts[index]:self.ends[index]]
+
+    def __iter__(self):
+        values = self.values
+        for start, end in zip(self.starts.tolist(), self.ends.tolist()):
+            yield values[start:end]
+
+    def take(self, indices) -> "Segments":
+        """The segments at ``indices`` (an int array or a bool mask), same buffer."""
+        return Segments(self.values, self.starts[indices], self.ends[indices])
+
+    def concatenated(self) -> np.ndarray:
+        """(sum of lengths,) int64: every segment's values in order, copied."""
+        lengths = self.lengths
+        shift = np.repeat(self.starts - (np.cumsum(lengths) - lengths), lengths)
+        return self.values[shift + np.arange(len(shift))]
+
+    def __repr__(self) -> str:
+        return f"Segments({len(self)} segments, {int(self.lengths.sum())} values)"
+
+
 @dataclass
 class SequenceData:
     """Per-user item sequences in time order.
 
-    ``sequences[u]`` is an int64 array of item indices in 1..n_items (0 = padding);
-    ``item_ids[i]`` is the original id (a string) of item index i (``item_ids[0]`` = "<pad>");
-    ``user_ids[u]`` is the original id of user u.
+    ``sequences[u]`` is an int64 array of item indices in 1..n_items (0 = padding), a view
+    into one buffer (:class:`Segments`; a list of arrays given to the constructor is copied
+    into one); ``item_ids[i]`` is the original id (a string) of item index i
+    (``item_ids[0]`` = "<pad>"); ``user_ids[u]`` is the original id of user u;
+    ``item_index`` maps an original item id to its index (built on first use).
     """
-    sequences: list[np.ndarray]
+    sequences: Segments
     item_ids: list[str]
     user_ids: list[str]
     name: str = ""
-    item_index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.item_index = {item: i for i, item in enumerate(self.item_ids) if i > 0}
+        if not isinstance(self.sequences, Segments):
+            self.sequences = Segments.from_arrays(self.sequences)
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        """Original item id -> item index (1..n_items), built on first use."""
+        return {item: i for i, item in enumerate(self.item_ids) if i > 0}
 
     @property
     def n_items(self) -> int:
@@ -65,7 +150,7 @@ class SequenceData:
 
     @property
     def n_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
+        return int(self.sequences.lengths.sum())
 
     def describe(self) -> str:
         return (f"{self.name or 'data'}: {self.n_users} users, {self.n_items} items, "
@@ -191,7 +276,7 @@ def read_table(path: str | os.PathLike, user_col: str = "user", item_col: str = 
     items (ties and ``time_col=None``: file order). The delimiter defaults to a tab for
     ``.tsv`` files and a comma otherwise."""
     if delimiter is None:
-        delimiter = "\t" if str(path).endswith(".tsv") else ","
+        delimiter = "\t" if str(path).removesuffix(GZIP_SUFFIX).endswith(".tsv") else ","
     rows = []
     with _reading(path) as f:
         reader = _csv_rows(csv.reader(f, delimiter=delimiter), path)
@@ -238,23 +323,33 @@ def k_core_filter(rows: list[tuple[str, str, float]], k: int) -> list[tuple[str,
 
 def read_file(path: str | os.PathLike, fmt: str, k_core: int = 5, user_col: str = "user",
               item_col: str = "item", time_col: str | None = "timestamp") -> SequenceData:
-    """Read ``path`` in format ``fmt`` (one of FORMATS); a path that is missing or not a
-    file is a DataFormatError."""
+    """Read ``path`` in format ``fmt`` (one of FORMATS) with the columnar readers of
+    :mod:`hymoerec.readers`; the same SequenceData as the reference reader of the format.
+    ``user_col`` / ``item_col`` / ``time_col`` name the columns of csv, tsv, parquet and
+    jsonl data (``time_col=None``: file order); ``k_core`` filters amazon data. A path
+    ending in ``.gz`` is decompressed on the fly. A path that is missing or not a file, and
+    malformed content, are DataFormatErrors naming the file (and the line, or the row group
+    of a Parquet file)."""
     if Path(path).is_dir():
         raise DataFormatError(f"data file {path} is a directory, not a file")
     if not Path(path).exists():
         raise DataFormatError(f"data file {path} does not exist")
-    if fmt == "sequences":
-        return read_sequences(path)
-    if fmt == "pairs":
-        return read_pairs(path)
-    if fmt == "ml-1m":
-        return read_ml1m(path)
-    if fmt == "amazon":
-        return read_amazon(path, k_core)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    from .readers import read_columnar  # pyarrow is imported only when a file is read
+    return read_columnar(path, fmt, k_core, user_col, item_col, time_col)
+
+
+def reference_reader(fmt: str, k_core: int = 5, user_col: str = "user", item_col: str = "item",
+                     time_col: str | None = "timestamp"):
+    """The line-by-line reader of ``fmt`` as a function of the path, with these settings;
+    None for parquet and jsonl, which have none."""
     if fmt in ("csv", "tsv"):
-        return read_table(path, user_col, item_col, time_col, "\t" if fmt == "tsv" else ",")
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        delimiter = "\t" if fmt == "tsv" else ","
+        return lambda path: read_table(path, user_col, item_col, time_col, delimiter)
+    if fmt == "amazon":
+        return lambda path: read_amazon(path, k_core)
+    return {"sequences": read_sequences, "pairs": read_pairs, "ml-1m": read_ml1m}.get(fmt)
 
 
 def _is_number(text: str) -> bool:
@@ -282,23 +377,37 @@ def _non_empty(data: SequenceData, path) -> SequenceData:
     return data
 
 
+GZIP_SUFFIX = ".gz"
+
+
+def is_gzip(path) -> bool:
+    """Whether ``path`` is read through gzip decompression (its name ends in .gz)."""
+    return str(path).endswith(GZIP_SUFFIX)
+
+
+def _open_binary(path):
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
 @contextmanager
 def _reading(path, encoding: str = "utf-8-sig"):
     """``path`` opened as text (newline="", as csv wants; a UTF-8 byte-order mark is
-    dropped). Bytes that do not decode, and a file that cannot be opened, become a
-    DataFormatError naming the file (and the line)."""
+    dropped; a .gz file decompressed). Bytes that do not decode, and a file that cannot be
+    opened or decompressed, become a DataFormatError naming the file (and the line)."""
     try:
-        with open(path, encoding=encoding, newline="") as f:
+        with (gzip.open(path, "rt", encoding=encoding, newline="") if is_gzip(path)
+              else open(path, encoding=encoding, newline="")) as f:
             yield f
     except UnicodeDecodeError:
         raise DataFormatError(_undecodable(path, encoding)) from None
-    except OSError as err:
-        raise DataFormatError(f"cannot read data file {path}: {err.strerror or err}") from None
+    except (OSError, EOFError, zlib.error) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise DataFormatError(f"cannot read data file {path}: {reason}") from None
 
 
 def _undecodable(path, encoding: str) -> str:
     """The message for the first line of ``path`` that does not decode as ``encoding``."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for line_no, raw in enumerate(f, 1):
             try:
                 raw.decode(encoding)
@@ -451,9 +560,8 @@ def load_dataset(name: str, root: Path | None = None, k_core: int = 5) -> Sequen
 
 
 def save_prepared(data: SequenceData, path: Path) -> None:
-    lengths = np.array([len(s) for s in data.sequences], dtype=np.int64)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, items=np.concatenate(data.sequences), lengths=lengths,
+    np.savez(tmp, items=data.sequences.concatenated(), lengths=data.sequences.lengths,
              item_ids=np.array(data.item_ids), user_ids=np.array(data.user_ids),
              name=np.array(data.name))
     os.replace(tmp, path)
@@ -463,16 +571,28 @@ def load_prepared(path: Path) -> SequenceData:
     """A file written by :func:`save_prepared`; a damaged one is a DataFormatError."""
     try:
         with np.load(path) as z:
-            bounds = np.cumsum(z["lengths"])[:-1]
-            sequences = np.split(z["items"], bounds)
-            return SequenceData(list(sequences), z["item_ids"].tolist(), z["user_ids"].tolist(),
-                                str(z["name"]))
+            return SequenceData(Segments.from_lengths(z["items"], z["lengths"]),
+                                z["item_ids"].tolist(), z["user_ids"].tolist(), str(z["name"]))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise DataFormatError(f"{path} is damaged ({err}); delete it and it is prepared "
                               f"again from the raw file") from None
 
 
 # -------------------------------------------------------------------------- synthetic
+
+def cumulative(p: np.ndarray) -> np.ndarray:
+    """(n,) float64 cumulative distribution of probabilities p (n,), normalised to end at
+    1 as ``Generator.choice`` normalises it."""
+    cdf = np.cumsum(p, dtype=np.float64)
+    return cdf / cdf[-1]
+
+
+def choice(rng: np.random.Generator, cdf: np.ndarray, size) -> np.ndarray:
+    """int64 draws of shape ``size`` from the distribution whose :func:`cumulative` is cdf:
+    the draws of ``rng.choice(len(cdf), size, p=p)`` (one uniform per draw, searched in the
+    cumulative distribution), without recomputing it per call."""
+    return cdf.searchsorted(rng.random(size), side="right")
+
 
 def synthetic(n_users: int = 3000, n_items: int = 500, mean_length: int = 20,
               seed: int = 0) -> SequenceData:
@@ -483,6 +603,9 @@ def synthetic(n_users: int = 3000, n_items: int = 500, mean_length: int = 20,
     * pattern users (half): repeat a personal motif of 3..8 items (a long-range period),
       each step replaced by a popular item with probability 0.15.
     Item popularity is Zipf-like (weight 1/rank^1.1). Lengths are 5 + Poisson(mean - 5).
+    Draws by popularity search one precomputed cumulative distribution (what
+    ``rng.choice(n, size, p=p)`` does, giving the same draws), so a catalog of a million
+    items costs no more per user than one of a hundred.
     """
     for name, value in (("n_users", n_users), ("n_items", n_items)):
         if value < 2:
@@ -492,21 +615,22 @@ def synthetic(n_users: int = 3000, n_items: int = 500, mean_length: int = 20,
     rng = np.random.default_rng(seed)
     popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
     popularity = rng.permutation(popularity / popularity.sum())
-    successors = rng.choice(n_items, size=(n_items, 3), p=popularity)
-    successor_p = np.array([0.5, 0.3, 0.2])
+    popularity_cdf = cumulative(popularity)
+    successors = choice(rng, popularity_cdf, (n_items, 3))
+    successor_cdf = cumulative(np.array([0.5, 0.3, 0.2]))
     sequences = []
     for user in range(n_users):
         length = 5 + rng.poisson(mean_length - 5)
-        noise = rng.choice(n_items, size=length, p=popularity)
+        noise = choice(rng, popularity_cdf, length)
         seq = np.empty(length, dtype=np.int64)
         if user % 2 == 0:
             seq[0] = noise[0]
             follow = rng.random(length) < 0.8
-            picks = rng.choice(3, size=length, p=successor_p)
+            picks = choice(rng, successor_cdf, length)
             for t in range(1, length):
                 seq[t] = successors[seq[t - 1], picks[t]] if follow[t] else noise[t]
         else:
-            motif = rng.choice(n_items, size=rng.integers(3, 9), p=popularity)
+            motif = choice(rng, popularity_cdf, rng.integers(3, 9))
             seq[:] = np.resize(motif, length)
             replaced = rng.random(length) < 0.15
             seq[replaced] = noise[replaced]
@@ -522,60 +646,65 @@ class Split:
     """Leave-one-out split.
 
     ``train``: per-user training sequences (all but the last two items; users with fewer
-    than 3 items are training-only and keep all of theirs). ``eval_users``: indices of users
-    with >= 3 items. ``valid_target`` / ``test_target`` (n_eval,) int64: the second-to-last
-    and last item of those users; their inputs are the items before the target.
+    than 3 items are training-only and keep all of theirs), views into the data's buffer.
+    ``eval_users``: (n_eval,) int64 indices of users with >= 3 items. ``valid_target`` /
+    ``test_target`` (n_eval,) int64: the second-to-last and last item of those users; their
+    inputs are the items before the target.
     """
     data: SequenceData
-    train: list[np.ndarray]
+    train: Segments
     eval_users: np.ndarray
     valid_target: np.ndarray
     test_target: np.ndarray
 
-    def history(self, stage: str) -> list[np.ndarray]:
+    def history(self, stage: str) -> Segments:
         """Items before the target of every evaluated user, for ``stage`` valid or test."""
         cut = {"valid": 2, "test": 1}[stage]
-        return [self.data.sequences[u][:-cut] for u in self.eval_users]
+        users = self.data.sequences.take(self.eval_users)
+        return Segments(users.values, users.starts, users.ends - cut)
 
     def targets(self, stage: str) -> np.ndarray:
         return {"valid": self.valid_target, "test": self.test_target}[stage]
 
     def train_item_counts(self) -> np.ndarray:
         """(n_items + 1,) int64 frequency of every item in the training sequences."""
-        counts = np.bincount(np.concatenate(self.train), minlength=self.data.n_items + 1)
+        counts = np.bincount(self.train.concatenated(), minlength=self.data.n_items + 1)
         return counts.astype(np.int64)
 
 
 def leave_one_out(data: SequenceData) -> Split:
-    """Last item test, second-to-last validation, the rest training."""
-    train, eval_users = [], []
-    for u, seq in enumerate(data.sequences):
-        if len(seq) >= 3:
-            train.append(seq[:-2])
-            eval_users.append(u)
-        else:
-            train.append(seq)
-    eval_users = np.array(eval_users, dtype=np.int64)
-    valid = np.array([data.sequences[u][-2] for u in eval_users], dtype=np.int64)
-    test = np.array([data.sequences[u][-1] for u in eval_users], dtype=np.int64)
-    return Split(data, train, eval_users, valid, test)
+    """Last item test, second-to-last validation, the rest training (no item is copied)."""
+    sequences = data.sequences
+    evaluated = sequences.lengths >= 3
+    train = Segments(sequences.values, sequences.starts,
+                     np.where(evaluated, sequences.ends - 2, sequences.ends))
+    last = sequences.ends[evaluated]
+    return Split(data, train, np.flatnonzero(evaluated).astype(np.int64),
+                 sequences.values[last - 2], sequences.values[last - 1])
 
 
 # ------------------------------------------------------------------------------ batches
 
-def training_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+def training_windows(train: Segments | list[np.ndarray], max_len: int) -> Segments:
     """Cut every training sequence into windows of at most max_len + 1 items so that each
     next item (from the second on) is a target exactly once, predicted from its most recent
     items: window inputs are ``w[:-1]``, targets ``w[1:]``. Windows are cut from the end,
-    so the most recent items get the longest context."""
-    windows = []
-    for seq in train:
-        end = len(seq)
-        while end >= 2:
-            start = max(0, end - max_len - 1)
-            windows.append(seq[start:end])
-            end = start + 1
-    return windows
+    so the most recent items get the longest context; a sequence's windows come most recent
+    first, sequences in order. A sequence of n >= 2 items has ceil((n - 1) / max_len)
+    windows, the j-th ending at n - j * max_len; the windows are views into train's buffer
+    (a list of arrays is copied into one first)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not isinstance(train, Segments):
+        train = Segments.from_arrays(train)
+    lengths = train.lengths
+    count = np.where(lengths >= 2, (lengths - 2) // max_len + 1, 0)
+    owner = np.repeat(np.arange(len(train)), count)
+    rank = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
+    end = lengths[owner] - rank * max_len
+    start = np.maximum(end - max_len - 1, 0)
+    base = train.starts[owner]
+    return Segments(train.values, base + start, base + end)
 
 
 def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
@@ -588,7 +717,7 @@ def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
     return torch.from_numpy(out)
 
 
-def bucketed_batches(windows: list[np.ndarray], batch_targets: int,
+def bucketed_batches(windows: Segments | list[np.ndarray], batch_targets: int,
                      generator: torch.Generator) -> list[list[int]]:
     """Window indices grouped into batches of similar length that hold at most
     ``batch_targets`` next-item targets each (a window of n items has n - 1; a window with
@@ -597,7 +726,9 @@ def bucketed_batches(windows: list[np.ndarray], batch_targets: int,
     batch of 2048 the same amount of training signal as RecBole's batch of 2048 one-target
     prefixes, whatever the sequence lengths."""
     order = torch.randperm(len(windows), generator=generator).tolist()
-    targets = [len(w) - 1 for w in windows]
+    lengths = (windows.lengths if isinstance(windows, Segments)
+               else np.fromiter(map(len, windows), dtype=np.int64, count=len(windows)))
+    targets = (lengths - 1).tolist()
     batches: list[list[int]] = []
     start = 0
     while start < len(order):
@@ -628,8 +759,8 @@ def last_items(histories: list[np.ndarray], max_len: int) -> list[np.ndarray]:
     return [h[-max_len:] for h in histories]
 
 
-__all__ = ["SequenceData", "DataFormatError", "NotWritableError", "check_writable",
+__all__ = ["Segments", "SequenceData", "DataFormatError", "NotWritableError", "check_writable",
            "read_sequences", "read_pairs", "read_ml1m", "read_amazon", "read_table", "read_file",
-           "k_core_filter", "load_dataset", "fetch", "synthetic",
+           "reference_reader", "is_gzip", "k_core_filter", "load_dataset", "fetch", "synthetic",
            "leave_one_out", "Split", "training_windows", "bucketed_batches", "collate_windows",
            "pad_right", "last_items"]

@@ -46,7 +46,7 @@ def data_defaults(data: SequenceData) -> dict:
     * dropout: 0.2 on dense data (at least 1% of all user-item pairs observed, like ML-1M
       and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values.
     """
-    lengths = np.array([len(s) for s in data.sequences])
+    lengths = data.sequences.lengths
     max_len = int(np.clip(50 * math.ceil(np.percentile(lengths, 80) / 50), 50, 200))
     density = data.n_interactions / (data.n_users * data.n_items)
     return {"max_len": max_len, "dropout": 0.2 if density >= 0.01 else 0.5}

@@ -79,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of --data-file: 'sequences' = one line 'user item item ...', "
                         "'pairs' = one line 'user item' per interaction (a user's lines in time "
                         "order), 'ml-1m' = ratings.dat, 'amazon' = user,item,rating,timestamp CSV "
-                        "(k-core filtered), 'csv'/'tsv' = header with named columns")
+                        "(k-core filtered), 'csv'/'tsv' = header with named columns, 'parquet' "
+                        "= a Parquet file's named columns, 'jsonl' = one JSON object per line "
+                        "with named fields; a file ending in .gz is decompressed on the fly")
     g.add_argument("--k-core", type=int, default=5, help="k-core filter of amazon data")
-    g.add_argument("--user-col", default="user", help="user column of csv/tsv data")
-    g.add_argument("--item-col", default="item", help="item column of csv/tsv data")
-    g.add_argument("--time-col", default="timestamp", help="time column of csv/tsv data")
+    g.add_argument("--user-col", default="user",
+                   help="user column (field) of csv/tsv/parquet/jsonl data")
+    g.add_argument("--item-col", default="item",
+                   help="item column (field) of csv/tsv/parquet/jsonl data")
+    g.add_argument("--time-col", default="timestamp",
+                   help="time column (field) of csv/tsv/parquet/jsonl data ('': file order)")
     g.add_argument("--synthetic-users", type=int, default=2000, help="synthetic users")
     g.add_argument("--synthetic-items", type=int, default=400, help="synthetic items")
     g.add_argument("--synthetic-length", type=int, default=15, help="mean sequence length")
