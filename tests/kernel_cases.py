@@ -16,12 +16,14 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 NEAR_TIE_RTOL = 1e-5
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (0 when both are empty or zero)."""
+def rel_err(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor | None = None) -> float:
+    """||out - ref|| / ||magnitude|| in float64, magnitude defaulting to ref (0 when both are
+    empty or zero). For a sum whose terms may cancel, pass the sum of the terms' magnitudes."""
     out, ref = out.double(), ref.double()
     assert out.shape == ref.shape, (out.shape, ref.shape)
     diff = (out - ref).norm().item()
-    return diff / ref.norm().item() if diff else 0.0
+    scale = ref if magnitude is None else magnitude.double()
+    return diff / scale.norm().item() if diff else 0.0
 
 
 @contextlib.contextmanager
