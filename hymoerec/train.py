@@ -426,9 +426,15 @@ class Trainer:
             raise TrainingError(f"epoch {self.epoch + 1}, step {self.step + 1}: training "
                                 f"diverged ({what}); {self.diverged_hint()}")
 
-    def train_epoch(self) -> dict:
+    def train_epoch(self, max_steps: int | None = None) -> dict:
+        """One pass over the training windows in shuffled, length-bucketed batches; returns
+        the epoch's mean loss, aux loss, alpha and expert load. ``max_steps``: only the
+        epoch's first max_steps batches (a partial epoch, to time steps where a whole epoch
+        is too long, as benchmarks/bench_large_catalog.py does)."""
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or None: the whole epoch), got {max_steps}")
         self.model.train()
-        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng)
+        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng)[:max_steps]
         loss_sum = aux_sum = 0.0
         n_targets = 0
         load_sum = None

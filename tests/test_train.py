@@ -245,3 +245,14 @@ def test_named_configs_are_valid_run_settings(config):
     settings_in_file = json.loads(config.read_text())
     args = train.parse_args(["--config", str(config)])
     assert {k: getattr(args, k) for k in settings_in_file} == settings_in_file
+
+
+def test_a_partial_epoch_runs_its_first_steps(tmp_path):
+    """train_epoch(max_steps=n): the epoch's first n batches (benchmarks time steps so)."""
+    trainer = train.Trainer(train.parse_args(TINY + ["--run-dir", str(tmp_path / "p")]))
+    first = trainer.train_epoch(max_steps=2)
+    assert trainer.step == 2 and np.isfinite(first["loss"])
+    trainer.train_epoch()
+    assert trainer.step > 4                 # the whole epoch: more batches than two
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        trainer.train_epoch(max_steps=0)
