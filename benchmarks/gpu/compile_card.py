@@ -431,7 +431,7 @@ def markdown(report: dict, other: dict | None = None) -> str:
     lines = [f"# sm_90 (H200) resource card -- Triton {report['triton']}, subset "
              f"`{report['subset']}`", "",
              f"Kernel sources {report['source_digest']} (sha256 of `hymoe_kernels/kernels/`, "
-             "checked by tests/test_compile_sm90.py). Regenerate with `python -m "
+             "checked by tests/kernels/test_compile_sm90.py). Regenerate with `python -m "
              "benchmarks.gpu.compile_card --subset full --json "
              "benchmarks/results/h200_resource_card.json --markdown "
              "benchmarks/results/h200_resource_card.md` after any change to the kernels or "

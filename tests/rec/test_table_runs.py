@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hymoerec import reproduce
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_slots_train_resume_and_feed_the_table(tmp_path):

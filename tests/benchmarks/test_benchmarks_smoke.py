@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK_FILES = ["benchmarks/test_bench_layer.py", "benchmarks/test_bench_recommender.py"]
 
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from hymoerec import distributed, evaluate, train
 from hymoerec.data import bucketed_batches, leave_one_out, synthetic, training_windows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BATCH = 40   # next-item targets per step: 17 steps an epoch here
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
         "--d-model", "16", "--batch-size", str(BATCH), "--warmup-steps", "30", "--no-progress",

@@ -18,7 +18,7 @@ from hymoerec.models import ModelConfig, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
 from kernel_cases import DEVICE
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def dense_pair(d_model=8, d_ff=16, dtype=torch.float32, bias=True, seed=0):

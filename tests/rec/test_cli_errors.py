@@ -16,7 +16,7 @@ from hymoerec.models.base import SequentialRecommender
 from hymoerec.run_folder import json_text
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def user_error(main, argv, capsys, code=2) -> str:

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 from benchmarks.gpu.compile_card import (CARD_JSON, CONFIG_TABLES, config_tables,  # noqa: E402
                                          missing_configs, record_subprocess,

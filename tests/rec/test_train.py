@@ -13,7 +13,7 @@ from hymoerec import evaluate, settings, train
 from hymoerec.data import SequenceData
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_one_epoch_run_writes_log_checkpoints_and_summary(tmp_path, capsys):

@@ -310,7 +310,7 @@ def test_k_core_mask_matches_the_reference_filter():
 
 
 def shared_file(name):
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / name
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / name
 
 
 @pytest.mark.parametrize("name, fmt", [("beauty.txt", "sequences"), ("ml-1m.txt", "pairs")])

@@ -9,7 +9,7 @@ import torch
 
 from hymoerec import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
         "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
         "--device", "cpu", "--threads", "1", "--epochs", "2"]
