@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hymoerec import data as D
+from shared_data import SHARED_DATA
 
 
 def write(tmp_path, name, text):
@@ -355,7 +356,7 @@ def test_batches_cover_each_window_once_and_pad_right():
 def beauty_file():
     """$HYMOEREC_BEAUTY_FILE, else ../shared/data/beauty.txt next to the repository."""
     env = os.environ.get("HYMOEREC_BEAUTY_FILE")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared/data/beauty.txt"
+    return Path(env) if env else SHARED_DATA / "beauty.txt"
 
 
 @pytest.mark.skipif(not beauty_file().is_file(),
@@ -368,7 +369,7 @@ def test_beauty_file_statistics():
 def ml1m_pairs_file():
     """../shared/data/ml-1m.txt next to the repository: SASRec's preprocessed MovieLens-1M,
     one 'user item' line per interaction."""
-    return Path(__file__).resolve().parents[3] / "shared/data/ml-1m.txt"
+    return SHARED_DATA / "ml-1m.txt"
 
 
 @pytest.mark.skipif(not ml1m_pairs_file().is_file(),

@@ -16,6 +16,7 @@ import pytest
 
 from hymoerec import data as D
 from hymoerec import readers as R
+from shared_data import SHARED_DATA
 
 REFERENCE_FORMATS = ("sequences", "pairs", "ml-1m", "amazon", "csv", "tsv")
 
@@ -310,7 +311,7 @@ def test_k_core_mask_matches_the_reference_filter():
 
 
 def shared_file(name):
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / name
+    return SHARED_DATA / name
 
 
 @pytest.mark.parametrize("name, fmt", [("beauty.txt", "sequences"), ("ml-1m.txt", "pairs")])

@@ -3,7 +3,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,8 @@ import torch
 
 from hymoerec import evaluate, settings, train
 from hymoerec.data import SequenceData
+from shared_data import REPO, SHARED_DATA
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_one_epoch_run_writes_log_checkpoints_and_summary(tmp_path, capsys):
@@ -180,16 +178,13 @@ def test_learning_curves_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-SHARED = REPO.parent / "shared" / "data"
-
-
 @pytest.mark.parametrize("name, fmt, max_len, dropout", [
     ("beauty.txt", "sequences", 50, 0.5), ("ml-1m.txt", "pairs", 200, 0.2)])
 def test_data_defaults_of_the_papers_datasets(name, fmt, max_len, dropout):
-    if not (SHARED / name).is_file():
-        pytest.skip(f"{SHARED / name} is not here (the project's data are never committed)")
+    if not (SHARED_DATA / name).is_file():
+        pytest.skip(f"{SHARED_DATA / name} is not here (the project's data are never committed)")
     from hymoerec.data import read_file
-    assert settings.data_defaults(read_file(SHARED / name, fmt)) == {"max_len": max_len,
+    assert settings.data_defaults(read_file(SHARED_DATA / name, fmt)) == {"max_len": max_len,
                                                                   "dropout": dropout}
 
 
