@@ -15,16 +15,11 @@ the same kernel sources and the same launches as the host code records now (no c
 needed to check), every config the host code can launch compiled, none failing or spilling.
 """
 import json
-import os
-import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
-from benchmarks.gpu.compile_card import (CARD_JSON, CONFIG_TABLES, config_tables,  # noqa: E402
-                                         missing_configs, record_subprocess,
-                                         run_card_subprocess)
+from benchmarks.gpu.compile_card import (CARD_JSON, CONFIG_TABLES, config_tables, missing_configs,
+                                         record_subprocess, run_card_subprocess)
 
 REGENERATE = ("regenerate it: python -m benchmarks.gpu.compile_card --subset full --json "
               "benchmarks/results/h200_resource_card.json --markdown "

@@ -3,13 +3,9 @@ trains, a second call trains nothing, and the table compares them."""
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from benchmarks import aggregate_upcycle  # noqa: E402
+from benchmarks import aggregate_upcycle
+from shared_data import REPO
 
 
 def test_upcycle_study_end_to_end(tmp_path):
