@@ -10,7 +10,7 @@
 #   MINUTES: the deadline from now; a run starts no new epoch after it
 #   FLAGS: extra train.py flags for every run (the same on every call: resume refuses changes)
 # Finished runs (summary.json with "finished": true) are skipped, so the same call goes on
-# where the last one stopped.
+# where the last one stopped. A run starts only with START_FLOOR minutes left (default 5).
 set -euo pipefail
 data=$1; format=$2; out=$3; minutes=$4; shift 4
 slots=()
@@ -29,7 +29,7 @@ for slot in "${slots[@]}"; do
       dir="$out/$model-$ffn-s$seed"
       finished "$dir" && continue
       left=$(minutes_left)
-      [ "$left" -ge 5 ] || break
+      [ "$left" -ge "${START_FLOOR:-5}" ] || break
       resume=(); [ -f "$dir/last.pt" ] && resume=(--resume)
       python hymoerec/train.py --data-file "$data" --format "$format" --model "$model" \
         --ffn "$ffn" --seed "$seed" --threads 1 --no-progress --run-dir "$dir" \

@@ -8,6 +8,8 @@
 # their results after each case, so a stage cut by its timeout keeps what it measured; the
 # layer timings have 100 s (130 before the epochs were added) to keep the whole within 7.5 min.
 # Usage: benchmarks/gpu/run.sh [OUT]   (OUT defaults to $OUT, else benchmarks/results/gpu-<date>)
+# Through the device tool, which brings back at most 8 files, pack the 11 it writes:
+#   benchmarks/gpu/run.sh /tmp/gpu; tar czf $OUT/gpu-suite.tgz -C /tmp gpu
 # Writes under OUT: machine.txt, tests.txt, bench_layer.{json,md,txt} (rewritten after each case),
 # linear_cross_entropy.{json,md}, epoch.{json,md,txt} (rewritten after each variant).
 set -uo pipefail
