@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "data)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    g.add_argument("--lr-decay-patience", type=int, default=0,
+                   help="multiply the learning rate by --lr-decay-factor after each run of "
+                        "this many epochs without a better validation NDCG@10 (0: constant)")
+    g.add_argument("--lr-decay-factor", type=float, default=0.5,
+                   help="learning-rate factor of each --lr-decay-patience decay, in (0, 1)")
     g.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs without a better validation NDCG@10")
     g.add_argument("--max-minutes", type=float, default=0.0,
@@ -210,6 +215,11 @@ def check_training_settings(parser: argparse.ArgumentParser, args: argparse.Name
     for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr_decay_patience < 0:
+        parser.error(f"--lr-decay-patience must be >= 0 (0: constant), got "
+                     f"{args.lr_decay_patience}")
+    if not 0.0 < args.lr_decay_factor < 1.0:
+        parser.error(f"--lr-decay-factor must be in (0, 1), got {args.lr_decay_factor}")
     for name, least in (("synthetic_users", 2), ("synthetic_items", 2), ("synthetic_length", 5)):
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got "
@@ -504,6 +514,8 @@ class Trainer:
                                     self.best_path)
             else:
                 self.bad_epochs += 1
+                self.decay_lr_on_plateau()
+            record["lr"] = self.optimizer.param_groups[0]["lr"]  # for the next epoch
             state = self.state()  # distributed: gathers every rank's generators
             if self.dist.is_main:  # distributed
                 with open(self.log_path, "a", encoding="utf-8") as f:
@@ -514,6 +526,15 @@ class Trainer:
                   f"({record['seconds']:.1f}s){' *' if self.best_epoch == self.epoch else ''}",
                   flush=True)
         return self.finish()
+
+    def decay_lr_on_plateau(self) -> None:
+        """--lr-decay-patience P: after every P-th epoch in a row without a better validation
+        NDCG@10, multiply the learning rate by --lr-decay-factor (the optimizer's state, and
+        so the checkpoint, keeps the current rate)."""
+        patience = self.args.lr_decay_patience
+        if patience and self.bad_epochs % patience == 0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.args.lr_decay_factor
 
     def finish(self) -> dict:
         self.dist.barrier("waiting for rank 0's checkpoint")  # distributed
