@@ -44,6 +44,26 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert logs[0] == logs[1]
 
 
+def test_lr_decays_after_each_plateau_and_resume_keeps_the_rate(tmp_path):
+    # a learning rate so high that validation soon stops improving, decayed after each epoch
+    flags = ("--epochs", "6", "--patience", "6", "--lr", "0.05", "--lr-decay-patience", "1",
+             "--lr-decay-factor", "0.5")
+    run(tmp_path, "straight", *flags)
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").open()]
+    best, lr = -1.0, 0.05
+    for record in log:  # the rate logged is the one the next epoch trains with
+        if record["valid"]["NDCG@10"] > best:
+            best = record["valid"]["NDCG@10"]
+        else:
+            lr *= 0.5
+        assert record["lr"] == pytest.approx(lr)
+    assert log[-1]["lr"] < 0.05
+    run(tmp_path, "resumed", *flags[:1], "2", *flags[2:])            # "killed" after epoch 2
+    train.main(["--resume", "--run-dir", str(tmp_path / "resumed"), "--epochs", "6"])
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").open()]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in log]
+
+
 def test_existing_run_dir_needs_resume(tmp_path, capsys):
     run(tmp_path, "a", "--epochs", "1")
     with pytest.raises(SystemExit) as exit_info:
