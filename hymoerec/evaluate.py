@@ -3,6 +3,7 @@
     python hymoerec/evaluate.py runs/X                     # test metrics of runs/X/best.pt
     python hymoerec/evaluate.py runs/X --exclude-history   # S3-Rec protocol
     python hymoerec/evaluate.py runs/X --recommend 12 40 7 -k 5
+    python hymoerec/evaluate.py runs/X --seen-items        # how much of the top 10 was seen
 
     from hymoerec.evaluate import Recommender
     rec = Recommender.from_checkpoint("runs/X")
@@ -24,7 +25,7 @@ import torch
 
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.cli import ArgumentParser, fail
-from hymoerec.data import DataFormatError, leave_one_out
+from hymoerec.data import DataFormatError, Segments, last_items, leave_one_out, pad_right
 from hymoerec.metrics import (NonFiniteScoresError, evaluate_ranking, format_metrics, head_items,
                               streaming_topk)
 from hymoerec.models import build_model
@@ -110,6 +111,31 @@ def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
     return metrics
 
 
+@torch.no_grad()
+def seen_items_in_top(rec: Recommender, histories: Segments, k: int = 10,
+                      batch_size: int = 1024) -> dict:
+    """How much of each user's top-k list (history kept) goes to items the user has already
+    seen, which on data without repeats (ML-1M, Beauty) can never be the answer:
+    ``seen_in_input`` / ``seen_in_history``: mean count of the top-k items found in the
+    model's input (the last max_len items) / in the whole history; ``last_item_first``: the
+    share of users whose most recent item is ranked first. histories: the evaluated users'
+    items before their target (``Split.history``)."""
+    max_len, n = rec.model.config.max_len, len(histories)
+    in_input = in_history = last_first = 0
+    for start in range(0, n, batch_size):
+        batch = [histories[i] for i in range(start, min(n, start + batch_size))]
+        inputs = pad_right(last_items(batch, max_len)).to(rec.device)
+        _, top = streaming_topk(rec.model.query(inputs), rec.model.candidates(), k,
+                                padding_idx=0)
+        whole = pad_right(batch).to(rec.device)
+        in_input += int((top[:, :, None] == inputs[:, None, :]).any(dim=2).sum())
+        in_history += int((top[:, :, None] == whole[:, None, :]).any(dim=2).sum())
+        last = torch.tensor([h[-1] for h in batch], device=rec.device)
+        last_first += int((top[:, 0] == last).sum())
+    return {"k": k, "users": n, "seen_in_input": in_input / n, "seen_in_history": in_history / n,
+            "last_item_first": last_first / n}
+
+
 def main(argv: list[str] | None = None) -> dict | list[str]:
     p = ArgumentParser(description="Evaluate a HyMoERec checkpoint or recommend items.")
     p.add_argument("checkpoint", help="run folder (uses best.pt) or checkpoint file")
@@ -120,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
     p.add_argument("-k", type=int, default=10, help="how many items --recommend returns")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=1024, help="users scored at once")
+    p.add_argument("--seen-items", action="store_true",
+                   help="also report how many of each test user's top -k items (history kept) "
+                        "the user has already seen")
     p.add_argument("--json", help="also write the metrics to this JSON file (its folder must "
                                   "exist)")
     args = p.parse_args(argv)
@@ -137,10 +166,21 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
             return items
         metrics = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
                                       args.batch_size)
+        if args.seen_items:
+            rec = Recommender.from_checkpoint(args.checkpoint, args.device)
+            histories = leave_one_out(load_data(Namespace(**rec.config))).history("test")
+            metrics["test_seen_items"] = seen_items_in_top(rec, histories, args.k,
+                                                           args.batch_size)
     except (CheckpointError, DataFormatError, NonFiniteScoresError, ValueError) as err:
         raise fail(str(err)) from None
     for stage in ("valid", "test"):
         print(f"{stage}:\n{format_metrics(metrics[stage])}")
+    if args.seen_items:
+        seen = metrics["test_seen_items"]
+        print(f"test, history kept: of each user's top {seen['k']}, {seen['seen_in_input']:.2f} "
+              f"items on average are in the model's input and {seen['seen_in_history']:.2f} in "
+              f"the user's history; the most recent item is ranked first for "
+              f"{100 * seen['last_item_first']:.1f}% of users")
     if args.json:
         try:
             write_json(Path(args.json), metrics)

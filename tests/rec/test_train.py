@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hymoerec import evaluate, settings, train
-from hymoerec.data import SequenceData
+from hymoerec.data import SequenceData, leave_one_out
 from shared_data import REPO, SHARED_DATA
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
@@ -114,6 +114,28 @@ def test_evaluate_and_recommend_from_checkpoint(tmp_path):
     assert not {"3", "7", "12"} & set(rec.recommend([3, 7, 12], k=10, exclude_history=True))
     with pytest.raises(ValueError, match="unknown to the model"):
         rec.recommend(["no-such-item"])
+
+
+def test_seen_items_in_top_counts_what_full_scores_show(tmp_path, capsys):
+    run(tmp_path, "a", "--epochs", "1", "--ffn", "dense", "--max-len", "5")
+    rec = evaluate.Recommender.from_checkpoint(tmp_path / "a")
+    data = settings.load_data(argparse.Namespace(**rec.config))
+    histories = leave_one_out(data).history("test")
+    seen = evaluate.seen_items_in_top(rec, histories, k=4, batch_size=7)
+    in_input = in_history = first = 0
+    for history in histories:  # one user at a time, from the full score row
+        scores = rec.model.score_next(torch.from_numpy(history[-5:])[None])[0]
+        top = scores.topk(4).indices.tolist()
+        in_input += len(set(top) & set(history[-5:].tolist()))
+        in_history += len(set(top) & set(history.tolist()))
+        first += top[0] == history[-1]
+    n = len(histories)
+    assert seen == pytest.approx({"k": 4, "users": n, "seen_in_input": in_input / n,
+                                  "seen_in_history": in_history / n, "last_item_first": first / n})
+    assert seen["seen_in_history"] > seen["seen_in_input"] > 0   # histories are longer than 5
+    evaluate.main([str(tmp_path / "a"), "--seen-items", "-k", "4"])
+    assert f"{seen['seen_in_input']:.2f} items on average are in the model's input" in \
+        capsys.readouterr().out
 
 
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
