@@ -26,8 +26,7 @@ import torch
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import DataFormatError, Segments, last_items, leave_one_out, pad_right
-from hymoerec.metrics import (NonFiniteScoresError, evaluate_ranking, format_metrics, head_items,
-                              streaming_topk)
+from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.run_folder import write_json
 from hymoerec.settings import load_data, model_config, pick_device
@@ -74,13 +73,12 @@ class Recommender:
         if not history:
             raise ValueError("history must contain at least one item")
         items = [self.item_index[str(item)] for item in history][-self.model.config.max_len:]
-        query = self.model.query(torch.tensor([items], device=self.device))
         excluded = None
         if exclude_history:
             excluded = torch.tensor([[self.item_index[str(item)] for item in history]],
                                     device=self.device)
-        scores, top = streaming_topk(query, self.model.candidates(), min(k, len(self.item_ids) - 1),
-                                     exclude=excluded, padding_idx=0)
+        scores, top = self.model.top_next(torch.tensor([items], device=self.device),
+                                          min(k, len(self.item_ids) - 1), excluded)
         return [self.item_ids[i] for i, score in zip(top[0].tolist(), scores[0].tolist())
                 if np.isfinite(score)]
 
@@ -125,8 +123,7 @@ def seen_items_in_top(rec: Recommender, histories: Segments, k: int = 10,
     for start in range(0, n, batch_size):
         batch = [histories[i] for i in range(start, min(n, start + batch_size))]
         inputs = pad_right(last_items(batch, max_len)).to(rec.device)
-        _, top = streaming_topk(rec.model.query(inputs), rec.model.candidates(), k,
-                                padding_idx=0)
+        _, top = rec.model.top_next(inputs, k)
         whole = pad_right(batch).to(rec.device)
         in_input += int((top[:, :, None] == inputs[:, None, :]).any(dim=2).sum())
         in_history += int((top[:, :, None] == whole[:, None, :]).any(dim=2).sum())

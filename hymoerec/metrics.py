@@ -73,7 +73,8 @@ def _eval_chunk(n_rows: int, n_items: int, chunk_size: int | None, device: torch
 
 
 def _check_eval_args(hidden: Tensor, weight: Tensor, exclude: Tensor | None,
-                     padding_idx: int | None, chunk_size: int | None) -> None:
+                     padding_idx: int | None, chunk_size: int | None,
+                     offset_items: Tensor | None = None) -> None:
     """TypeError / ValueError for arguments of streaming_topk / streaming_rank out of range."""
     check_hidden_weight(hidden, weight)
     check_chunk_size(chunk_size)
@@ -82,43 +83,67 @@ def _check_eval_args(hidden: Tensor, weight: Tensor, exclude: Tensor | None,
                                         and 0 <= padding_idx < n_items):
         raise ValueError(f"padding_idx must be None or an int in [0, {n_items}), "
                          f"got {padding_idx!r}")
-    if exclude is not None:
-        if not isinstance(exclude, Tensor) or exclude.dim() != 2 \
-                or exclude.shape[0] != hidden.shape[0]:
-            got = tuple(exclude.shape) if isinstance(exclude, Tensor) else type(exclude)
-            raise ValueError(f"exclude must be an (M, L) tensor with M = {hidden.shape[0]}, "
+    for name, items in (("exclude", exclude), ("offset_items", offset_items)):
+        if items is None:
+            continue
+        if not isinstance(items, Tensor) or items.dim() != 2 \
+                or items.shape[0] != hidden.shape[0]:
+            got = tuple(items.shape) if isinstance(items, Tensor) else type(items)
+            raise ValueError(f"{name} must be an (M, L) tensor with M = {hidden.shape[0]}, "
                              f"got {got}")
-        if exclude.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"exclude must hold int64 item ids, got dtype {exclude.dtype}")
-        if exclude.device != hidden.device:
-            raise ValueError(f"exclude must be on hidden's device {hidden.device}, "
-                             f"got {exclude.device}")
-        if exclude.numel() and int(exclude.max()) >= n_items:
-            raise ValueError(f"exclude holds item id {int(exclude.max())} >= n_items = {n_items}")
+        if items.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must hold int64 item ids, got dtype {items.dtype}")
+        if items.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, "
+                             f"got {items.device}")
+        if items.numel() and int(items.max()) >= n_items:
+            raise ValueError(f"{name} holds item id {int(items.max())} >= n_items = {n_items}")
+
+
+def _row_items_in_chunk(items: Tensor, v0: int, v1: int, reduce: str, inside_value: float,
+                        outside_value: float, out: Tensor) -> Tensor:
+    """Scatter into ``out`` (M, v1 - v0) at each row's listed items (M, L) that fall inside
+    the chunk: inside_value there, outside_value (the reduction's identity) for the others,
+    reduced with ``reduce`` so duplicate ids are harmless and the result deterministic."""
+    local = items.long() - v0
+    inside = (local >= 0) & (local < v1 - v0)
+    fill = torch.where(inside, inside_value, outside_value).to(out.dtype)
+    return out.scatter_reduce_(1, local.clamp(0, v1 - v0 - 1), fill, reduce=reduce)
 
 
 def _chunk_scores(hidden: Tensor, weight: Tensor, v0: int, v1: int, exclude: Tensor | None,
-                  padding_idx: int | None, finite: Tensor) -> Tensor:
-    """(M, v1 - v0) scores (hidden's dtype, float32 or float64) of items v0..v1-1 with
-    excluded items set to -inf. ``finite`` (0-d bool) is and-ed in place with whether every
-    score was finite before the exclusions (checked once per call, without a host sync)."""
+                  padding_idx: int | None, finite: Tensor, offset_items: Tensor | None = None,
+                  offset: Tensor | float = 0.0) -> Tensor:
+    """(M, v1 - v0) scores (hidden's dtype, float32 or float64) of items v0..v1-1, plus
+    ``offset`` at each row's ``offset_items``, with excluded items set to -inf. ``finite``
+    (0-d bool) is and-ed in place with whether every score was finite before the exclusions
+    (checked once per call, without a host sync)."""
     scores = hidden @ weight[v0:v1].to(hidden.dtype).T
+    if offset_items is not None and offset_items.shape[1]:
+        listed = _row_items_in_chunk(offset_items, v0, v1, "amax", 1.0, 0.0,
+                                     torch.zeros_like(scores))
+        scores += listed * torch.as_tensor(offset, dtype=scores.dtype, device=scores.device)
     finite &= torch.isfinite(scores).all()
     if padding_idx is not None and v0 <= padding_idx < v1:
         scores[:, padding_idx - v0] = float("-inf")
     if exclude is not None and exclude.shape[1]:
-        local = exclude - v0
-        inside = (local >= 0) & (local < v1 - v0)
-        # amin-scatter: ids inside the chunk write -inf, all others write +inf (no change),
-        # so duplicate indices are harmless and the result is deterministic.
-        fill = torch.where(inside, float("-inf"), float("inf")).to(scores.dtype)
-        scores.scatter_reduce_(1, local.clamp(0, v1 - v0 - 1), fill, reduce="amin")
+        _row_items_in_chunk(exclude, v0, v1, "amin", float("-inf"), float("inf"), scores)
     return scores
+
+
+def _offset_of_targets(target: Tensor, offset_items: Tensor | None,
+                       offset: Tensor | float, dtype: torch.dtype) -> Tensor | float:
+    """(M, 1) ``offset`` where a row's target is among its offset_items, else 0."""
+    if offset_items is None:
+        return 0.0
+    listed = (offset_items == target[:, None]).any(dim=1, keepdim=True).to(dtype)
+    return listed * torch.as_tensor(offset, dtype=dtype, device=target.device)
 
 
 @torch.no_grad()
 def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tensor | None = None,
-                   padding_idx: int | None = None, chunk_size: int | None = None) -> Tensor:
+                   padding_idx: int | None = None, chunk_size: int | None = None,
+                   offset_items: Tensor | None = None, offset: Tensor | float = 0.0) -> Tensor:
     """:func:`target_ranks` of the scores ``hidden @ weight.T``, taken while streaming over
     item chunks (no (M, V) score matrix is stored): per row, the rank counts ``[above,
     tied]`` of ``target`` among the other admissible items.
@@ -127,7 +152,9 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
     counted; the target itself is always scored, even if it is listed in ``exclude``, and
     never counted. With ``padding_idx=0`` and the 0-padded history as ``exclude`` this is
     ``target_ranks(full_scores, target, history)``, up to the rounding of the target's own
-    score (computed as a row dot product, not inside the chunk's GEMM).
+    score (computed as a row dot product, not inside the chunk's GEMM). ``offset_items``
+    (M, L) int64 and ``offset`` (a number or 0-d tensor): each row's listed items score
+    ``offset`` more, the target too if listed (a model's seen-item offset).
 
     Args:
         hidden: (M, D) float; weight: (V, D) of hidden's dtype; target: (M,) int64 in [0, V).
@@ -136,7 +163,7 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
     Raises:
         NonFiniteScoresError if any score is NaN or infinite.
     """
-    _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size)
+    _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size, offset_items)
     n_rows, n_items = hidden.shape[0], weight.shape[0]
     if not isinstance(target, Tensor) or target.shape != (n_rows,):
         raise ValueError(f"target must be a tensor of shape (M,) = ({n_rows},)")
@@ -148,11 +175,13 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
     chunk = _eval_chunk(n_rows, n_items, chunk_size, hidden.device)
     h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
     target_score = (h * weight.index_select(0, target).to(h.dtype)).sum(dim=1, keepdim=True)
+    target_score = target_score + _offset_of_targets(target, offset_items, offset, h.dtype)
     finite = torch.isfinite(target_score).all()
     counts = torch.zeros(n_rows, 2, dtype=torch.long, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
-        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite)
+        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite, offset_items,
+                               offset)
         counts[:, 0] += (scores > target_score).sum(dim=1)
         counts[:, 1] += (scores == target_score).sum(dim=1)
         own = target - v0
@@ -167,8 +196,9 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
 
 @torch.no_grad()
 def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | None = None,
-                   padding_idx: int | None = None,
-                   chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                   padding_idx: int | None = None, chunk_size: int | None = None,
+                   offset_items: Tensor | None = None,
+                   offset: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """Top-``k`` items per row of ``hidden @ weight.T``, streamed over item chunks.
 
     Args:
@@ -181,6 +211,8 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
         padding_idx: an item id (e.g. 0, the padding item) never returned for any row.
         chunk_size: items per chunk (default: a block of about 2**21 scores per CPU
             thread, 2**24 on CUDA).
+        offset_items, offset: optional (M, L) int64 item ids that score ``offset`` (a
+            number or 0-d tensor) more for that row (a model's seen-item offset).
 
     Returns:
         (scores, ids): (M, k) float32 (float64 for float64 inputs) in descending order, and
@@ -188,7 +220,7 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
 
     Raises NonFiniteScoresError if any score is NaN or infinite.
     """
-    _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size)
+    _check_eval_args(hidden, weight, exclude, padding_idx, chunk_size, offset_items)
     n_rows, n_items = hidden.shape[0], weight.shape[0]
     if not isinstance(k, int) or not 1 <= k <= n_items:
         raise ValueError(f"k must be an int in [1, n_items = {n_items}], got {k!r}")
@@ -199,7 +231,8 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
     finite = torch.ones((), dtype=torch.bool, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
-        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite)
+        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite, offset_items,
+                               offset)
         chunk_scores, chunk_ids = scores.topk(min(k, v1 - v0), dim=1)
         merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
         merged_ids = torch.cat([best_ids, chunk_ids + v0], dim=1)

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from hymoe_kernels import HyMoEFFN
 from hymoe_kernels.backend import BACKENDS
 
-from ..metrics import streaming_rank
-from .scoring import full_item_scores, full_softmax_loss
+from ..metrics import streaming_rank, streaming_topk
+from .scoring import full_item_scores, full_softmax_loss, seen_offset_softmax_loss
 
 FFN_KINDS = ("hymoe", "dense")
 
@@ -69,6 +69,11 @@ class ModelConfig:
                                        "longer scores highest")
     head_skip: float = setting(0.0, "with --output-head: add the last block's output, times "
                                     "this weight, to the head's (query = head(h) + w * h)")
+    seen_bias: bool = setting(False, "learn one score offset (starting at 0) added to every "
+                                     "item already in the input, so the model can learn to "
+                                     "rank items the user has seen lower (data without "
+                                     "repeats: ML-1M, Beauty) or higher (data with repeats); "
+                                     "its loss holds the (positions x items) score matrix")
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
@@ -147,11 +152,14 @@ class SequentialRecommender(nn.Module):
     backbone's published configuration differs from the shared defaults; the command line
     applies them unless overridden. ``has_ffn`` is False for backbones without a
     position-wise FFN (``--ffn`` must then stay "dense", meaning: the model as published);
-    ``has_output_head`` is True for backbones that implement ``config.output_head``.
+    ``has_output_head`` is True for backbones that implement ``config.output_head``;
+    ``has_seen_bias`` for those whose next-item loss and scoring are the ones here, which
+    implement ``config.seen_bias``.
     """
     paper_defaults: dict = {}
     has_ffn: bool = True
     has_output_head: bool = False
+    has_seen_bias: bool = True
 
     @classmethod
     def check_config(cls, config: ModelConfig) -> None:
@@ -162,12 +170,17 @@ class SequentialRecommender(nn.Module):
         if config.output_head and not cls.has_output_head:
             raise ConfigError("output_head", f"{cls.__name__} has no output head option: "
                               "output_head must be False (only sasrec implements it)")
+        if config.seen_bias and not cls.has_seen_bias:
+            raise ConfigError("seen_bias", f"{cls.__name__} has no seen-item offset: seen_bias "
+                              "must be False (its loss is not next-item prediction)")
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__()
         self.check_config(config)
         self.n_items, self.config = n_items, config
         self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
+        # config.seen_bias: the score offset of items already in the input, learned
+        self.seen_offset = nn.Parameter(torch.zeros(())) if config.seen_bias else None
 
     def encode(self, items: Tensor) -> Tensor:
         raise NotImplementedError
@@ -184,6 +197,10 @@ class SequentialRecommender(nn.Module):
         """(next-item cross-entropy, aux loss) for right-padded inputs / targets (B, L)
         int64; only real target positions (target > 0) enter the loss."""
         hidden = self.encode(inputs)
+        if self.seen_offset is not None:
+            task = seen_offset_softmax_loss(hidden, inputs, targets, self.item_emb.weight,
+                                            self.seen_offset)
+            return task, self.aux_loss()
         real = targets > 0
         task = full_softmax_loss(hidden[real], self.item_emb.weight, targets[real],
                                  self.config.fused_loss)
@@ -200,10 +217,18 @@ class SequentialRecommender(nn.Module):
         """Embedding rows (V + 1, D) the queries are scored against; row 0 = padding."""
         return self.item_emb.weight
 
+    def score_offsets(self, inputs: Tensor) -> dict:
+        """The ``offset_items`` / ``offset`` arguments of the scoring functions for inputs
+        (B, L): the input's items and the learned seen-item offset (config.seen_bias), or
+        none."""
+        if self.seen_offset is None:
+            return {}
+        return {"offset_items": inputs, "offset": self.seen_offset.detach()}
+
     def score_next(self, inputs: Tensor) -> Tensor:
         """Full-ranking scores (B, n_items + 1) of the item after each right-padded history
         (B, L) int64; column 0 is -inf."""
-        return full_item_scores(self.query(inputs), self.candidates())
+        return full_item_scores(self.query(inputs), self.candidates(), **self.score_offsets(inputs))
 
     def rank_next(self, inputs: Tensor, targets: Tensor, history: Tensor | None = None) -> Tensor:
         """Rank counts (B, 2) int64 ``[above, tied]`` of each target (B,) among all items
@@ -211,4 +236,11 @@ class SequentialRecommender(nn.Module):
         so no (B, n_items) score matrix is stored. ``history`` (B, H) right-padded with 0:
         items left out of the ranking (the target itself always counts)."""
         return streaming_rank(self.query(inputs), self.candidates(), targets, exclude=history,
-                              padding_idx=0)
+                              padding_idx=0, **self.score_offsets(inputs))
+
+    def top_next(self, inputs: Tensor, k: int, exclude: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """(scores, ids) (B, k) of the k best items after each history (B, L), streamed
+        (:func:`hymoerec.metrics.streaming_topk`); ``exclude`` (B, H): items never returned."""
+        return streaming_topk(self.query(inputs), self.candidates(), k, exclude=exclude,
+                              padding_idx=0, **self.score_offsets(inputs))

@@ -1,7 +1,9 @@
-"""The two item-scoring primitives every backbone uses: the full-softmax training loss and
-full-ranking scores. Kept in one place so fused / streaming versions can replace them."""
+"""The item-scoring primitives every backbone uses: the full-softmax training loss (plain,
+fused, or with a seen-item offset) and full-ranking scores. Kept in one place so fused /
+streaming versions can replace them."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,9 +30,40 @@ def full_softmax_loss(hidden: Tensor, item_emb: Tensor, targets: Tensor,
     return F.cross_entropy((hidden @ item_emb[1:].t()).float(), targets - 1)
 
 
-def full_item_scores(hidden: Tensor, item_emb: Tensor) -> Tensor:
+def seen_before(inputs: Tensor, n_columns: int) -> Tensor:
+    """(B, L, n_columns) bool: item v appears among inputs[b, :t + 1] (right-padded (B, L)
+    int64 item ids < n_columns; the padding id 0 is never marked)."""
+    B, L = inputs.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=inputs.device).tril()
+    context = inputs[:, None, :].expand(B, L, L).masked_fill(~causal, 0)
+    seen = torch.zeros(B, L, n_columns, dtype=torch.bool, device=inputs.device)
+    seen.scatter_(2, context, True)
+    seen[..., 0] = False
+    return seen
+
+
+def seen_offset_softmax_loss(hidden: Tensor, inputs: Tensor, targets: Tensor,
+                             item_emb: Tensor, offset: Tensor) -> Tensor:
+    """Mean next-item cross-entropy over all items when every item already in the input up
+    to a position scores ``offset`` (0-d) more there: the loss of a model with a learned
+    seen-item offset. hidden (B, L, D) float, the positions' outputs; inputs / targets
+    (B, L) int64 right-padded with 0 (only target > 0 enters the loss); item_emb (V + 1, D),
+    row 0 = padding. Holds the (positions x items) score matrix, like the plain loss."""
+    real = targets > 0
+    scores = hidden[real] @ item_emb.t()
+    seen = seen_before(inputs, item_emb.shape[0])[real]
+    scores = scores + seen.to(scores.dtype) * offset.to(scores.dtype)
+    return F.cross_entropy(scores[:, 1:].float(), targets[real] - 1)
+
+
+def full_item_scores(hidden: Tensor, item_emb: Tensor, offset_items: Tensor | None = None,
+                     offset: Tensor | float = 0.0) -> Tensor:
     """Scores of every item for each query: (B, D) x (V + 1, D) -> (B, V + 1) float,
-    column i = item i; column 0 (padding) is -inf so it never ranks."""
+    column i = item i; column 0 (padding) is -inf so it never ranks. ``offset_items``
+    (B, L) int64: each row's listed items score ``offset`` more (a seen-item offset)."""
     scores = hidden @ item_emb.t()
+    if offset_items is not None:
+        listed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, offset_items, True)
+        scores = scores + listed.to(scores.dtype) * torch.as_tensor(offset, dtype=scores.dtype)
     scores[:, 0] = float("-inf")
     return scores

@@ -257,3 +257,36 @@ def test_eval_rejects_bad_input():
         streaming_rank(hidden, weight, target, padding_idx=10)
     with pytest.raises(ValueError, match="target ids"):
         streaming_rank(hidden, weight, torch.full((4,), -1))
+    with pytest.raises(ValueError, match="offset_items holds item id 10"):
+        streaming_rank(hidden, weight, target, offset_items=torch.full((4, 2), 10), offset=-1.0)
+    with pytest.raises(ValueError, match="offset_items must be"):
+        streaming_topk(hidden, weight, 2, offset_items=torch.zeros(3, 2, dtype=torch.long))
+
+
+def offset_full_scores(hidden, weight, offset_items, offset):
+    """The oracle of the seen-item offset: full scores (M, V) with ``offset`` added once to
+    each row's listed items (duplicates and the padding id 0 listed or not, once)."""
+    scores = hidden.float() @ weight.float().T
+    for row, ids in enumerate(offset_items.tolist()):
+        for item in set(ids):
+            scores[row, item] += offset
+    return scores
+
+
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_streamed_scoring_adds_the_offset_to_each_rows_listed_items(chunk_size):
+    hidden, weight, target = scoring_inputs(30, 80, 10, seed=21)
+    listed = make_history(30, 80, 6, seed=22)
+    listed[:, 1] = listed[:, 0]              # a duplicate id counts once
+    listed[2, 0] = target[2]                 # a listed target gets the offset too
+    full = offset_full_scores(hidden, weight, listed, -1.5)
+    got = streaming_rank(hidden, weight, target, chunk_size=chunk_size, offset_items=listed,
+                         offset=torch.tensor(-1.5))
+    want = target_ranks(F.pad(full, (1, 0)), target + 1)
+    assert torch.equal(got, want)
+    scores, ids = streaming_topk(hidden, weight, 5, chunk_size=chunk_size, offset_items=listed,
+                                 offset=-1.5)
+    want_scores, want_ids = full.topk(5, dim=1)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert (ids == want_ids).float().mean() > 0.95   # ids may swap only on near-ties
+    assert not torch.equal(got, streaming_rank(hidden, weight, target, chunk_size=chunk_size))

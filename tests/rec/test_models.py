@@ -157,3 +157,58 @@ def test_hymoe_starts_like_the_dense_ffn_it_replaces(model):
     with torch.no_grad():
         torch.testing.assert_close(hymoe.score_next(inputs), dense.score_next(inputs),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_seen_offset_loss_adds_the_offset_to_the_items_seen_up_to_each_position():
+    from hymoerec.models.scoring import seen_offset_softmax_loss
+    torch.manual_seed(0)
+    inputs = torch.tensor([[3, 5, 3, 9, 0], [7, 2, 0, 0, 0]])
+    targets = torch.tensor([[5, 3, 9, 4, 0], [2, 8, 0, 0, 0]])
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    emb = torch.randn(12, 6)
+    offset = torch.tensor(-0.7, requires_grad=True)
+    loss = seen_offset_softmax_loss(hidden, inputs, targets, emb, offset)
+    terms = []  # one position at a time
+    for b, t in (targets > 0).nonzero().tolist():
+        scores = hidden[b, t] @ emb[1:].t()
+        seen = torch.zeros(11)
+        seen[inputs[b, :t + 1] - 1] = 1.0
+        terms.append(F.cross_entropy((scores + offset * seen)[None], targets[b, t][None] - 1))
+    want = torch.stack(terms).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    got_grads = torch.autograd.grad(loss, [hidden, offset])
+    for got, expected in zip(got_grads, torch.autograd.grad(want, [hidden, offset])):
+        torch.testing.assert_close(got, expected)
+    zero = seen_offset_softmax_loss(hidden, inputs, targets, emb, torch.tensor(0.0))
+    real = targets > 0
+    assert zero.item() == pytest.approx(full_softmax_loss(hidden[real], emb, targets[real],
+                                                          fused=False).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "narm", "mamba4rec"])
+def test_seen_bias_scores_the_input_items_by_the_learned_offset(name):
+    from hymoerec.metrics import target_ranks
+    torch.manual_seed(0)
+    config = ModelConfig(max_len=6, d_model=16, n_heads=2, ffn="dense", dropout=0.0,
+                         seen_bias=True, n_layers=1)
+    model = build_model(name, 30, config).eval()
+    assert model.seen_offset.item() == 0.0 and "seen_offset" in model.state_dict()
+    inputs = torch.tensor([[3, 7, 9, 0], [5, 0, 0, 0]])
+    targets = torch.tensor([7, 11])
+    with torch.no_grad():
+        plain = model.score_next(inputs)
+        model.seen_offset.fill_(-2.0)
+        scores = model.score_next(inputs)
+        assert torch.equal(model.rank_next(inputs, targets), target_ranks(scores, targets))
+        _, top = model.top_next(inputs, 3)
+    torch.testing.assert_close(plain[0, [3, 7, 9]] - 2.0, scores[0, [3, 7, 9]])
+    torch.testing.assert_close(plain[0, [1, 2, 4]], scores[0, [1, 2, 4]])
+    assert torch.equal(top, scores.topk(3, dim=1).indices)
+    task, _ = model.train().loss(inputs, torch.tensor([[7, 9, 2, 0], [1, 0, 0, 0]]))
+    task.backward()
+    assert model.seen_offset.grad is not None and model.seen_offset.grad != 0
+
+
+def test_bert4rec_has_no_seen_offset():
+    with pytest.raises(ValueError, match="BERT4Rec has no seen-item offset"):
+        build_model("bert4rec", 30, ModelConfig(max_len=6, d_model=16, seen_bias=True))

@@ -138,6 +138,25 @@ def test_seen_items_in_top_counts_what_full_scores_show(tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_seen_bias_learns_to_rank_seen_items_lower_where_no_user_repeats(tmp_path):
+    data = tmp_path / "data.txt"   # every user's items distinct: a seen item is never next
+    data.write_text("".join(f"u{u} " + " ".join(f"i{(3 * u + 2 * j) % 31}" for j in range(9))
+                            + "\n" for u in range(60)))
+    summary = train.main(["--data-file", str(data), "--d-model", "16", "--batch-size", "64",
+                          "--no-progress", "--threads", "1", "--epochs", "3", "--lr", "0.01",
+                          "--seen-bias", "--run-dir", str(tmp_path / "a")])
+    assert summary["config"]["seen_bias"] is True
+    rec = evaluate.Recommender.from_checkpoint(tmp_path / "a")
+    assert rec.model.seen_offset.item() < -0.05
+    inputs = torch.tensor([[rec.item_index[i] for i in ("i3", "i5", "i7")]] * 3)
+    with torch.no_grad():   # each seen item, as a target: how many items score above it
+        learned = rec.model.rank_next(inputs, inputs[0])[:, 0]
+        rec.model.seen_offset.zero_()
+        without = rec.model.rank_next(inputs, inputs[0])[:, 0]
+    assert (learned >= without).all() and learned.sum() > without.sum()
+    assert len(rec.recommend(["i3", "i5", "i7"], k=5)) == 5
+
+
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
     run(tmp_path, "a", "--epochs", "1", "--ffn", "dense")
     config = tmp_path / "a" / "config.json"
