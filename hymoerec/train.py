@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -33,7 +34,7 @@ from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
                            leave_one_out, training_windows)
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
-from hymoerec.models import MODELS, ConfigError, build_model
+from hymoerec.models import MODELS, ConfigError, ModelConfig, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
 from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json
 from hymoerec.settings import add_model_arguments, data_defaults, load_data, model_config, pick_device
@@ -179,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"config {saved} has unknown keys {unknown}")
         for transient in TRANSIENT_SETTINGS:
             config.pop(transient, None)
+        if args.resume or args.init_from:  # a run's own config.json: a model setting it
+            for f in fields(ModelConfig):   # lacks did not exist then, so it ran the default
+                config.setdefault(f.name, f.default)
         if not args.resume:  # how the saved run itself started is not inherited
             for name in ("init_from", "expert_init", "drop_ratio"):
                 config.pop(name, None)

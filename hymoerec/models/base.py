@@ -73,7 +73,10 @@ class ModelConfig:
                                      "item already in the input, so the model can learn to "
                                      "rank items the user has seen lower (data without "
                                      "repeats: ML-1M, Beauty) or higher (data with repeats); "
-                                     "its loss holds the (positions x items) score matrix")
+                                     "its loss holds the (positions x items) score matrix "
+                                     "(default from the data: on for catalogs up to 100,000 "
+                                     "items; off for bert4rec, which has no such offset)",
+                              data_default=True)
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:

@@ -35,7 +35,7 @@ from .scoring import full_softmax_loss
 class BERT4Rec(TransformerBackbone):
     """Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
     paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1,
-                      "mask_prob": 0.6}
+                      "mask_prob": 0.6, "seen_bias": False}
     has_seen_bias = False
 
     def __init__(self, n_items: int, config: ModelConfig):

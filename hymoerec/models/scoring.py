@@ -30,18 +30,6 @@ def full_softmax_loss(hidden: Tensor, item_emb: Tensor, targets: Tensor,
     return F.cross_entropy((hidden @ item_emb[1:].t()).float(), targets - 1)
 
 
-def seen_before(inputs: Tensor, n_columns: int) -> Tensor:
-    """(B, L, n_columns) bool: item v appears among inputs[b, :t + 1] (right-padded (B, L)
-    int64 item ids < n_columns; the padding id 0 is never marked)."""
-    B, L = inputs.shape
-    causal = torch.ones(L, L, dtype=torch.bool, device=inputs.device).tril()
-    context = inputs[:, None, :].expand(B, L, L).masked_fill(~causal, 0)
-    seen = torch.zeros(B, L, n_columns, dtype=torch.bool, device=inputs.device)
-    seen.scatter_(2, context, True)
-    seen[..., 0] = False
-    return seen
-
-
 def seen_offset_softmax_loss(hidden: Tensor, inputs: Tensor, targets: Tensor,
                              item_emb: Tensor, offset: Tensor) -> Tensor:
     """Mean next-item cross-entropy over all items when every item already in the input up
@@ -50,9 +38,14 @@ def seen_offset_softmax_loss(hidden: Tensor, inputs: Tensor, targets: Tensor,
     (B, L) int64 right-padded with 0 (only target > 0 enters the loss); item_emb (V + 1, D),
     row 0 = padding. Holds the (positions x items) score matrix, like the plain loss."""
     real = targets > 0
+    B, L = inputs.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=inputs.device).tril()
+    # (M, L): the items seen up to each real position, sorted; each distinct item once
+    seen = inputs[:, None, :].expand(B, L, L).masked_fill(~causal, 0)[real].sort(dim=1).values
+    distinct = seen > 0
+    distinct[:, 1:] &= seen[:, 1:] != seen[:, :-1]
     scores = hidden[real] @ item_emb.t()
-    seen = seen_before(inputs, item_emb.shape[0])[real]
-    scores = scores + seen.to(scores.dtype) * offset.to(scores.dtype)
+    scores = scores.scatter_add(1, seen, distinct.to(scores.dtype) * offset.to(scores.dtype))
     return F.cross_entropy(scores[:, 1:].float(), targets[real] - 1)
 
 

@@ -165,7 +165,10 @@ def broken_copy(tmp_path, name, change) -> Path:
 
 
 def test_a_model_with_equal_scores_evaluates_like_chance(tmp_path):
-    run_dir = broken_copy(tmp_path, "zero", lambda m: m["item_emb.weight"].zero_())
+    def all_items_tied(state):   # item embeddings and the seen-item offset zero
+        state["item_emb.weight"].zero_()
+        state["seen_offset"].zero_()
+    run_dir = broken_copy(tmp_path, "zero", all_items_tied)
     metrics = evaluate.evaluate_checkpoint(run_dir)
     for stage in ("valid", "test"):  # 40 items, all tied: the target's rank is uniform
         assert metrics[stage]["HR@10"] == pytest.approx(10 / 40)
