@@ -43,8 +43,8 @@ from pathlib import Path
 from benchmarks.process_memory import reset_peak, status_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-# the loss variants: their train.py flags (no seen-item offset, whose loss holds the scores
-# as the plain one does: the subject here is the fused loss against the plain one)
+# the loss variants: their train.py flags (no seen-item offset, whose bitset grows with the
+# catalog: the subject here is the fused loss against the plain one)
 VARIANTS = {"fused": ["--no-seen-bias"], "plain": ["--plain-loss", "--no-seen-bias"]}
 TINY = dict(users=80, items=100_000, length=8, steps=2, eval_users=20, batch_size=150,
             plain_batch_sizes=[150], memory_limit_gib=4.0)

@@ -84,10 +84,12 @@ class Recommender:
 
 
 def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
-                        device: str = "cpu", batch_size: int = 1024) -> dict:
+                        device: str = "cpu", batch_size: int = 1024,
+                        seen_items_k: int | None = None) -> dict:
     """Validation and test metrics of a checkpoint on the data of its config (re-read and
-    re-split exactly as in training). A NaN or infinite score raises NonFiniteScoresError
-    naming the stage."""
+    re-split exactly as in training), and with ``seen_items_k`` also the test users'
+    :func:`seen_items_in_top` of that k as "test_seen_items". A NaN or infinite score
+    raises NonFiniteScoresError naming the stage."""
     rec = Recommender.from_checkpoint(path, device)
     args = Namespace(**rec.config)
     data = load_data(args)
@@ -106,6 +108,9 @@ def evaluate_checkpoint(path: str | Path, exclude_history: bool | None = None,
         except NonFiniteScoresError as err:
             raise NonFiniteScoresError(f"{stage} evaluation of {checkpoint_path(path)}: "
                                        f"{err}") from None
+    if seen_items_k is not None:
+        metrics["test_seen_items"] = seen_items_in_top(rec, split.history("test"), seen_items_k,
+                                                       batch_size)
     return metrics
 
 
@@ -162,12 +167,7 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
             print(" ".join(items))
             return items
         metrics = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
-                                      args.batch_size)
-        if args.seen_items:
-            rec = Recommender.from_checkpoint(args.checkpoint, args.device)
-            histories = leave_one_out(load_data(Namespace(**rec.config))).history("test")
-            metrics["test_seen_items"] = seen_items_in_top(rec, histories, args.k,
-                                                           args.batch_size)
+                                      args.batch_size, args.k if args.seen_items else None)
     except (CheckpointError, DataFormatError, NonFiniteScoresError, ValueError) as err:
         raise fail(str(err)) from None
     for stage in ("valid", "test"):

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hymoe_kernels.linear_cross_entropy import check_chunk_size, check_hidden_weight
+from hymoe_kernels.linear_cross_entropy import (check_chunk_size, check_hidden_weight,
+                                               listed_items_mask, offset_of_targets,
+                                               scatter_row_items)
 
 from .data import last_items, pad_right
 
@@ -100,17 +102,6 @@ def _check_eval_args(hidden: Tensor, weight: Tensor, exclude: Tensor | None,
             raise ValueError(f"{name} holds item id {int(items.max())} >= n_items = {n_items}")
 
 
-def _row_items_in_chunk(items: Tensor, v0: int, v1: int, reduce: str, inside_value: float,
-                        outside_value: float, out: Tensor) -> Tensor:
-    """Scatter into ``out`` (M, v1 - v0) at each row's listed items (M, L) that fall inside
-    the chunk: inside_value there, outside_value (the reduction's identity) for the others,
-    reduced with ``reduce`` so duplicate ids are harmless and the result deterministic."""
-    local = items.long() - v0
-    inside = (local >= 0) & (local < v1 - v0)
-    fill = torch.where(inside, inside_value, outside_value).to(out.dtype)
-    return out.scatter_reduce_(1, local.clamp(0, v1 - v0 - 1), fill, reduce=reduce)
-
-
 def _chunk_scores(hidden: Tensor, weight: Tensor, v0: int, v1: int, exclude: Tensor | None,
                   padding_idx: int | None, finite: Tensor, offset_items: Tensor | None = None,
                   offset: Tensor | float = 0.0) -> Tensor:
@@ -120,24 +111,14 @@ def _chunk_scores(hidden: Tensor, weight: Tensor, v0: int, v1: int, exclude: Ten
     (checked once per call, without a host sync)."""
     scores = hidden @ weight[v0:v1].to(hidden.dtype).T
     if offset_items is not None and offset_items.shape[1]:
-        listed = _row_items_in_chunk(offset_items, v0, v1, "amax", 1.0, 0.0,
-                                     torch.zeros_like(scores))
+        listed = listed_items_mask(offset_items, v0, v1, scores)
         scores += listed * torch.as_tensor(offset, dtype=scores.dtype, device=scores.device)
     finite &= torch.isfinite(scores).all()
     if padding_idx is not None and v0 <= padding_idx < v1:
         scores[:, padding_idx - v0] = float("-inf")
     if exclude is not None and exclude.shape[1]:
-        _row_items_in_chunk(exclude, v0, v1, "amin", float("-inf"), float("inf"), scores)
+        scatter_row_items(exclude, v0, v1, "amin", float("-inf"), float("inf"), scores)
     return scores
-
-
-def _offset_of_targets(target: Tensor, offset_items: Tensor | None,
-                       offset: Tensor | float, dtype: torch.dtype) -> Tensor | float:
-    """(M, 1) ``offset`` where a row's target is among its offset_items, else 0."""
-    if offset_items is None:
-        return 0.0
-    listed = (offset_items == target[:, None]).any(dim=1, keepdim=True).to(dtype)
-    return listed * torch.as_tensor(offset, dtype=dtype, device=target.device)
 
 
 @torch.no_grad()
@@ -174,8 +155,8 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
     target = target.long()
     chunk = _eval_chunk(n_rows, n_items, chunk_size, hidden.device)
     h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-    target_score = (h * weight.index_select(0, target).to(h.dtype)).sum(dim=1, keepdim=True)
-    target_score = target_score + _offset_of_targets(target, offset_items, offset, h.dtype)
+    target_score = ((h * weight.index_select(0, target).to(h.dtype)).sum(dim=1)
+                    + offset_of_targets(target, offset_items, offset, h.dtype))[:, None]
     finite = torch.isfinite(target_score).all()
     counts = torch.zeros(n_rows, 2, dtype=torch.long, device=hidden.device)
     for v0 in range(0, n_items, chunk):

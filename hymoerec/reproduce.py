@@ -152,7 +152,7 @@ def paired_test(ours: np.ndarray, theirs: np.ndarray, seed: int = 0) -> dict:
 def run_entry(entry: Entry, seed: int, common: list[str], run_root: Path) -> dict:
     """Train (or reuse / resume) one entry for one seed; returns its summary. A run whose
     summary says it is not finished (``--max-minutes`` stopped it) is resumed."""
-    run_dir = run_root / f"{entry.model}-{entry.ffn}-s{seed}"
+    run_dir = run_root / run_name(entry.model, entry.ffn, seed)
     argv = common + ["--model", entry.model, "--ffn", entry.ffn, "--seed", str(seed),
                      "--run-dir", str(run_dir), "--no-progress"]
     summary_path = run_dir / "summary.json"
@@ -234,12 +234,15 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
                       + [gap(result, paper, m) for m in GAP_METRICS]
                       if paper else [NOT_IN_PAPER] * (len(METRICS) + len(GAP_METRICS)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| Model | epochs run (per seed) | best epoch | train s / epoch |", "|---|---|---|---|"]
+    lines += ["", "| Model | seeds | epochs run (per seed) | best epoch | train s / epoch | "
+                  "code commit (per seed) |", "|---|---|---|---|---|---|"]
     for label, result in results.items():
         runs = result["runs"]
-        lines.append(f"| {label} | {', '.join(epochs_run(r) for r in runs)} | "
+        lines.append(f"| {label} | {', '.join(str(r['config']['seed']) for r in runs)} | "
+                     f"{', '.join(epochs_run(r) for r in runs)} | "
                      f"{', '.join(str(r['best_epoch']) for r in runs)} | "
-                     f"{np.mean([r['train_seconds_per_epoch'] for r in runs]):.1f} |")
+                     f"{np.mean([r['train_seconds_per_epoch'] for r in runs]):.1f} | "
+                     f"{', '.join((r['commits'] or ['?'])[0][:7] for r in runs)} |")
     longest = max(len(run["valid_curve"]) for r in results.values() for run in r["runs"])
     lines += ["", "Validation NDCG@10 after each epoch (first seed), for comparisons at equal "
                   "epochs when a time budget gave the models different epoch counts:", "",
@@ -322,7 +325,8 @@ def render(report: dict) -> str:
               f"Leave-one-out split, full ranking over all items on "
               f"{first['test']['n_head'] + first['test']['n_tail']} test users "
               f"({'history excluded' if first['config']['exclude_history'] else 'history kept'}); "
-              f"seeds 1..{opts.seeds}, mean ± sample std over seeds when more than one.",
+              f"seeds 1..{opts.seeds} (each row's below), mean ± sample std over seeds when "
+              f"more than one.",
               f"Training budget per model: {budget}."
               + (" **Budgeted run: models are not trained to convergence; the numbers are "
                  "not comparable to published ones.**" if opts.budget else ""),
@@ -337,6 +341,41 @@ def render(report: dict) -> str:
                 independent_section(results, paper_key),
                 significance_section(report["significance"])]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def run_name(model: str, ffn: str, seed: int) -> str:
+    """A run's folder name in --run-root (benchmarks/table_runs.sh names them alike)."""
+    return f"{model}-{ffn}-s{seed}"
+
+
+def ranks_path(report_json: Path) -> Path:
+    """The file beside a results JSON that holds its runs' per-user test ranks."""
+    return report_json.with_name(report_json.stem + "_ranks.npz")
+
+
+def kept_runs(report_json: Path, data_described: str) -> dict[str, tuple[dict, np.ndarray]]:
+    """``--keep-runs``: run folder name -> (run record, per-user test rank counts (n, 2)
+    int64) of every run in an earlier results JSON and its ranks file. ValueError naming the
+    file unless both are readable and of the data ``data_described``."""
+    try:
+        report = json.loads(report_json.read_text())
+        with np.load(ranks_path(report_json)) as saved:
+            ranks = {name: saved[name].astype(np.int64) for name in saved.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--keep-runs {report_json}: cannot read it and its ranks file "
+                         f"{ranks_path(report_json).name} ({err})") from None
+    if report.get("data") != data_described:
+        raise ValueError(f"--keep-runs {report_json}: its runs are of other data "
+                         f"({report.get('data')!r}, not {data_described!r})")
+    kept = {}
+    for result in report["results"].values():
+        for run in result["runs"]:
+            name = run_name(result["model"], result["ffn"], run["config"]["seed"])
+            if name not in ranks:
+                raise ValueError(f"--keep-runs {report_json}: no ranks of run {name} in "
+                                 f"{ranks_path(report_json).name}")
+            kept[name] = (run, ranks[name])
+    return kept
 
 
 def paper_dataset(opts: Namespace) -> str | None:
@@ -372,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: the table of the runs in --run-root that have a "
                         "summary (e.g. of benchmarks/table_runs.sh), marking those still "
                         "training; rows without one are left out")
+    p.add_argument("--keep-runs", metavar="JSON",
+                   help="an earlier results JSON of this script on the same data (e.g. the "
+                        "committed table's): its runs, with their per-user test ranks "
+                        "(saved beside it), stand in for runs whose folder in --run-root has "
+                        "no summary, so a table fills across machines that do not keep run "
+                        "folders")
     p.add_argument("--render", metavar="JSON",
                    help="train nothing: re-render the Markdown of a saved results JSON (to "
                         "--out, default the .md next to it)")
@@ -399,11 +444,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = load_data(train_args)
     split = leave_one_out(data)
-    results = {}
+    try:
+        kept = kept_runs(Path(opts.keep_runs), data.describe()) if opts.keep_runs else {}
+    except ValueError as err:
+        parser.error(str(err))
+    results, ranks_by_run = {}, {}
     for entry in entries:
         runs, ndcg = [], []
         for seed in range(1, opts.seeds + 1):
-            run_dir = run_root / f"{entry.model}-{entry.ffn}-s{seed}"
+            name = run_name(entry.model, entry.ffn, seed)
+            run_dir = run_root / name
+            if not (run_dir / "summary.json").is_file() and name in kept:
+                run, ranks_by_run[name] = kept[name]
+                runs.append(run)
+                ndcg.append(ndcg_gains(ranks_by_run[name], 10))
+                continue
             if opts.no_train:
                 if not (run_dir / "summary.json").is_file():
                     continue
@@ -425,6 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "finished": summary.get("finished", True), "test_other_protocol": other,
                          "commits": summary.get("commits", []), "valid_curve": curve})
             ndcg.append(ndcg_gains(ranks, 10))
+            ranks_by_run[name] = ranks
         if not runs:
             continue
         results[entry.label] = {"model": entry.model, "ffn": entry.ffn,
@@ -439,6 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
               "independent_reference": INDEPENDENT.get(paper_key or "", {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    np.savez_compressed(ranks_path(out.with_suffix(".json")),
+                        **{name: r.astype(np.int32) for name, r in ranks_by_run.items()})
     table = render(report)
     out.write_text(table)
     print(table)

@@ -15,18 +15,20 @@ from hymoerec.data import SequenceData, load_dataset, read_file, synthetic
 from hymoerec.models import ModelConfig
 
 
-# the largest catalog whose runs learn a seen-item offset by default (its loss holds a batch's
-# (positions x items) scores: 2,048 x 100,000 fp32 = 0.8 GB, about three such matrices a step)
-SEEN_BIAS_MAX_ITEMS = 100_000
+# train.py's defaults that differ from ModelConfig's (the paper's model): our additions that
+# trained better models on both datasets (benchmarks/results/README.md, "What closed the gap")
+TRAINER_DEFAULTS = {"seen_bias": True}
 
 
 def add_model_arguments(group) -> None:
     """One flag per ModelConfig field (``--d-model`` for ``d_model``), with the field's
-    default and help; data-dependent fields default to None (see :func:`data_defaults`)."""
+    default (or TRAINER_DEFAULTS') and help; data-dependent fields default to None (see
+    :func:`data_defaults`)."""
     for f in fields(ModelConfig):
         cli = dict(f.metadata)
         flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
-        default = None if cli.pop("data_default", False) else f.default
+        default = None if cli.pop("data_default", False) else TRAINER_DEFAULTS.get(f.name,
+                                                                                     f.default)
         if "action" not in cli:
             if f.type in (bool, "bool"):
                 cli["action"] = argparse.BooleanOptionalAction
@@ -49,15 +51,12 @@ def data_defaults(data: SequenceData) -> dict:
     * max_len: enough recent items for 80% of the users' whole sequences, rounded up to a
       multiple of 50, within 50..200 (ML-1M: 200, Beauty: 50);
     * dropout: 0.2 on dense data (at least 1% of all user-item pairs observed, like ML-1M
-      and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values;
-    * seen_bias: on for catalogs of at most SEEN_BIAS_MAX_ITEMS items, whose (positions x
-      items) score matrix its loss holds (benchmarks/results/README.md: the seen items).
+      and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values.
     """
     lengths = data.sequences.lengths
     max_len = int(np.clip(50 * math.ceil(np.percentile(lengths, 80) / 50), 50, 200))
     density = data.n_interactions / (data.n_users * data.n_items)
-    return {"max_len": max_len, "dropout": 0.2 if density >= 0.01 else 0.5,
-            "seen_bias": data.n_items <= SEEN_BIAS_MAX_ITEMS}
+    return {"max_len": max_len, "dropout": 0.2 if density >= 0.01 else 0.5}
 
 
 def load_data(args: argparse.Namespace) -> SequenceData:

@@ -181,8 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for transient in TRANSIENT_SETTINGS:
             config.pop(transient, None)
         if args.resume or args.init_from:  # a run's own config.json: a model setting it
-            for f in fields(ModelConfig):   # lacks did not exist then, so it ran the default
-                config.setdefault(f.name, f.default)
+            for f in fields(ModelConfig):   # lacks did not exist then: it ran ModelConfig's
+                config.setdefault(f.name, f.default)   # default
         if not args.resume:  # how the saved run itself started is not inherited
             for name in ("init_from", "expert_init", "drop_ratio"):
                 config.pop(name, None)

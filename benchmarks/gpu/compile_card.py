@@ -236,7 +236,8 @@ def drive_hymoe_triton(shape: tuple, dtype: torch.dtype) -> None:
 
 def drive_linear_cross_entropy(shape: tuple, dtype: torch.dtype) -> None:
     """Forward + backward of the fused linear cross-entropy kernels on (tokens, D) hidden
-    states against 4F + 3 items, where the kernels take D in this dtype."""
+    states against 4F + 3 items, without and with a seen-item offset, where the kernels
+    take D in this dtype."""
     from hymoe_kernels.kernels import linear_cross_entropy as lce
     tokens, D, Fh, _, _ = shape
     if not lce.triton_supports(D, dtype):
@@ -244,8 +245,11 @@ def drive_linear_cross_entropy(shape: tuple, dtype: torch.dtype) -> None:
     n_items = 4 * Fh + 3
     hidden, weight = torch.randn(tokens, D, dtype=dtype), torch.randn(n_items, D, dtype=dtype)
     target = torch.randint(0, n_items, (tokens,))
-    lse, _ = lce.triton_lce_forward(hidden, weight, target)
+    lse, _, _ = lce.triton_lce_forward(hidden, weight, target)
     lce.triton_lce_backward(hidden, weight, target, lse, torch.ones(()))
+    bits, offset = lce.listed_bitset(target[:, None], n_items), torch.zeros(())  # seen offset
+    lse, _, _ = lce.triton_lce_forward(hidden, weight, target, bits, offset)
+    lce.triton_lce_backward(hidden, weight, target, lse, torch.ones(()), bits, offset)
 
 
 DRIVERS: dict[str, Callable[[tuple, torch.dtype], None]] = {

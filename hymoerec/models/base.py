@@ -13,7 +13,7 @@ from hymoe_kernels import HyMoEFFN
 from hymoe_kernels.backend import BACKENDS
 
 from ..metrics import streaming_rank, streaming_topk
-from .scoring import full_item_scores, full_softmax_loss, seen_offset_softmax_loss
+from .scoring import full_item_scores, full_softmax_loss, seen_items
 
 FFN_KINDS = ("hymoe", "dense")
 
@@ -73,10 +73,8 @@ class ModelConfig:
                                      "item already in the input, so the model can learn to "
                                      "rank items the user has seen lower (data without "
                                      "repeats: ML-1M, Beauty) or higher (data with repeats); "
-                                     "its loss holds the (positions x items) score matrix "
-                                     "(default from the data: on for catalogs up to 100,000 "
-                                     "items; off for bert4rec, which has no such offset)",
-                              data_default=True)
+                                     "not in the paper: off here, on in train.py (off for "
+                                     "bert4rec, which has no such offset)")
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
@@ -200,13 +198,11 @@ class SequentialRecommender(nn.Module):
         """(next-item cross-entropy, aux loss) for right-padded inputs / targets (B, L)
         int64; only real target positions (target > 0) enter the loss."""
         hidden = self.encode(inputs)
-        if self.seen_offset is not None:
-            task = seen_offset_softmax_loss(hidden, inputs, targets, self.item_emb.weight,
-                                            self.seen_offset)
-            return task, self.aux_loss()
         real = targets > 0
+        offsets = {} if self.seen_offset is None else {
+            "offset_items": seen_items(inputs, targets), "offset": self.seen_offset}
         task = full_softmax_loss(hidden[real], self.item_emb.weight, targets[real],
-                                 self.config.fused_loss)
+                                 self.config.fused_loss, **offsets)
         return task, self.aux_loss()
 
     def query(self, inputs: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """benchmarks/gpu/ml1m_rows.sh on a tiny pairs file (on the CPU): every row trains at once,
-and the three files it leaves for the device tool to bring back hold the table beside the
+and the four files it leaves for the device tool to bring back hold the table beside the
 paper's ML-1M numbers and every run's summary."""
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_rows_train_and_leave_three_files(tmp_path):
+def test_rows_train_and_leave_four_files(tmp_path):
     data = tmp_path / "ml-1m.txt"
     data.write_text("".join(f"{u} {(u * 3 + j) % 17 + 1}\n" for u in range(1, 61) for j in range(7)))
     out, run_root = tmp_path / "out", tmp_path / "runs"
@@ -19,7 +19,7 @@ def test_rows_train_and_leave_three_files(tmp_path):
                     "--d-model", "16", "--epochs", "1"], cwd=REPO, env=env, check=True,
                    timeout=600)
     assert sorted(p.name for p in out.iterdir()) == ["ml1m_runs.tgz", "ml1m_table1.json",
-                                                     "ml1m_table1.md"]
+                                                     "ml1m_table1.md", "ml1m_table1_ranks.npz"]
     table = (out / "ml1m_table1.md").read_text()
     assert "| 0.1998 | 0.2815 | 0.1364 | 0.1628 |" in table     # the paper's GRU4Rec row
     assert set(json.loads((out / "ml1m_table1.json").read_text())["results"]) == {

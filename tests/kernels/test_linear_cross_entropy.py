@@ -163,3 +163,108 @@ def test_loss_rejects_bad_input():
         linear_cross_entropy(hidden, weight, target, chunk_size=0)
     with pytest.raises(TypeError, match="backend='triton' takes"):
         linear_cross_entropy(hidden.double(), weight.double(), target, backend="triton")
+
+
+def offset_reference(hidden, weight, target, offset_items, offset):
+    """F.cross_entropy of the full scores plus ``offset`` at each row's listed items (one
+    item at a time, so duplicates and negative ids are handled independently)."""
+    listed = torch.zeros(hidden.shape[0], weight.shape[0])
+    for row, items in enumerate(offset_items.tolist()):
+        for item in items:
+            if item >= 0:
+                listed[row, item] = 1.0
+    scores = hidden.float() @ weight.float().T + listed * offset
+    return F.cross_entropy(scores, target, ignore_index=-100)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_rows=st.integers(1, 30), n_items=st.integers(1, 60), n_listed=st.integers(0, 9),
+       chunk_size=st.integers(1, 25), ignore_every=st.integers(0, 4),
+       offset=st.floats(-9.0, 3.0), seed=st.integers(0, 99))
+def test_offset_items_match_cross_entropy_of_offset_scores(n_rows, n_items, n_listed, chunk_size,
+                                                          ignore_every, offset, seed):
+    """Listed items (with duplicates and -1 = none) score ``offset`` more; the loss and the
+    gradients of hidden, weight and the offset match the full score matrix."""
+    hidden, weight, target = make_inputs(n_rows, n_items, 6, torch.float32, seed, ignore_every)
+    if (target == -100).all():
+        target[0] = 0
+    gen = torch.Generator().manual_seed(seed + 1)
+    items = torch.randint(-1, n_items, (n_rows, n_listed), generator=gen)
+    if n_listed:
+        items[::2, 0] = target[::2].clamp(min=0)   # some targets among their row's items
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+              torch.tensor(offset, requires_grad=True)]
+    got = linear_cross_entropy(leaves[0], leaves[1], target, chunk_size=chunk_size,
+                               offset_items=items, offset=leaves[2])
+    want = offset_reference(leaves[0], leaves[1], target, items, leaves[2])
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_offset_gradcheck_float64_and_zero_offset_is_the_plain_loss():
+    hidden, weight, target = make_inputs(9, 13, 4, torch.float64, seed=17, ignore_every=4)
+    items = torch.tensor([[t, (t + 3) % 13, -1] for t in target.clamp(min=0).tolist()])
+    offset = torch.tensor(-0.8, dtype=torch.float64, requires_grad=True)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    def loss_fn(h, w, b):
+        return linear_cross_entropy(h, w, target, chunk_size=5, offset_items=items, offset=b)
+    assert torch.autograd.gradcheck(loss_fn, (hidden, weight, offset))
+    zero = loss_fn(hidden, weight, torch.tensor(0.0, dtype=torch.float64))
+    torch.testing.assert_close(zero, linear_cross_entropy(hidden, weight, target))
+
+
+def test_offset_all_ignored_gives_a_zero_offset_gradient():
+    hidden, weight, target = make_inputs(6, 10, 4, torch.float32, seed=18)
+    offset = torch.tensor(-1.0, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((6,), -100),
+                                offset_items=target[:, None], offset=offset)
+    loss.backward()
+    assert loss.item() == 0.0 and offset.grad.item() == 0.0
+
+
+def test_offset_rejects_bad_input():
+    hidden, weight, target = make_inputs(10, 20, 8, torch.float32, seed=9)
+    items, offset = target[:, None], torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="give both or neither"):
+        linear_cross_entropy(hidden, weight, target, offset_items=items)
+    with pytest.raises(ValueError, match="shape \\(M, L\\)"):
+        linear_cross_entropy(hidden, weight, target, offset_items=items[:5], offset=offset)
+    with pytest.raises(TypeError, match="offset_items must be int64"):
+        linear_cross_entropy(hidden, weight, target, offset_items=items.float(), offset=offset)
+    with pytest.raises(TypeError, match="0-d floating-point"):
+        linear_cross_entropy(hidden, weight, target, offset_items=items, offset=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_offset_matches_the_offset_scores(dtype):
+    """The kernels' bitset offset: 150 rows / 140 items (partial tiles; bytes shared by
+    items of two tiles), every 5th position ignored, duplicate and -1 ids; the loss and the
+    gradients of hidden, weight and the offset."""
+    hidden, weight, target = make_inputs(150, 140, 24, dtype, seed=19, ignore_every=5)
+    gen = torch.Generator().manual_seed(20)
+    items = torch.randint(-1, 140, (150, 12), generator=gen)
+    items[::2, 0] = target[::2].clamp(min=0)
+    items[:, 1] = items[:, 2]
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+              torch.tensor(-1.7, requires_grad=True)]
+    got = linear_cross_entropy(leaves[0], leaves[1], target, backend="triton",
+                               offset_items=items, offset=leaves[2])
+    want = offset_reference(leaves[0], leaves[1], target, items, leaves[2])
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    for name, g, w in zip(("hidden", "weight", "offset"), torch.autograd.grad(got, leaves),
+                          torch.autograd.grad(want, leaves)):
+        assert g.dtype == w.dtype, name
+        torch.testing.assert_close(g.float(), w.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def test_distinct_items_and_their_bitset_hold_each_listed_item_once():
+    from hymoe_kernels.kernels.linear_cross_entropy import listed_bitset
+    from hymoe_kernels.linear_cross_entropy import distinct_items
+    items = torch.tensor([[0, 7, 8, 8, -1, 19], [3, 3, 3, 20, 25, -1]])
+    ids = distinct_items(items, 20)
+    assert ids.tolist() == [[-1, 0, 7, 8, -1, 19], [-1, -1, -1, 3, -1, -1]]
+    bits = listed_bitset(ids, 20)
+    assert bits.dtype == torch.uint8 and bits.shape == (2, 3)
+    assert bits.tolist() == [[0b10000001, 0b00000001, 0b00001000], [0b00001000, 0, 0]]

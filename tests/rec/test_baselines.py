@@ -255,8 +255,40 @@ def test_no_train_tables_what_has_a_summary_and_marks_runs_still_training(tmp_pa
     result = reproduce.main(["--no-train", "--budget", "1"] + flags)
     text = (tmp_path / "t.md").read_text()
     assert [len(r["runs"]) for r in result["results"].values()] == [1, 1]  # no seed 2 trained
-    assert "| NARM | 1 (still training) |" in text and "| GRU4Rec | 1 |" in text
+    assert "| NARM | 1 | 1 (still training) |" in text and "| GRU4Rec | 1 | 1 |" in text
     assert not (runs / "gru4rec-dense-s2").exists()
+
+
+def test_keep_runs_fills_a_table_from_an_earlier_report_when_run_folders_are_gone(tmp_path):
+    import shutil
+    hymoe = "HyMoERec (SASRec backbone)"
+    common = ["--seeds", "1", "--budget", "1", "--d-model", "16", *TINY_DATA]
+    flags = common + ["--models", "gru4rec", hymoe]
+    first = reproduce.main(flags + ["--run-root", str(tmp_path / "a"), "--out",
+                                    str(tmp_path / "a.md")])
+    assert (tmp_path / "a_ranks.npz").is_file()
+    shutil.rmtree(tmp_path / "a")   # a new machine: the run folders are gone
+    # GRU4Rec is kept from the earlier report; HyMoERec seed 1 has a fresh run folder here
+    fresh = reproduce.main(common + ["--models", hymoe, "--run-root", str(tmp_path / "b"),
+                                     "--out", str(tmp_path / "b0.md")])
+    again = reproduce.main(flags + ["--no-train", "--run-root", str(tmp_path / "b"),
+                                    "--keep-runs", str(tmp_path / "a.json"), "--out",
+                                    str(tmp_path / "b.md")])
+    assert again["results"]["GRU4Rec"]["runs"] == first["results"]["GRU4Rec"]["runs"]
+    assert again["results"][hymoe]["runs"] == fresh["results"][hymoe]["runs"]
+    want = reproduce.paired_test(fresh["results"][hymoe]["ndcg10_per_user"],
+                                 first["results"]["GRU4Rec"]["ndcg10_per_user"])
+    assert again["significance"][hymoe] == {"against": "GRU4Rec", **want}
+    # and the new report keeps them all for the next machine
+    third = reproduce.main(flags + ["--no-train", "--run-root", str(tmp_path / "c"),
+                                    "--keep-runs", str(tmp_path / "b.json"), "--out",
+                                    str(tmp_path / "c.md")])
+    assert third["significance"] == again["significance"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads((tmp_path / "a.json").read_text()), "data": "x"}))
+    shutil.copy(tmp_path / "a_ranks.npz", tmp_path / "other_ranks.npz")
+    with pytest.raises(SystemExit):
+        reproduce.main(flags + ["--no-train", "--keep-runs", str(other)])
 
 
 def fake_report(command_data: list[str], ours: dict[str, float]) -> dict:
@@ -265,7 +297,7 @@ def fake_report(command_data: list[str], ours: dict[str, float]) -> dict:
     def run(value):
         test = {m: value for m in reproduce.METRICS} | {"n_head": 30, "n_tail": 70}
         return {"test": test, "valid": test, "epochs_run": 3, "best_epoch": 2,
-                "train_seconds_per_epoch": 1.0, "config": {"exclude_history": False},
+                "train_seconds_per_epoch": 1.0, "config": {"exclude_history": False, "seed": 1},
                 "commits": [], "valid_curve": [0.1, 0.2, 0.15]}
     entries = {e.label: e for e in reproduce.ENTRIES}
     return {"command": ["python", "-m", "hymoerec.reproduce", *command_data, "--seeds", "1"],

@@ -159,28 +159,32 @@ def test_hymoe_starts_like_the_dense_ffn_it_replaces(model):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_seen_offset_loss_adds_the_offset_to_the_items_seen_up_to_each_position():
-    from hymoerec.models.scoring import seen_offset_softmax_loss
+@pytest.mark.parametrize("fused", [True, False])
+def test_seen_offset_loss_adds_the_offset_to_the_items_seen_up_to_each_position(fused):
+    from hymoerec.models.scoring import seen_items
     torch.manual_seed(0)
     inputs = torch.tensor([[3, 5, 3, 9, 0], [7, 2, 0, 0, 0]])
     targets = torch.tensor([[5, 3, 9, 4, 0], [2, 8, 0, 0, 0]])
     hidden = torch.randn(2, 5, 6, requires_grad=True)
-    emb = torch.randn(12, 6)
+    emb = torch.randn(12, 6, requires_grad=True)
     offset = torch.tensor(-0.7, requires_grad=True)
-    loss = seen_offset_softmax_loss(hidden, inputs, targets, emb, offset)
+    real = targets > 0
+    seen = seen_items(inputs, targets)
+    assert seen.tolist()[:4] == [[3, 0, 0, 0, 0], [3, 5, 0, 0, 0], [3, 5, 3, 0, 0],
+                                 [3, 5, 3, 9, 0]]
+    loss = full_softmax_loss(hidden[real], emb, targets[real], fused, seen, offset)
     terms = []  # one position at a time
-    for b, t in (targets > 0).nonzero().tolist():
+    for b, t in real.nonzero().tolist():
         scores = hidden[b, t] @ emb[1:].t()
-        seen = torch.zeros(11)
-        seen[inputs[b, :t + 1] - 1] = 1.0
-        terms.append(F.cross_entropy((scores + offset * seen)[None], targets[b, t][None] - 1))
+        listed = torch.zeros(11)
+        listed[inputs[b, :t + 1] - 1] = 1.0
+        terms.append(F.cross_entropy((scores + offset * listed)[None], targets[b, t][None] - 1))
     want = torch.stack(terms).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    got_grads = torch.autograd.grad(loss, [hidden, offset])
-    for got, expected in zip(got_grads, torch.autograd.grad(want, [hidden, offset])):
+    got_grads = torch.autograd.grad(loss, [hidden, emb, offset])
+    for got, expected in zip(got_grads, torch.autograd.grad(want, [hidden, emb, offset])):
         torch.testing.assert_close(got, expected)
-    zero = seen_offset_softmax_loss(hidden, inputs, targets, emb, torch.tensor(0.0))
-    real = targets > 0
+    zero = full_softmax_loss(hidden[real], emb, targets[real], fused, seen, torch.tensor(0.0))
     assert zero.item() == pytest.approx(full_softmax_loss(hidden[real], emb, targets[real],
                                                           fused=False).item(), rel=1e-6)
 
