@@ -210,8 +210,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     = hidden @ weight.T plus ``offset`` at each row's ``offset_items``.
 
     forward(hidden (N, D), weight (V, D), target (N,) int64 in [0, V), offset_items (N, L)
-    int64 (:func:`distinct_items`) or None, offset 0-d float or None, backend (TORCH or TRITON), chunk_size) -> 0-d
-    loss in the compute dtype. N = 0 gives loss 0 and zero
+    int64 (:func:`distinct_items`) or None, offset 0-d float or None, backend (TORCH or
+    TRITON), chunk_size) -> 0-d loss in the compute dtype. N = 0 gives loss 0 and zero
     gradients."""
 
     @staticmethod

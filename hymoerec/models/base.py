@@ -73,8 +73,9 @@ class ModelConfig:
                                      "item already in the input, so the model can learn to "
                                      "rank items the user has seen lower (data without "
                                      "repeats: ML-1M, Beauty) or higher (data with repeats); "
-                                     "not in the paper: off here, on in train.py (off for "
-                                     "bert4rec, which has no such offset)")
+                                     "our addition, not the paper's: on in train.py, off in "
+                                     "ModelConfig() and for bert4rec, which has no such "
+                                     "offset")
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
