@@ -355,8 +355,9 @@ def ranks_path(report_json: Path) -> Path:
 
 def kept_runs(report_json: Path, data_described: str) -> dict[str, tuple[dict, np.ndarray]]:
     """``--keep-runs``: run folder name -> (run record, per-user test rank counts (n, 2)
-    int64) of every run in an earlier results JSON and its ranks file. ValueError naming the
-    file unless both are readable and of the data ``data_described``."""
+    int64) of every finished run in an earlier results JSON and its ranks file (an
+    unfinished one needs its folder to go on). ValueError naming the file unless both are
+    readable and of the data ``data_described``."""
     try:
         report = json.loads(report_json.read_text())
         with np.load(ranks_path(report_json)) as saved:
@@ -371,6 +372,8 @@ def kept_runs(report_json: Path, data_described: str) -> dict[str, tuple[dict, n
     for result in report["results"].values():
         for run in result["runs"]:
             name = run_name(result["model"], result["ffn"], run["config"]["seed"])
+            if not run["finished"]:
+                continue
             if name not in ranks:
                 raise ValueError(f"--keep-runs {report_json}: no ranks of run {name} in "
                                  f"{ranks_path(report_json).name}")
@@ -413,10 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "training; rows without one are left out")
     p.add_argument("--keep-runs", metavar="JSON",
                    help="an earlier results JSON of this script on the same data (e.g. the "
-                        "committed table's): its runs, with their per-user test ranks "
-                        "(saved beside it), stand in for runs whose folder in --run-root has "
-                        "no summary, so a table fills across machines that do not keep run "
-                        "folders")
+                        "committed table's): its finished runs, with their per-user test "
+                        "ranks (saved beside it), stand in for runs whose folder in "
+                        "--run-root has no summary, so a table fills across machines that do "
+                        "not keep run folders")
     p.add_argument("--render", metavar="JSON",
                    help="train nothing: re-render the Markdown of a saved results JSON (to "
                         "--out, default the .md next to it)")

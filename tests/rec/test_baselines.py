@@ -284,6 +284,14 @@ def test_keep_runs_fills_a_table_from_an_earlier_report_when_run_folders_are_gon
                                     "--keep-runs", str(tmp_path / "b.json"), "--out",
                                     str(tmp_path / "c.md")])
     assert third["significance"] == again["significance"]
+    # an unfinished run is not kept: without its folder it cannot go on
+    report = json.loads((tmp_path / "b.json").read_text())
+    report["results"]["GRU4Rec"]["runs"][0]["finished"] = False
+    (tmp_path / "b.json").write_text(json.dumps(report))
+    fourth = reproduce.main(flags + ["--no-train", "--run-root", str(tmp_path / "d"),
+                                     "--keep-runs", str(tmp_path / "b.json"), "--out",
+                                     str(tmp_path / "d.md")])
+    assert list(fourth["results"]) == [hymoe]
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**json.loads((tmp_path / "a.json").read_text()), "data": "x"}))
     shutil.copy(tmp_path / "a_ranks.npz", tmp_path / "other_ranks.npz")
