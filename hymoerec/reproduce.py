@@ -235,14 +235,15 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
                       if paper else [NOT_IN_PAPER] * (len(METRICS) + len(GAP_METRICS)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| Model | seeds | epochs run (per seed) | best epoch | train s / epoch | "
-                  "code commit (per seed) |", "|---|---|---|---|---|---|"]
+                  "code commit (per seed) | seen-item offset |", "|---|---|---|---|---|---|---|"]
     for label, result in results.items():
         runs = result["runs"]
         lines.append(f"| {label} | {', '.join(str(r['config']['seed']) for r in runs)} | "
                      f"{', '.join(epochs_run(r) for r in runs)} | "
                      f"{', '.join(str(r['best_epoch']) for r in runs)} | "
                      f"{np.mean([r['train_seconds_per_epoch'] for r in runs]):.1f} | "
-                     f"{', '.join((r['commits'] or ['?'])[0][:7] for r in runs)} |")
+                     f"{', '.join((r['commits'] or ['?'])[0][:7] for r in runs)} | "
+                     f"{'on' if runs[0]['config'].get('seen_bias') else 'off'} |")
     longest = max(len(run["valid_curve"]) for r in results.values() for run in r["runs"])
     lines += ["", "Validation NDCG@10 after each epoch (first seed), for comparisons at equal "
                   "epochs when a time budget gave the models different epoch counts:", "",
