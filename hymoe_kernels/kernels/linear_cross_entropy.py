@@ -165,11 +165,14 @@ def _lce_forward_kernel(h_ptr, w_ptr, target_ptr, bits_ptr, offset_ptr, part_max
 
 
 @triton.jit
-def _grad_logits_tile(h, w, target, lse, shift, rows, items, n_rows, v_end,
-                      PRECISION: tl.constexpr):
-    """softmax - onehot of one (BLOCK_M, BLOCK_V) tile whose scores are h @ w.T + shift (a
-    tile, or 0.0), zero outside the valid rows/items."""
-    scores = mma(h, tl.trans(w), None, PRECISION) + shift
+def _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, bits_ptr, offset_ptr,
+                      n_bytes, PRECISION: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """softmax - onehot of one (BLOCK_M, BLOCK_V) tile whose scores are h @ w.T (plus the
+    offset at the rows' listed items with HAS_OFFSET), zero outside the valid rows/items."""
+    scores = mma(h, tl.trans(w), None, PRECISION)
+    if HAS_OFFSET:
+        scores += tl.load(offset_ptr) * _listed_tile(bits_ptr, rows, items, rows < n_rows,
+                                                     items < v_end, n_bytes)
     probs = tl.exp(scores - lse[:, None])
     probs = probs - tl.where(items[None, :] == target[:, None], 1.0, 0.0)
     return tl.where((rows < n_rows)[:, None] & (items < v_end)[None, :], probs, 0.0)
@@ -200,14 +203,8 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, bits_ptr, offset_
         item_ok = items < v_end
         w = tl.load(w_ptr + items.to(tl.int64)[:, None] * dim + feats[None, :],
                     mask=item_ok[:, None] & feat_ok[None, :], other=0.0)
-        if HAS_OFFSET:
-            shift = tl.load(offset_ptr) * _listed_tile(bits_ptr, rows, items, row_ok, item_ok,
-                                                       n_bytes)
-            probs = _grad_logits_tile(h, w, target, lse, shift, rows, items, n_rows, v_end,
-                                      PRECISION)
-        else:
-            probs = _grad_logits_tile(h, w, target, lse, 0.0, rows, items, n_rows, v_end,
-                                      PRECISION)
+        probs = _grad_logits_tile(h, w, target, lse, rows, items, n_rows, v_end, bits_ptr,
+                                  offset_ptr, n_bytes, PRECISION, HAS_OFFSET)
         acc += mma(probs.to(w.dtype), w, None, PRECISION)
     part_offsets = split.to(tl.int64) * n_rows * dim + h_offsets
     tl.store(part_grad_h_ptr + part_offsets, acc, mask=h_mask)
@@ -238,14 +235,8 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, target_ptr, lse_ptr, bits_ptr, offset_
                     mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        if HAS_OFFSET:
-            shift = tl.load(offset_ptr) * _listed_tile(bits_ptr, rows, items, row_ok, item_ok,
-                                                       n_bytes)
-            probs = _grad_logits_tile(h, w, target, lse, shift, rows, items, r_end, n_items,
-                                      PRECISION)
-        else:
-            probs = _grad_logits_tile(h, w, target, lse, 0.0, rows, items, r_end, n_items,
-                                      PRECISION)
+        probs = _grad_logits_tile(h, w, target, lse, rows, items, r_end, n_items, bits_ptr,
+                                  offset_ptr, n_bytes, PRECISION, HAS_OFFSET)
         acc += mma(tl.trans(probs.to(h.dtype)), h, None, PRECISION)
     part_offsets = split.to(tl.int64) * n_items * dim + w_offsets
     tl.store(part_grad_w_ptr + part_offsets, acc, mask=w_mask)
