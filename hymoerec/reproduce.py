@@ -458,15 +458,16 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(1, opts.seeds + 1):
             name = run_name(entry.model, entry.ffn, seed)
             run_dir = run_root / name
-            if not (run_dir / "summary.json").is_file() and name in kept:
+            summary_path = run_dir / "summary.json"
+            if not summary_path.is_file() and name in kept:
                 run, ranks_by_run[name] = kept[name]
                 runs.append(run)
                 ndcg.append(ndcg_gains(ranks_by_run[name], 10))
                 continue
             if opts.no_train:
-                if not (run_dir / "summary.json").is_file():
+                if not summary_path.is_file():
                     continue
-                summary = json.loads((run_dir / "summary.json").read_text())
+                summary = json.loads(summary_path.read_text())
             else:
                 summary = run_entry(entry, seed, common, run_root)
             run_args = Namespace(**summary["config"])
