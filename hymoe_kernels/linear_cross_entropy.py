@@ -97,11 +97,17 @@ def distinct_items(items: Tensor, n_items: int) -> Tensor:
     return ids.masked_fill(repeat, -1)
 
 
-def _chunk_slots(ids: Tensor, v0: int, width: int) -> tuple[Tensor, Tensor]:
-    """(columns, inside), both (N, L): where each of :func:`distinct_items`' ids falls in the
-    item chunk [v0, v0 + width) (clamped into it) and whether it lies inside."""
+def add_offset_(scores: Tensor, ids: Tensor, v0: int,
+                offset: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Add ``offset`` (a number or 0-d tensor), in place, to the scores (N, W) of items
+    [v0, v0 + W) at each row's :func:`distinct_items` ``ids`` (N, L) that fall in that chunk.
+    Returns (columns, inside), both (N, L): each id's column, clamped into the chunk, and
+    whether it lies inside (for gathering the offset's gradient from the same slots)."""
+    width = scores.shape[1]
     local = ids - v0
-    return local.clamp(0, width - 1), (ids >= 0) & (local >= 0) & (local < width)
+    columns, inside = local.clamp(0, width - 1), (ids >= 0) & (local >= 0) & (local < width)
+    scores.scatter_add_(1, columns, inside.to(scores.dtype) * offset)
+    return columns, inside
 
 
 def offset_of_targets(target: Tensor, offset_items: Tensor | None, offset: Tensor | float,
@@ -152,8 +158,7 @@ def _torch_lse(hidden: Tensor, weight: Tensor, chunk_size: int | None,
         for v0 in range(0, n_items, item_chunk):
             scores = h @ weight[v0:v0 + item_chunk].to(dtype).T
             if rows_items is not None:
-                columns, inside = _chunk_slots(rows_items, v0, scores.shape[1])
-                scores.scatter_add_(1, columns, inside.to(dtype) * offset)
+                add_offset_(scores, rows_items, v0, offset)
             new_max = torch.maximum(running_max, scores.amax(dim=1))
             running_sum.mul_(torch.exp(running_max - new_max))
             running_sum.add_(scores.sub_(new_max[:, None]).exp_().sum(dim=1))
@@ -187,8 +192,7 @@ def _torch_grads(hidden: Tensor, weight: Tensor, target: Tensor, lse: Tensor, sc
             w = weight[v0:v0 + item_chunk].to(dtype)
             probs = h @ w.T
             if rows_items is not None:
-                columns, inside = _chunk_slots(rows_items, v0, w.shape[0])
-                probs.scatter_add_(1, columns, inside.to(dtype) * offset)
+                columns, inside = add_offset_(probs, rows_items, v0, offset)
             probs.sub_(rows_lse[:, None]).exp_()
             local = rows_target - v0
             hit = (local >= 0) & (local < w.shape[0])
