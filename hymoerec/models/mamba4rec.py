@@ -39,7 +39,6 @@ from .base import ModelConfig, SequentialRecommender, make_ffn
 
 LOG_RANGE = 30.0           # most total log-decay inside one parallel chunk (exp(30) ~ 1e13)
 MAX_SCAN_CHUNK = 64
-CPU_CHUNK_ELEMENTS = 1 << 20  # CPU: (Bt, T, Din, N) chunk state kept cache-sized (~4 MB)
 CHECKPOINT_ELEMENTS = 1 << 26  # above this many (Bt, L, Din, N) elements, recompute in backward
 LAYER_NORM_EPS = 1e-12     # the official code's (RecBole's) LayerNorm eps
 INIT_STD = 0.02
@@ -54,6 +53,54 @@ def selective_scan_reference(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
         h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[..., None] * B[:, t, None, :]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
     return torch.stack(ys, dim=1)
+
+
+class SequentialScan(torch.autograd.Function):
+    """The recurrence one step at a time with a hand-written backward (the CPU path of
+    :func:`selective_scan`): each step works on one (Bt, Din, N) state, small enough to stay in
+    cache, in place, and only the states are kept for the backward pass (Bt, L, Din, N).
+    x, delta (Bt, L, Din); A (Din, N); B, C (Bt, L, N) -> y (Bt, L, Din), all one float dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        Bt, L, Din = x.shape
+        drive = delta * x                                        # u_t = delta_t x_t
+        state_shape = (Bt, Din, A.shape[1])
+        states = x.new_empty(Bt, L, *state_shape[1:])
+        h, decay, y = x.new_zeros(state_shape), x.new_empty(state_shape), torch.empty_like(x)
+        for t in range(L):
+            torch.mul(delta[:, t, :, None], A, out=decay).exp_()
+            h.mul_(decay).addcmul_(drive[:, t, :, None], B[:, t, None, :])
+            states[:, t] = h
+            torch.sum(h * C[:, t, None, :], -1, out=y[:, t])
+        ctx.save_for_backward(x, delta, A, B, C, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        """h_t = exp(delta_t A) h_{t-1} + u_t B_t, y_t = h_t C_t, run backwards: grad_h carries
+        dL/dh_t; dL/d(delta_t A) = grad_h_t * h_{t-1} * exp(delta_t A)."""
+        x, delta, A, B, C, states = ctx.saved_tensors
+        Bt, L, Din = x.shape
+        drive = delta * x
+        grad_drive, grad_B, grad_C = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
+        grad_log_decay_A = torch.zeros_like(x)                   # sum_n dL/d(delta_t A) A
+        grad_A = torch.zeros_like(A)
+        state_shape = (Bt, Din, A.shape[1])
+        grad_h, decay, grad_log_decay = (x.new_zeros(state_shape), x.new_empty(state_shape),
+                                         x.new_empty(state_shape))
+        for t in range(L - 1, -1, -1):
+            grad_h.addcmul_(grad_y[:, t, :, None], C[:, t, None, :])
+            torch.sum(states[:, t] * grad_y[:, t, :, None], 1, out=grad_C[:, t])
+            torch.sum(grad_h * B[:, t, None, :], -1, out=grad_drive[:, t])
+            torch.sum(grad_h * drive[:, t, :, None], 1, out=grad_B[:, t])
+            if t:   # h_{-1} = 0: step 0's decay has no gradient
+                torch.mul(delta[:, t, :, None], A, out=decay).exp_()
+                grad_h.mul_(decay)                               # now dL/dh_{t-1} from step t
+                torch.mul(grad_h, states[:, t - 1], out=grad_log_decay)
+                torch.sum(grad_log_decay * A, -1, out=grad_log_decay_A[:, t])
+                grad_A.add_((grad_log_decay * delta[:, t, :, None]).sum(0))
+        return (grad_drive * delta, grad_drive * x + grad_log_decay_A, grad_A, grad_B, grad_C)
 
 
 def _scan_chunk(h0: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
@@ -72,20 +119,15 @@ def _scan_chunk(h0: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     return torch.einsum("btdn,btn->btd", states, C), states[:, -1]
 
 
-def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                   max_chunk: int | None = None) -> Tensor:
-    """Chunked selective scan, same contract as :func:`selective_scan_reference`: each
-    chunk is solved in parallel (:func:`_scan_chunk`), chunks run in sequence. The chunk
-    length is at most ``max_chunk`` steps (default: MAX_SCAN_CHUNK on GPU; on CPU, where
-    the scan is memory-bound, as many as keep a chunk's state within CPU_CHUNK_ELEMENTS,
-    often one step) and at most the steps whose worst-case total decay
-    max(delta) * max(-A) stays within LOG_RANGE, so the closed form is exact in float32
-    whatever delta grows to. For large inputs under autograd each chunk is recomputed in
-    the backward pass instead of keeping its (Bt, T, Din, N) tensors."""
+def chunked_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 max_chunk: int = MAX_SCAN_CHUNK) -> Tensor:
+    """The GPU path of :func:`selective_scan`, same contract: each chunk of at most
+    ``max_chunk`` steps is solved in parallel (:func:`_scan_chunk`), chunks run in sequence.
+    A chunk is also at most the steps whose worst-case total decay max(delta) * max(-A)
+    stays within LOG_RANGE, so the closed form is exact in float32 whatever delta grows to.
+    For large inputs under autograd each chunk is recomputed in the backward pass instead of
+    keeping its (Bt, T, Din, N) tensors."""
     Bt, L, Din = x.shape
-    if max_chunk is None:
-        max_chunk = (MAX_SCAN_CHUNK if x.is_cuda
-                     else max(1, CPU_CHUNK_ELEMENTS // max(1, Bt * Din * A.shape[1])))
     with torch.no_grad():
         step_bound = float(delta.amax() * (-A).amax()) if L else 0.0
     chunk = max(1, min(max_chunk, int(LOG_RANGE / step_bound) if step_bound > 0 else L))
@@ -99,6 +141,15 @@ def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                 else _scan_chunk(h, *part))
         ys.append(y)
     return torch.cat(ys, dim=1)
+
+
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """The selective scan, same contract as :func:`selective_scan_reference`: on the GPU in
+    parallel chunks (:func:`chunked_scan`); on the CPU, where the scan is memory-bound, one
+    cache-sized step at a time (:class:`SequentialScan`)."""
+    if x.is_cuda:
+        return chunked_scan(x, delta, A, B, C)
+    return SequentialScan.apply(x, delta, A, B, C)
 
 
 class MambaBlock(nn.Module):

@@ -11,7 +11,8 @@ from hymoerec import reproduce, train
 from hymoerec.evaluate import Recommender
 from hymoerec.models import MODELS, ModelConfig, build_model
 from hymoerec.models import mamba4rec
-from hymoerec.models.mamba4rec import selective_scan, selective_scan_reference
+from hymoerec.models.mamba4rec import (SequentialScan, chunked_scan, selective_scan,
+                                       selective_scan_reference)
 
 BASELINES = ("gru4rec", "narm", "bert4rec", "mamba4rec")
 TINY_DATA = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "12",
@@ -74,7 +75,7 @@ def test_chunked_scan_matches_the_step_by_step_recurrence(max_chunk):
     assert float(delta.detach().max() * (-A).max()) * L < mamba4rec.LOG_RANGE
     B = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
     C = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
-    got = selective_scan(x, delta, A, B, C, max_chunk)
+    got = chunked_scan(x, delta, A, B, C, max_chunk)
     want = selective_scan_reference(x, delta, A, B, C)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     weights = torch.randn_like(want)
@@ -89,9 +90,39 @@ def test_chunked_scan_stays_exact_when_decay_is_large():
     torch.manual_seed(1)
     x, delta = torch.randn(2, 20, 3), torch.full((2, 20, 3), 40.0)
     A, B, C = -torch.ones(3, 2), torch.randn(2, 20, 2), torch.randn(2, 20, 2)
-    got = selective_scan(x, delta, A, B, C, max_chunk=64)
+    got = chunked_scan(x, delta, A, B, C, max_chunk=64)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, selective_scan_reference(x, delta, A, B, C))
+
+
+def scan_inputs(seed, delta_scale):
+    """float64 (x, delta, A, B, C) of a (3, 11, 5, 4) scan, every one requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    Bt, L, Din, N = 3, 11, 5, 4
+    shapes = {"x": (Bt, L, Din), "B": (Bt, L, N), "C": (Bt, L, N)}
+    x, B, C = (torch.randn(*shapes[k], generator=gen, dtype=torch.float64) for k in "xBC")
+    delta = torch.rand(Bt, L, Din, generator=gen, dtype=torch.float64) * delta_scale
+    A = -torch.rand(Din, N, generator=gen, dtype=torch.float64).mul(8.0).add(0.5)
+    return tuple(t.requires_grad_() for t in (x, delta, A, B, C))
+
+
+@pytest.mark.parametrize("delta_scale", [0.3, 3.0])
+def test_sequential_scan_matches_the_recurrence_forward_and_backward(delta_scale):
+    inputs = scan_inputs(2, delta_scale)
+    got = SequentialScan.apply(*inputs)
+    want = selective_scan_reference(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(want)
+    grads = torch.autograd.grad((got * weights).sum(), inputs)
+    want_grads = torch.autograd.grad((want * weights).sum(), inputs)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+    assert torch.autograd.gradcheck(SequentialScan.apply, inputs)
+
+
+def test_selective_scan_on_the_cpu_is_the_sequential_scan_in_float32():
+    inputs = [t.detach().float() for t in scan_inputs(3, 1.0)]
+    torch.testing.assert_close(selective_scan(*inputs), selective_scan_reference(*inputs))
 
 
 @pytest.mark.parametrize("ffn", ["dense", "hymoe"])
