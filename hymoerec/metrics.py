@@ -102,25 +102,27 @@ def _check_eval_args(hidden: Tensor, weight: Tensor, exclude: Tensor | None,
             raise ValueError(f"{name} holds item id {int(items.max())} >= n_items = {n_items}")
 
 
-def _offset_ids(offset_items: Tensor | None, n_items: int) -> Tensor | None:
-    """Each row's listed items (M, L) as :func:`distinct_items` (computed once per call, used
-    by every chunk), or None when there are none."""
+def _listed_offset(offset_items: Tensor | None, offset: Tensor | float, n_items: int,
+                   scores_like: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Computed once per call, used by every chunk: each row's listed items (M, L) as
+    :func:`distinct_items` and ``offset`` as a 0-d tensor of ``scores_like``'s dtype and
+    device; None when no row lists any item."""
     if offset_items is None or not offset_items.shape[1]:
         return None
-    return distinct_items(offset_items, n_items)
+    return (distinct_items(offset_items, n_items),
+            torch.as_tensor(offset, dtype=scores_like.dtype, device=scores_like.device))
 
 
 def _chunk_scores(hidden: Tensor, weight: Tensor, v0: int, v1: int, exclude: Tensor | None,
-                  padding_idx: int | None, finite: Tensor, offset_ids: Tensor | None = None,
-                  offset: Tensor | float = 0.0) -> Tensor:
-    """(M, v1 - v0) scores (hidden's dtype, float32 or float64) of items v0..v1-1, plus
-    ``offset`` at each row's ``offset_ids`` (:func:`_offset_ids`), with excluded items set to
+                  padding_idx: int | None, finite: Tensor,
+                  listed_offset: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """(M, v1 - v0) scores (hidden's dtype, float32 or float64) of items v0..v1-1, plus the
+    offset at each row's listed items (:func:`_listed_offset`), with excluded items set to
     -inf. ``finite`` (0-d bool) is and-ed in place with whether every score was finite
     before the exclusions (checked once per call, without a host sync)."""
     scores = hidden @ weight[v0:v1].to(hidden.dtype).T
-    if offset_ids is not None:
-        add_offset_(scores, offset_ids, v0,
-                    torch.as_tensor(offset, dtype=scores.dtype, device=scores.device))
+    if listed_offset is not None:
+        add_offset_(scores, listed_offset[0], v0, listed_offset[1])
     finite &= torch.isfinite(scores).all()
     if padding_idx is not None and v0 <= padding_idx < v1:
         scores[:, padding_idx - v0] = float("-inf")
@@ -166,12 +168,11 @@ def streaming_rank(hidden: Tensor, weight: Tensor, target: Tensor, exclude: Tens
     target_score = ((h * weight.index_select(0, target).to(h.dtype)).sum(dim=1)
                     + offset_of_targets(target, offset_items, offset, h.dtype))[:, None]
     finite = torch.isfinite(target_score).all()
-    offset_ids = _offset_ids(offset_items, n_items)
+    listed_offset = _listed_offset(offset_items, offset, n_items, h)
     counts = torch.zeros(n_rows, 2, dtype=torch.long, device=hidden.device)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
-        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite, offset_ids,
-                               offset)
+        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite, listed_offset)
         counts[:, 0] += (scores > target_score).sum(dim=1)
         counts[:, 1] += (scores == target_score).sum(dim=1)
         own = target - v0
@@ -219,11 +220,10 @@ def streaming_topk(hidden: Tensor, weight: Tensor, k: int, exclude: Tensor | Non
     best_scores = torch.full((n_rows, k), float("-inf"), dtype=h.dtype, device=hidden.device)
     best_ids = torch.full((n_rows, k), -1, dtype=torch.long, device=hidden.device)
     finite = torch.ones((), dtype=torch.bool, device=hidden.device)
-    offset_ids = _offset_ids(offset_items, n_items)
+    listed_offset = _listed_offset(offset_items, offset, n_items, h)
     for v0 in range(0, n_items, chunk):
         v1 = min(v0 + chunk, n_items)
-        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite, offset_ids,
-                               offset)
+        scores = _chunk_scores(h, weight, v0, v1, exclude, padding_idx, finite, listed_offset)
         chunk_scores, chunk_ids = scores.topk(min(k, v1 - v0), dim=1)
         merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
         merged_ids = torch.cat([best_ids, chunk_ids + v0], dim=1)
