@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from . import register
 from .base import ModelConfig, SequentialRecommender
 
-ATTENTION_ELEMENTS = 1 << 24  # (B, query rows, L, H) elements of attention alive at once
+ATTENTION_ELEMENTS = 1 << 24  # (B, query rows, keys, H) elements of attention alive at once
+QUERY_BLOCKS = 8              # at least this many query blocks: each reads only its causal keys
 
 
 @register("narm")
@@ -62,12 +63,14 @@ class NARM(SequentialRecommender):
         B, L = items.shape
         states, _ = self.gru(self.input_dropout(self.item_emb(items)))
         keys, queries = self.key_proj(states), self.query_proj(states)
-        rows = max(1, ATTENTION_ELEMENTS // max(1, B * L * states.shape[-1]))
+        H = states.shape[-1]
+        rows = max(1, min(ATTENTION_ELEMENTS // max(1, B * L * H), -(-L // QUERY_BLOCKS)))
         key_mask = items > 0
         parts = []
         for start in range(0, L, rows):
-            args = (states, keys, queries[:, start:start + rows], start, key_mask)
-            if torch.is_grad_enabled():  # recompute the (B, q, L, H) block in backward
+            end = min(start + rows, L)   # query rows start..end-1 attend to keys 0..end-1
+            args = (states[:, :end], keys[:, :end], queries[:, start:end], start, key_mask[:, :end])
+            if torch.is_grad_enabled():  # recompute the (B, q, end, H) block in backward
                 parts.append(checkpoint(self.local_context, *args, use_reentrant=False))
             else:
                 parts.append(self.local_context(*args))

@@ -10,7 +10,7 @@ import torch
 from hymoerec import reproduce, train
 from hymoerec.evaluate import Recommender
 from hymoerec.models import MODELS, ModelConfig, build_model
-from hymoerec.models import mamba4rec
+from hymoerec.models import mamba4rec, narm
 from hymoerec.models.mamba4rec import (SequentialScan, chunked_scan, selective_scan,
                                        selective_scan_reference)
 
@@ -183,6 +183,24 @@ def test_recurrent_models_are_causal(name):
     with torch.no_grad():
         h = model.encode(torch.tensor([[3, 7, 9]]))
         torch.testing.assert_close(model.encode(torch.tensor([[3, 7, 9, 12, 5]]))[:, :3], h)
+
+
+@pytest.mark.parametrize("elements,blocks", [(1, 1), (10**9, 3), (10**9, 100)])
+def test_narm_attention_in_query_blocks_matches_one_block(monkeypatch, elements, blocks):
+    # each block of query rows reads only the keys up to its last row: the same outputs and
+    # gradients as one block over all keys, padding included
+    items = torch.tensor([[3, 7, 9, 4, 11, 2, 0, 0], [5, 6, 8, 1, 0, 0, 0, 0]])
+    results = []
+    for setting in [(10**9, 1), (elements, blocks)]:
+        monkeypatch.setattr(narm, "ATTENTION_ELEMENTS", setting[0])
+        monkeypatch.setattr(narm, "QUERY_BLOCKS", setting[1])
+        model = small_model("narm")
+        out = model.encode(items)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                    [model.query_proj.weight, model.key_proj.weight])
+        results.append((out, *grads))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
 
 
 def test_bert4rec_masking_never_leaks_the_target():
