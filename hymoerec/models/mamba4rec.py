@@ -25,6 +25,7 @@ size N, A = -exp(A_log) diagonal); out = out_proj(y * SiLU(z)).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -146,10 +147,13 @@ def chunked_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """The selective scan, same contract as :func:`selective_scan_reference`: on the GPU in
     parallel chunks (:func:`chunked_scan`); on the CPU, where the scan is memory-bound, one
-    cache-sized step at a time (:class:`SequentialScan`)."""
+    cache-sized step at a time (:class:`SequentialScan`, in the inputs' promoted dtype, as
+    the chunked path computes, e.g. float32 for a bfloat16 model's float32 A)."""
     if x.is_cuda:
         return chunked_scan(x, delta, A, B, C)
-    return SequentialScan.apply(x, delta, A, B, C)
+    inputs = (x, delta, A, B, C)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in inputs))
+    return SequentialScan.apply(*(t.to(dtype) for t in inputs))
 
 
 class MambaBlock(nn.Module):

@@ -123,6 +123,11 @@ def test_sequential_scan_matches_the_recurrence_forward_and_backward(delta_scale
 def test_selective_scan_on_the_cpu_is_the_sequential_scan_in_float32():
     inputs = [t.detach().float() for t in scan_inputs(3, 1.0)]
     torch.testing.assert_close(selective_scan(*inputs), selective_scan_reference(*inputs))
+    # a bfloat16 model's activations with its float32 A: computed in float32, as on the GPU
+    mixed = [t if i == 2 else t.bfloat16() for i, t in enumerate(inputs)]
+    got = selective_scan(*mixed)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, selective_scan_reference(*[t.float() for t in mixed]))
 
 
 @pytest.mark.parametrize("ffn", ["dense", "hymoe"])
