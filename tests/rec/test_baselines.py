@@ -64,17 +64,22 @@ def test_hymoe_ffn_inside_every_backbone_with_an_ffn(name):
     assert not small_model(name, ffn="dense").hymoe_layers()
 
 
+def scan_inputs(seed, delta_scale):
+    """float64 (x, delta, A, B, C) of a (3, 11, 5, 4) scan, every one requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    Bt, L, Din, N = 3, 11, 5, 4
+    shapes = {"x": (Bt, L, Din), "B": (Bt, L, N), "C": (Bt, L, N)}
+    x, B, C = (torch.randn(*shapes[k], generator=gen, dtype=torch.float64) for k in "xBC")
+    delta = torch.rand(Bt, L, Din, generator=gen, dtype=torch.float64) * delta_scale
+    A = -torch.rand(Din, N, generator=gen, dtype=torch.float64).mul(8.0).add(0.5)
+    return tuple(t.requires_grad_() for t in (x, delta, A, B, C))
+
+
 @pytest.mark.parametrize("max_chunk", [1, 3, 64])
 def test_chunked_scan_matches_the_step_by_step_recurrence(max_chunk):
-    torch.manual_seed(0)
-    Bt, L, Din, N = 3, 11, 5, 4
-    x = torch.randn(Bt, L, Din, dtype=torch.float64, requires_grad=True)
-    delta = torch.rand(Bt, L, Din, dtype=torch.float64).mul(0.3).requires_grad_()
-    A = -torch.rand(Din, N, dtype=torch.float64).mul(8.0).add(0.5)   # long and short memories
+    x, delta, A, B, C = scan_inputs(0, 0.3)   # A: long and short memories
     # the total decay over all L steps fits LOG_RANGE, so max_chunk alone sets the chunks
-    assert float(delta.detach().max() * (-A).max()) * L < mamba4rec.LOG_RANGE
-    B = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
-    C = torch.randn(Bt, L, N, dtype=torch.float64, requires_grad=True)
+    assert float(delta.detach().max() * (-A.detach()).max()) * x.shape[1] < mamba4rec.LOG_RANGE
     got = chunked_scan(x, delta, A, B, C, max_chunk)
     want = selective_scan_reference(x, delta, A, B, C)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
@@ -93,17 +98,6 @@ def test_chunked_scan_stays_exact_when_decay_is_large():
     got = chunked_scan(x, delta, A, B, C, max_chunk=64)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, selective_scan_reference(x, delta, A, B, C))
-
-
-def scan_inputs(seed, delta_scale):
-    """float64 (x, delta, A, B, C) of a (3, 11, 5, 4) scan, every one requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-    Bt, L, Din, N = 3, 11, 5, 4
-    shapes = {"x": (Bt, L, Din), "B": (Bt, L, N), "C": (Bt, L, N)}
-    x, B, C = (torch.randn(*shapes[k], generator=gen, dtype=torch.float64) for k in "xBC")
-    delta = torch.rand(Bt, L, Din, generator=gen, dtype=torch.float64) * delta_scale
-    A = -torch.rand(Din, N, generator=gen, dtype=torch.float64).mul(8.0).add(0.5)
-    return tuple(t.requires_grad_() for t in (x, delta, A, B, C))
 
 
 @pytest.mark.parametrize("delta_scale", [0.3, 3.0])
