@@ -51,12 +51,15 @@ def data_defaults(data: SequenceData) -> dict:
     * max_len: enough recent items for 80% of the users' whole sequences, rounded up to a
       multiple of 50, within 50..200 (ML-1M: 200, Beauty: 50);
     * dropout: 0.2 on dense data (at least 1% of all user-item pairs observed, like ML-1M
-      and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values.
+      and the synthetic data) and 0.5 on sparse data (Amazon's), the SASRec paper's values;
+    * mask_prob (bert4rec's Cloze masking): 0.2 on dense data and 0.6 on sparse data, the
+      BERT4Rec paper's values for ML-1m and Beauty.
     """
     lengths = data.sequences.lengths
     max_len = int(np.clip(50 * math.ceil(np.percentile(lengths, 80) / 50), 50, 200))
-    density = data.n_interactions / (data.n_users * data.n_items)
-    return {"max_len": max_len, "dropout": 0.2 if density >= 0.01 else 0.5}
+    dense = data.n_interactions / (data.n_users * data.n_items) >= 0.01
+    return {"max_len": max_len, "dropout": 0.2 if dense else 0.5,
+            "mask_prob": 0.2 if dense else 0.6}
 
 
 def load_data(args: argparse.Namespace) -> SequenceData:

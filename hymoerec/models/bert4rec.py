@@ -13,9 +13,9 @@ replaced by [mask] with probability ``mask_prob``; a window where none was drawn
 last item masked (the paper's extra "mask the last item" samples). The loss is the full
 softmax over all items at the masked positions.
 
-Defaults (``paper_defaults``, the paper's Beauty configuration): 2 layers, 2 heads,
-d_model 64, dropout 0.1, mask_prob 0.6 (the released run_beauty.sh; 0.2 for ML-1m), dense
-FFN of width 4 d_model with GELU. Not reproduced: the output bias b^O (the shared scoring
+Defaults (``paper_defaults``, the paper's configuration): 2 layers, 2 heads, d_model 64,
+dropout 0.1, dense FFN of width 4 d_model with GELU; mask_prob comes from the data (the
+paper's 0.6 for Beauty, 0.2 for ML-1m: :func:`hymoerec.settings.data_defaults`). Not reproduced: the output bias b^O (the shared scoring
 has none) and the paper's optimiser schedule (lr 1e-4, 400k steps); the trainer's shared
 settings are used instead.
 """
@@ -35,7 +35,7 @@ from .scoring import full_softmax_loss
 class BERT4Rec(TransformerBackbone):
     """Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
     paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1,
-                      "mask_prob": 0.6, "seen_bias": False}
+                      "seen_bias": False}
     has_seen_bias = False
 
     def __init__(self, n_items: int, config: ModelConfig):

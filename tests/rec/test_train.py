@@ -199,15 +199,25 @@ def sequences(lengths, n_items):
                         [str(u) for u in range(len(lengths))])
 
 
-@pytest.mark.parametrize("lengths, n_items, max_len, dropout", [
-    ([5] * 90 + [400] * 10, 30000, 50, 0.5),    # short and sparse, like Beauty
-    ([100] * 70 + [600] * 30, 3000, 200, 0.2),  # long and dense, like ML-1M
-    ([20] * 75 + [120] * 25, 500, 150, 0.2),
-    ([30] * 100, 10000, 50, 0.5),
+@pytest.mark.parametrize("lengths, n_items, max_len, dropout, mask_prob", [
+    ([5] * 90 + [400] * 10, 30000, 50, 0.5, 0.6),    # short and sparse, like Beauty
+    ([100] * 70 + [600] * 30, 3000, 200, 0.2, 0.2),  # long and dense, like ML-1M
+    ([20] * 75 + [120] * 25, 500, 150, 0.2, 0.2),
+    ([30] * 100, 10000, 50, 0.5, 0.6),
 ])
-def test_data_dependent_defaults_come_from_the_data(lengths, n_items, max_len, dropout):
+def test_data_dependent_defaults_come_from_the_data(lengths, n_items, max_len, dropout,
+                                                    mask_prob):
     assert settings.data_defaults(sequences(lengths, n_items)) == {
-        "max_len": max_len, "dropout": dropout}
+        "max_len": max_len, "dropout": dropout, "mask_prob": mask_prob}
+
+
+def test_bert4rec_masks_as_its_paper_on_dense_data_unless_a_flag_says_otherwise(tmp_path):
+    """The synthetic data are dense (like ML-1M): the BERT4Rec paper's 0.2 there; the
+    model's own paper dropout (0.1) still wins over the data's."""
+    config = run(tmp_path, "a", "--epochs", "1", "--model", "bert4rec")["config"]
+    assert (config["mask_prob"], config["dropout"]) == (0.2, 0.1)
+    assert run(tmp_path, "b", "--epochs", "1", "--model", "bert4rec",
+               "--mask-prob", "0.5")["config"]["mask_prob"] == 0.5
 
 
 def test_seen_bias_defaults_on_off_for_bert4rec_and_for_older_runs(tmp_path):
@@ -254,14 +264,14 @@ def test_learning_curves_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("name, fmt, max_len, dropout", [
-    ("beauty.txt", "sequences", 50, 0.5), ("ml-1m.txt", "pairs", 200, 0.2)])
-def test_data_defaults_of_the_papers_datasets(name, fmt, max_len, dropout):
+@pytest.mark.parametrize("name, fmt, max_len, dropout, mask_prob", [
+    ("beauty.txt", "sequences", 50, 0.5, 0.6), ("ml-1m.txt", "pairs", 200, 0.2, 0.2)])
+def test_data_defaults_of_the_papers_datasets(name, fmt, max_len, dropout, mask_prob):
     if not (SHARED_DATA / name).is_file():
         pytest.skip(f"{SHARED_DATA / name} is not here (the project's data are never committed)")
     from hymoerec.data import read_file
     assert settings.data_defaults(read_file(SHARED_DATA / name, fmt)) == {
-        "max_len": max_len, "dropout": dropout}
+        "max_len": max_len, "dropout": dropout, "mask_prob": mask_prob}
 
 
 def test_init_from_upcycles_a_dense_run_and_starts_where_it_ended(tmp_path, capsys):
