@@ -15,9 +15,9 @@ softmax over all items at the masked positions.
 
 Defaults (``paper_defaults``, the paper's configuration): 2 layers, 2 heads, d_model 64,
 dropout 0.1, dense FFN of width 4 d_model with GELU; mask_prob comes from the data (the
-paper's 0.6 for Beauty, 0.2 for ML-1m: :func:`hymoerec.settings.data_defaults`). Not reproduced: the output bias b^O (the shared scoring
-has none) and the paper's optimiser schedule (lr 1e-4, 400k steps); the trainer's shared
-settings are used instead.
+paper's 0.6 for Beauty, 0.2 for ML-1m: :func:`hymoerec.settings.data_defaults`). Not
+reproduced: the output bias b^O (the shared scoring has none) and the paper's optimiser
+schedule (lr 1e-4, 400k steps); the trainer's shared settings are used instead.
 """
 from __future__ import annotations
 
