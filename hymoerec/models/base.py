@@ -76,9 +76,9 @@ class ModelConfig:
                                      "item already in the input, so the model can learn to "
                                      "rank items the user has seen lower (data without "
                                      "repeats: ML-1M, Beauty) or higher (data with repeats); "
-                                     "our addition, not the paper's: on in train.py, off in "
-                                     "ModelConfig() and for bert4rec, which has no such "
-                                     "offset")
+                                     "bert4rec's Cloze loss offsets each masked position's "
+                                     "unmasked window items; our addition, not the paper's: "
+                                     "on in train.py, off in ModelConfig()")
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
@@ -157,14 +157,13 @@ class SequentialRecommender(nn.Module):
     backbone's published configuration differs from the shared defaults; the command line
     applies them unless overridden. ``has_ffn`` is False for backbones without a
     position-wise FFN (``--ffn`` must then stay "dense", meaning: the model as published);
-    ``has_output_head`` is True for backbones that implement ``config.output_head``;
-    ``has_seen_bias`` for those whose next-item loss and scoring are the ones here, which
-    implement ``config.seen_bias``.
+    ``has_output_head`` is True for backbones that implement ``config.output_head``. A
+    subclass that replaces ``loss`` passes ``seen_offset`` (config.seen_bias) to the scoring
+    with the items each position sees.
     """
     paper_defaults: dict = {}
     has_ffn: bool = True
     has_output_head: bool = False
-    has_seen_bias: bool = True
 
     @classmethod
     def check_config(cls, config: ModelConfig) -> None:
@@ -175,9 +174,6 @@ class SequentialRecommender(nn.Module):
         if config.output_head and not cls.has_output_head:
             raise ConfigError("output_head", f"{cls.__name__} has no output head option: "
                               "output_head must be False (only sasrec implements it)")
-        if config.seen_bias and not cls.has_seen_bias:
-            raise ConfigError("seen_bias", f"{cls.__name__} has no seen-item offset: seen_bias "
-                              "must be False (its loss is not next-item prediction)")
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__()

@@ -11,7 +11,10 @@ n_items + 1 = [mask]; only rows 0..n_items are passed to the shared scoring func
 Training: each training window (its inputs plus its last target) has every real item
 replaced by [mask] with probability ``mask_prob``; a window where none was drawn gets its
 last item masked (the paper's extra "mask the last item" samples). The loss is the full
-softmax over all items at the masked positions.
+softmax over all items at the masked positions. With ``config.seen_bias`` (our addition, as
+for every backbone) each masked position's scores get the learned offset at the items left
+visible in its window, and ranking gives it to the history's items: what the model sees in
+its input in both cases.
 
 Defaults (``paper_defaults``, the paper's configuration): 2 layers, 2 heads, d_model 64,
 dropout 0.1, dense FFN of width 4 d_model with GELU; mask_prob comes from the data (the
@@ -34,9 +37,7 @@ from .scoring import full_softmax_loss
 @register("bert4rec")
 class BERT4Rec(TransformerBackbone):
     """Weights ~ N(0, 0.02), HyMoE's included (:func:`.base.init_normal`)."""
-    paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1,
-                      "seen_bias": False}
-    has_seen_bias = False
+    paper_defaults = {"ffn": "dense", "n_layers": 2, "n_heads": 2, "dropout": 0.1}
 
     def __init__(self, n_items: int, config: ModelConfig):
         super().__init__(n_items, config, n_positions=config.max_len + 1, causal=False)
@@ -65,6 +66,14 @@ class BERT4Rec(TransformerBackbone):
         chosen[unmasked_rows, real[unmasked_rows].sum(dim=1) - 1] = True
         return sequences.masked_fill(chosen, self.mask_token), sequences * chosen
 
+    def visible_items(self, masked: Tensor, chosen: Tensor) -> Tensor:
+        """(M, L) int64: for each masked position (True in ``chosen`` (B, L) bool), in
+        row-major order (the order of ``hidden[chosen]``), the items of its window
+        ``masked`` (B, L) int64 left unmasked, 0 elsewhere: what the model sees when it
+        predicts that position's item."""
+        visible = masked.masked_fill(masked == self.mask_token, 0)
+        return visible[chosen.nonzero(as_tuple=True)[0]]
+
     def loss(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Cloze loss on the windows given as next-item (inputs, targets) (B, L) int64
         right-padded: the window is inputs[:, :1] followed by targets."""
@@ -72,8 +81,10 @@ class BERT4Rec(TransformerBackbone):
         masked, cloze_targets = self.mask_items(windows)
         hidden = self.encode(masked)
         chosen = cloze_targets > 0
+        offsets = {} if self.seen_offset is None else {
+            "offset_items": self.visible_items(masked, chosen), "offset": self.seen_offset}
         task = full_softmax_loss(hidden[chosen], self.candidates(), cloze_targets[chosen],
-                                 self.config.fused_loss)
+                                 self.config.fused_loss, **offsets)
         return task, self.aux_loss()
 
     def query(self, inputs: Tensor) -> Tensor:

@@ -242,6 +242,39 @@ def test_bert4rec_loss_predicts_masked_items_with_full_softmax():
     assert task.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bert4rec_seen_offset_scores_the_visible_window_items(fused):
+    """With seen_bias each masked position's scores get the offset at the items left
+    unmasked in its window (here 3 and 4; never the masked 7 and 9), in training; ranking
+    gives it to every history item."""
+    model = small_model("bert4rec", seen_bias=True, fused_loss=fused).train()
+    with torch.no_grad():
+        model.seen_offset.fill_(-1.5)
+    window = torch.tensor([[3, 7, 9, 4, 0]])
+    masked = torch.tensor([[3, model.mask_token, model.mask_token, 4, 0]])
+    model.mask_items = lambda sequences: (masked, torch.tensor([[0, 7, 9, 0, 0]]))
+    chosen = torch.tensor([[False, True, True, False, False]])
+    assert torch.equal(model.visible_items(masked, chosen),
+                       torch.tensor([[3, 0, 0, 4, 0], [3, 0, 0, 4, 0]]))
+    torch.manual_seed(5)
+    task, _ = model.loss(window[:, :-1], window[:, 1:])
+    torch.manual_seed(5)
+    hidden = model.encode(masked)[chosen]
+    offset = torch.zeros(40)
+    offset[[2, 3]] = -1.5
+    want = torch.nn.functional.cross_entropy(hidden @ model.item_emb.weight[1:41].t() + offset,
+                                             torch.tensor([7, 9]) - 1)
+    assert task.item() == pytest.approx(want.item(), rel=1e-5)
+    task.backward()
+    assert model.seen_offset.grad != 0
+    model.eval()
+    plain = model.score_next(torch.tensor([[3, 7, 9]]))
+    with torch.no_grad():
+        model.seen_offset.zero_()
+    torch.testing.assert_close(plain[0, [3, 7, 9]] + 1.5, model.score_next(
+        torch.tensor([[3, 7, 9]]))[0, [3, 7, 9]])
+
+
 def test_paired_test_and_budget_parsing():
     rng = np.random.default_rng(0)
     base = rng.random(400)

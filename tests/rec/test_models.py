@@ -189,7 +189,7 @@ def test_seen_offset_loss_adds_the_offset_to_the_items_seen_up_to_each_position(
                                                           fused=False).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "narm", "mamba4rec"])
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "narm", "mamba4rec", "bert4rec"])
 def test_seen_bias_scores_the_input_items_by_the_learned_offset(name):
     from hymoerec.metrics import target_ranks
     torch.manual_seed(0)
@@ -212,7 +212,3 @@ def test_seen_bias_scores_the_input_items_by_the_learned_offset(name):
     task.backward()
     assert model.seen_offset.grad is not None and model.seen_offset.grad != 0
 
-
-def test_bert4rec_has_no_seen_offset():
-    with pytest.raises(ValueError, match="BERT4Rec has no seen-item offset"):
-        build_model("bert4rec", 30, ModelConfig(max_len=6, d_model=16, seen_bias=True))

@@ -220,11 +220,11 @@ def test_bert4rec_masks_as_its_paper_on_dense_data_unless_a_flag_says_otherwise(
                "--mask-prob", "0.5")["config"]["mask_prob"] == 0.5
 
 
-def test_seen_bias_defaults_on_off_for_bert4rec_and_for_older_runs(tmp_path):
+def test_seen_bias_defaults_on_for_every_backbone_off_for_older_runs(tmp_path):
     assert run(tmp_path, "a", "--epochs", "1")["config"]["seen_bias"] is True
     assert run(tmp_path, "b", "--epochs", "1", "--no-seen-bias")["config"]["seen_bias"] is False
     assert run(tmp_path, "c", "--epochs", "1", "--model", "bert4rec")["config"]["seen_bias"] \
-        is False
+        is True
     # a run recorded before the setting existed resumes as it ran: without the offset
     old = tmp_path / "b" / "config.json"
     config = json.loads(old.read_text())
