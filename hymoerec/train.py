@@ -565,6 +565,11 @@ class Trainer:
         if self.dist.is_main:  # distributed
             write_json(self.run_dir / "summary.json", summary)
             plot_run(self.log_path, self.run_dir / "curves.png")
+        # distributed: the DDP wrapper holds the process group; dropping it lets
+        # distributed.shutdown() free the group's threads now rather than at interpreter exit,
+        # and the barrier keeps any rank from tearing down while another still works
+        self.train_loss = None
+        self.dist.barrier("finishing the run")
         return summary
 
 

@@ -31,7 +31,8 @@ def free_port() -> int:
 
 
 def loopback_env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank killed by a signal (e.g. SIGABRT at shutdown) prints its Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"
     return env
