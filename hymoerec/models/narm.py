@@ -16,13 +16,68 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import register
 from .base import ModelConfig, SequentialRecommender
 
 ATTENTION_ELEMENTS = 1 << 24  # (B, query rows, keys, H) elements of attention alive at once
 QUERY_BLOCKS = 8              # at least this many query blocks: each reads only its causal keys
+
+
+def local_context_reference(states: Tensor, keys: Tensor, queries: Tensor, score: Tensor,
+                            key_mask: Tensor) -> Tensor:
+    """c_local in one block, by plain autograd: c_i = sum over j <= i with key_mask_j of
+    (score . sigmoid(q_i + k_j)) h_j. states / keys / queries (B, L, H), score (H,),
+    key_mask (B, L) bool -> (B, L, H)."""
+    L = states.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=states.device).tril()
+    weights = torch.sigmoid(queries.unsqueeze(2) + keys.unsqueeze(1)) @ score
+    return weights.masked_fill(~(causal & key_mask.unsqueeze(1)), 0.0) @ states
+
+
+def causal_key_mask(start: int, end: int, key_mask: Tensor) -> Tensor:
+    """(B, end - start, end) bool: query row start + r may read key j (j <= start + r, and
+    key_mask (B, L) is true at j)."""
+    rows = torch.arange(start, end, device=key_mask.device).unsqueeze(1)
+    causal = torch.arange(end, device=key_mask.device).unsqueeze(0) <= rows
+    return causal & key_mask[:, None, :end]
+
+
+class LocalContext(torch.autograd.Function):
+    """:func:`local_context_reference` in blocks of ``rows`` query rows, each reading only
+    its causal keys. Only one (B, rows, keys, H) sigmoid block is alive at a time: backward
+    recomputes it and forms every gradient from it in place."""
+
+    @staticmethod
+    def forward(ctx, states: Tensor, keys: Tensor, queries: Tensor, score: Tensor,
+                key_mask: Tensor, rows: int) -> Tensor:
+        out = torch.empty_like(queries)
+        for start in range(0, states.shape[1], rows):
+            end = min(start + rows, states.shape[1])
+            sig = torch.sigmoid_(queries[:, start:end].unsqueeze(2) + keys[:, None, :end])
+            weights = (sig @ score).masked_fill_(~causal_key_mask(start, end, key_mask), 0.0)
+            out[:, start:end] = weights @ states[:, :end]
+        ctx.save_for_backward(states, keys, queries, score, key_mask)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        states, keys, queries, score, key_mask = ctx.saved_tensors
+        d_states, d_keys = torch.zeros_like(states), torch.zeros_like(keys)
+        d_queries, d_score = torch.empty_like(queries), torch.zeros_like(score)
+        for start in range(0, states.shape[1], ctx.rows):
+            end = min(start + ctx.rows, states.shape[1])
+            allowed, grad = causal_key_mask(start, end, key_mask), grad_out[:, start:end]
+            sig = torch.sigmoid_(queries[:, start:end].unsqueeze(2) + keys[:, None, :end])
+            weights = (sig @ score).masked_fill_(~allowed, 0.0)
+            d_states[:, :end] += weights.transpose(1, 2) @ grad
+            d_weights = (grad @ states[:, :end].transpose(1, 2)).masked_fill_(~allowed, 0.0)
+            d_score += d_weights.reshape(-1) @ sig.reshape(-1, sig.shape[-1])
+            d_pre = sig.addcmul_(sig, sig, value=-1.0).mul_(d_weights.unsqueeze(-1))
+            d_queries[:, start:end] = d_pre.sum(2) * score    # d_pre: d weights / d (q + k)
+            d_keys[:, :end] += d_pre.sum(1) * score
+        return d_states, d_keys, d_queries, d_score, None, None
 
 
 @register("narm")
@@ -47,17 +102,6 @@ class NARM(SequentialRecommender):
         nn.init.xavier_normal_(self.item_emb.weight)
         self.item_emb.weight.data[0].zero_()
 
-    def local_context(self, states: Tensor, keys: Tensor, queries: Tensor, start: int,
-                      key_mask: Tensor) -> Tensor:
-        """c_local for query rows start..start+q: states / keys (B, L, H), queries
-        (B, q, H), key_mask (B, L) bool -> (B, q, H)."""
-        q, L = queries.shape[1], states.shape[1]
-        weights = self.score(torch.sigmoid(queries.unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)
-        rows = torch.arange(start, start + q, device=states.device).unsqueeze(1)
-        allowed = (torch.arange(L, device=states.device).unsqueeze(0) <= rows).unsqueeze(0)
-        weights = weights.masked_fill(~(allowed & key_mask.unsqueeze(1)), 0.0)
-        return weights @ states
-
     def encode(self, items: Tensor) -> Tensor:
         """items (B, L) int64 right-padded with 0 -> query (B, L, D) float32."""
         B, L = items.shape
@@ -65,14 +109,7 @@ class NARM(SequentialRecommender):
         keys, queries = self.key_proj(states), self.query_proj(states)
         H = states.shape[-1]
         rows = max(1, min(ATTENTION_ELEMENTS // max(1, B * L * H), -(-L // QUERY_BLOCKS)))
-        key_mask = items > 0
-        parts = []
-        for start in range(0, L, rows):
-            end = min(start + rows, L)   # query rows start..end-1 attend to keys 0..end-1
-            args = (states[:, :end], keys[:, :end], queries[:, start:end], start, key_mask[:, :end])
-            if torch.is_grad_enabled():  # recompute the (B, q, end, H) block in backward
-                parts.append(checkpoint(self.local_context, *args, use_reentrant=False))
-            else:
-                parts.append(self.local_context(*args))
-        context = torch.cat([states, torch.cat(parts, dim=1)], dim=-1)
+        local = LocalContext.apply(states, keys, queries, self.score.weight.view(H),
+                                   items > 0, rows)
+        context = torch.cat([states, local], dim=-1)
         return self.decoder(self.context_dropout(context))

@@ -202,6 +202,24 @@ def test_narm_attention_in_query_blocks_matches_one_block(monkeypatch, elements,
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("B,L,H,rows", [(3, 9, 5, 1), (2, 7, 4, 3), (4, 12, 6, 5), (1, 6, 3, 6)])
+def test_narm_local_context_matches_its_reference(B, L, H, rows):
+    # the blocked autograd.Function against plain autograd over all keys, forward and every
+    # gradient, with right padding of different lengths
+    gen = torch.Generator().manual_seed(B * 100 + L)
+    inputs = [torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+              for shape in [(B, L, H)] * 3 + [(H,)]]
+    key_mask = torch.arange(L).expand(B, L) < torch.randint(1, L + 1, (B, 1), generator=gen)
+    got = narm.LocalContext.apply(*inputs, key_mask, rows)
+    want = narm.local_context_reference(*inputs, key_mask)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(got.shape, dtype=torch.float64, generator=gen)
+    for g, w in zip(torch.autograd.grad((got * weights).sum(), inputs),
+                    torch.autograd.grad((want * weights).sum(), inputs)):
+        torch.testing.assert_close(g, w)
+    assert torch.autograd.gradcheck(lambda *x: narm.LocalContext.apply(*x, key_mask, rows), inputs)
+
+
 def test_bert4rec_masking_never_leaks_the_target():
     model = small_model("bert4rec", mask_prob=0.5)
     sequences = torch.tensor([[3, 7, 9, 4, 11, 0], [5, 6, 8, 0, 0, 0]])
