@@ -35,12 +35,19 @@ def local_context_reference(states: Tensor, keys: Tensor, queries: Tensor, score
     return weights.masked_fill(~(causal & key_mask.unsqueeze(1)), 0.0) @ states
 
 
-def causal_key_mask(start: int, end: int, key_mask: Tensor) -> Tensor:
-    """(B, end - start, end) bool: query row start + r may read key j (j <= start + r, and
-    key_mask (B, L) is true at j)."""
-    rows = torch.arange(start, end, device=key_mask.device).unsqueeze(1)
-    causal = torch.arange(end, device=key_mask.device).unsqueeze(0) <= rows
-    return causal & key_mask[:, None, :end]
+def query_blocks(states: Tensor, keys: Tensor, queries: Tensor, score: Tensor,
+                 key_mask: Tensor, rows: int):
+    """Yield (start, end, allowed, sig, weights) for each block of ``rows`` query rows:
+    allowed (B, q, end) bool (key j <= start + r and key_mask (B, L) true at j),
+    sig = sigmoid(q_i + k_j) (B, q, end, H), weights = (sig @ score) masked (B, q, end)."""
+    L = states.shape[1]
+    for start in range(0, L, rows):
+        end = min(start + rows, L)
+        causal = (torch.arange(end, device=key_mask.device).unsqueeze(0)
+                  <= torch.arange(start, end, device=key_mask.device).unsqueeze(1))
+        allowed = causal & key_mask[:, None, :end]
+        sig = torch.sigmoid_(queries[:, start:end].unsqueeze(2) + keys[:, None, :end])
+        yield start, end, allowed, sig, (sig @ score).masked_fill_(~allowed, 0.0)
 
 
 class LocalContext(torch.autograd.Function):
@@ -52,10 +59,7 @@ class LocalContext(torch.autograd.Function):
     def forward(ctx, states: Tensor, keys: Tensor, queries: Tensor, score: Tensor,
                 key_mask: Tensor, rows: int) -> Tensor:
         out = torch.empty_like(queries)
-        for start in range(0, states.shape[1], rows):
-            end = min(start + rows, states.shape[1])
-            sig = torch.sigmoid_(queries[:, start:end].unsqueeze(2) + keys[:, None, :end])
-            weights = (sig @ score).masked_fill_(~causal_key_mask(start, end, key_mask), 0.0)
+        for start, end, _, _, weights in query_blocks(states, keys, queries, score, key_mask, rows):
             out[:, start:end] = weights @ states[:, :end]
         ctx.save_for_backward(states, keys, queries, score, key_mask)
         ctx.rows = rows
@@ -66,11 +70,9 @@ class LocalContext(torch.autograd.Function):
         states, keys, queries, score, key_mask = ctx.saved_tensors
         d_states, d_keys = torch.zeros_like(states), torch.zeros_like(keys)
         d_queries, d_score = torch.empty_like(queries), torch.zeros_like(score)
-        for start in range(0, states.shape[1], ctx.rows):
-            end = min(start + ctx.rows, states.shape[1])
-            allowed, grad = causal_key_mask(start, end, key_mask), grad_out[:, start:end]
-            sig = torch.sigmoid_(queries[:, start:end].unsqueeze(2) + keys[:, None, :end])
-            weights = (sig @ score).masked_fill_(~allowed, 0.0)
+        blocks = query_blocks(states, keys, queries, score, key_mask, ctx.rows)
+        for start, end, allowed, sig, weights in blocks:   # sigmoids recomputed
+            grad = grad_out[:, start:end]
             d_states[:, :end] += weights.transpose(1, 2) @ grad
             d_weights = (grad @ states[:, :end].transpose(1, 2)).masked_fill_(~allowed, 0.0)
             d_score += d_weights.reshape(-1) @ sig.reshape(-1, sig.shape[-1])
