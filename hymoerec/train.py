@@ -504,9 +504,13 @@ class Trainer:
             self.train_seconds += record["train_seconds"]
             self.train_cpu_seconds += record["train_cpu_seconds"]
             valid = self.evaluate("valid")
+            valid_other = self.evaluate("valid", not args.exclude_history)
             self.epoch += 1
             record = {"epoch": self.epoch, "step": self.step, **record,
                       "valid": {k: v for k, v in valid.items() if "/" not in k},
+                      # the same epoch under the protocol not used for early stopping
+                      f"valid_history_{'kept' if args.exclude_history else 'excluded'}":
+                          {k: v for k, v in valid_other.items() if "/" not in k},
                       "seconds": time.perf_counter() - wall}
             if self.epoch == 1 and self.started_from:
                 record["started_from"] = self.started_from
@@ -561,6 +565,9 @@ class Trainer:
             "train_seconds_per_epoch": self.train_seconds / max(self.epoch, 1),
             "train_cpu_seconds_per_epoch": self.train_cpu_seconds / max(self.epoch, 1),
             "valid": self.evaluate("valid"), "test": test,
+            # the best checkpoint under the protocol not used for early stopping
+            f"test_history_{'kept' if self.args.exclude_history else 'excluded'}":
+                self.evaluate("test", not self.args.exclude_history),
         }
         if self.dist.is_main:  # distributed
             write_json(self.run_dir / "summary.json", summary)

@@ -28,6 +28,18 @@ def test_one_epoch_run_writes_log_checkpoints_and_summary(tmp_path, capsys):
     assert "NDCG@10" in capsys.readouterr().out
 
 
+def test_log_and_summary_hold_the_other_protocol_too(tmp_path):
+    """Early stopping reads one protocol; each epoch and the test also hold the other."""
+    kept = run(tmp_path, "kept", "--epochs", "1")
+    excluded = run(tmp_path, "excluded", "--epochs", "1", "--exclude-history")
+    assert kept["test_history_excluded"] == excluded["test"]
+    assert excluded["test_history_kept"] == kept["test"]
+    records = [json.loads((tmp_path / name / "log.jsonl").read_text()) for name in ("kept", "excluded")]
+    assert records[0]["valid_history_excluded"] == records[1]["valid"]
+    assert records[1]["valid_history_kept"] == records[0]["valid"]
+    assert records[0]["valid"] != records[1]["valid"]  # the synthetic data repeats items
+
+
 def test_fixed_seed_gives_identical_metrics(tmp_path):
     first = run(tmp_path, "a", "--epochs", "2")
     second = run(tmp_path, "b", "--epochs", "2")
