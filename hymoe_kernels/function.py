@@ -251,8 +251,7 @@ def pick_path(x: Tensor, weights: HyMoEWeights, top_k: int) -> str:
     """"fused" when the fused token-tile kernels support the shape and evaluating every
     expert for a tile costs at most 4x the chosen experts (E <= 4k), else "grouped".
 
-    Provisional rule, not yet measured on a GPU: benchmarks/gpu/run.sh times both paths
-    per shape, and this rule is to be set from its table."""
+    benchmarks/gpu/run.sh times both paths per shape (bench_layer.md)."""
     D, H, E, F = weights.sizes()
     supported = fused_tile_supported(D, F, E, H, top_k, x.dtype)
     return "fused" if supported and E <= 4 * top_k else "grouped"

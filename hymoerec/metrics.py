@@ -30,9 +30,9 @@ from .data import last_items, pad_right
 CUTOFFS = (5, 10, 20)
 # Budget of one streamed score block (rows x items), in elements. On the CPU, 2**21 fp32
 # values (8 MiB) per intra-op thread, so the block stays in the last-level cache between the
-# GEMM that writes it and the comparisons that read it: ranking 1,024 histories over 10^6
-# items took 3x longer with 2**22 or more per thread (the 2-core EPYC of the results). On
-# CUDA, 2**24 (64 MiB) per block.
+# GEMM that writes it and the comparisons that read it (larger blocks ranked over 10^6 items
+# several times slower: benchmarks/results/README.md, cpu_large_catalog.md). On CUDA, 2**24
+# (64 MiB) per block.
 _EVAL_BLOCK_ELEMENTS = 1 << 21
 _EVAL_CUDA_BLOCK_ELEMENTS = 1 << 24
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The ML-1M table's rows on one GPU in one call: every run its own process, all at once (one
-# thread each; an H200 holds them all), each stopping before MINUTES, then the table of what
+# The ML-1M table's rows on one GPU: every run its own process, all at once (one thread
+# each; an H200 holds them all), each stopping before MINUTES, then the table of what
 # finished, with the paper's numbers beside it (unfinished runs are marked, their best
-# checkpoint so far evaluated). Writes four files under OUT, within what the device tool
-# brings back: ml1m_table1.md, ml1m_table1.json, ml1m_table1_ranks.npz (per-user test ranks)
-# and ml1m_runs.tgz (every run's summary, config and log; no checkpoints). KEEP=JSON (e.g.
+# checkpoint so far evaluated). Writes four files under OUT: ml1m_table1.md, ml1m_table1.json,
+# ml1m_table1_ranks.npz (per-user test ranks) and ml1m_runs.tgz (every run's summary, config
+# and log; no checkpoints). KEEP=JSON (e.g.
 # the committed benchmarks/results/ml1m_table1.json) adds the runs recorded there for rows
 # not trained here (reproduce --keep-runs). The run folders stay in RUN_ROOT (default
 # ${TMPDIR:-/tmp}/ml1m-runs), outside OUT, so a later call on the same machine resumes them.

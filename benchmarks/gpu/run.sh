@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# GPU suite for one call on a GPU machine (no network; torch + triton preinstalled): first what
-# the CPU interpreter cannot show (NaN isolation across tokens, the counting sort at GPU sizes,
+# GPU suite on a CUDA machine (no network; torch + triton installed): first what the CPU
+# interpreter cannot show (NaN isolation across tokens, the counting sort at GPU sizes,
 # launches on the inputs' device), then the kernels' correctness tests on CUDA, then timings.
-# Budget: 7.5 minutes, within one 10-minute command: the stage timeouts below sum to 450 s
-# (100 + 80 + 70 + 100 + 55 + 45; Triton compiles each new specialization on first launch, so
-# the first stages are the slowest per test). The layer timings and the epoch timings rewrite
-# their results after each case, so a stage cut by its timeout keeps what it measured; the
-# layer timings have 100 s (130 before the epochs were added) to keep the whole within 7.5 min.
+# The stage timeouts below sum to 450 s (100 + 80 + 70 + 100 + 55 + 45; Triton compiles each
+# new specialization on first launch, so the first stages are the slowest per test). The layer
+# timings and the epoch timings rewrite their results after each case, so a stage cut by its
+# timeout keeps what it measured. Described in benchmarks/gpu/README.md.
 # Usage: benchmarks/gpu/run.sh [OUT]   (OUT defaults to $OUT, else benchmarks/results/gpu-<date>)
-# Through the device tool, which brings back at most 8 files, pack the 11 it writes:
-#   benchmarks/gpu/run.sh /tmp/gpu; tar czf $OUT/gpu-suite.tgz -C /tmp gpu
 # Writes under OUT: machine.txt, tests.txt, bench_layer.{json,md,txt} (rewritten after each case),
 # linear_cross_entropy.{json,md}, epoch.{json,md,txt} (rewritten after each variant).
 set -uo pipefail

@@ -1,6 +1,6 @@
 """benchmarks/gpu/ml1m_rows.sh on a tiny pairs file (on the CPU): every row trains at once,
-and the four files it leaves for the device tool to bring back hold the table beside the
-paper's ML-1M numbers and every run's summary."""
+and the four files it leaves under OUT hold the table beside the paper's ML-1M numbers and
+every run's summary."""
 import json
 import os
 import subprocess
