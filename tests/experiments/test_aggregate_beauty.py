@@ -1,4 +1,4 @@
-"""benchmarks/aggregate_beauty.py turns run folders into the Beauty result table (here on two
+"""experiments/aggregate_beauty.py turns run folders into the Beauty result table (here on two
 tiny synthetic runs, one per FFN kind) and refuses arguments that are not run folders."""
 import json
 import subprocess
@@ -16,7 +16,7 @@ TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-leng
 
 
 def aggregate(*args):
-    return subprocess.run([sys.executable, "benchmarks/aggregate_beauty.py", *map(str, args)],
+    return subprocess.run([sys.executable, "experiments/aggregate_beauty.py", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
