@@ -3,13 +3,12 @@ tiny synthetic runs, one per FFN kind) and refuses arguments that are not run fo
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from hymoerec import train
+from study_cases import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
         "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
         "--device", "cpu", "--threads", "1", "--epochs", "2"]

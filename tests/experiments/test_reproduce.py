@@ -2,15 +2,13 @@
 tiny runs (each trained by python -m hymoerec.train), --no-train and --keep-runs, the
 published columns read from experiments/published/, and the named configs' settings."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import reproduce, tables
 from hymoerec import options
-
-REPO = Path(__file__).resolve().parents[2]
+from study_cases import REPO
 TINY_DATA = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "12",
              "--batch-size", "64", "--max-len", "10", "--threads", "1", "--no-progress"]
 

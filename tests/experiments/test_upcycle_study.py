@@ -3,17 +3,13 @@ trains, a second call trains nothing, and the table compares them."""
 import json
 import os
 import subprocess
-from pathlib import Path
 
 from experiments import aggregate_upcycle
-
-REPO = Path(__file__).resolve().parents[2]
+from study_cases import REPO, write_sequences
 
 
 def test_upcycle_study_end_to_end(tmp_path):
-    data = tmp_path / "data.txt"
-    data.write_text("".join(f"u{u} " + " ".join(f"i{(u * 5 + j) % 23}" for j in range(8)) + "\n"
-                            for u in range(80)))
+    data = write_sequences(tmp_path / "data.txt", users=80, items=23, length=8, stride=5)
     out = tmp_path / "runs"
     call = ["bash", "experiments/upcycle_runs.sh", str(data), str(out), "30", "--d-model", "16",
             "--epochs", "2", "--warmup-steps", "3"]

@@ -1,8 +1,6 @@
 """Baseline backbones (GRU4Rec, NARM, BERT4Rec, Mamba4Rec) and --ffn inside each backbone."""
-import json
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hymoerec import distributed, evaluate, train
+from hymoerec import distributed, evaluate, options, train
 from hymoerec.data import bucketed_batches, leave_one_out, synthetic, training_windows
 
 REPO = Path(__file__).resolve().parents[2]

@@ -267,7 +267,6 @@ def test_init_from_upcycles_a_dense_run_and_starts_where_it_ended(tmp_path, caps
     # the upcycled model at warm-up step 0 scores exactly like the dense best model
     from hymoerec.checkpoint import load_checkpoint
     from hymoerec.models import build_model
-    from hymoerec.models.upcycling import upcycle_to_hymoe
     args = options.parse_args(["--init-from", str(tmp_path / "dense"), "--ffn", "hymoe"])
     args.max_len, args.dropout = config["max_len"], config["dropout"]
     trainer = train.Trainer(argparse.Namespace(**{**vars(args), "run_dir": str(tmp_path / "x")}))
