@@ -9,20 +9,22 @@ time limit) and is marked ``finished: false``, with the epochs it reached.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from argparse import Namespace
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.tables import format_mean_std, mean_std, published  # noqa: E402
 from hymoerec.checkpoint import load_checkpoint  # noqa: E402
+from hymoerec.cli import ArgumentParser  # noqa: E402
 from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.evaluate import Recommender, evaluate_checkpoint, seen_items_in_top  # noqa: E402
 from hymoerec.models import ModelConfig  # noqa: E402
+from hymoerec.models.base import older_runs_value  # noqa: E402
 from hymoerec.run_folder import (BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT,  # noqa: E402
                                  LOG_FILE, SUMMARY_FILE)
 from hymoerec.settings import load_data  # noqa: E402
@@ -118,7 +120,8 @@ def aggregate(records: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    config = ModelConfig().to_dict() | runs[0]["config"]  # older runs: later fields' defaults
+    # a run saved before a model field existed: the value it trained with
+    config = {f.name: older_runs_value(f) for f in fields(ModelConfig)} | runs[0]["config"]
     settings = ", ".join(f"{k}={config[k]}" for k in
                          ("batch_size", "lr", "epochs", "patience", "d_model", "n_layers",
                           "n_heads", "dropout", "max_len", "output_head", "head_skip",
@@ -151,7 +154,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=RESULTS / "beauty_table")
     p.add_argument("--launch-commit", help="commit of runs started before train.py recorded "

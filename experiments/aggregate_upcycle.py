@@ -13,7 +13,6 @@ are left out of the means and counted.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from argparse import Namespace
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.reproduce import test_ranks  # noqa: E402
 from experiments.tables import NO_VALUE, mean_std_cell, paired_test  # noqa: E402
+from hymoerec.cli import ArgumentParser  # noqa: E402
 from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.metrics import ndcg_gains  # noqa: E402
 from hymoerec.run_folder import LOG_FILE, SUMMARY_FILE, read_log, write_json  # noqa: E402
@@ -134,7 +134,7 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs_dir", type=Path)
     p.add_argument("--out", type=Path, help="Markdown file (default RUNS_DIR/upcycle.md); "
                                             "the JSON is written next to it")

@@ -36,7 +36,7 @@ import numpy as np
 import hymoerec
 from experiments.tables import (NO_VALUE, PERMUTATIONS, mean_std_cell, paired_test,
                                 published)
-from hymoerec.cli import fail
+from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import leave_one_out
 from hymoerec.evaluate import Recommender
 from hymoerec.metrics import ndcg_gains, rank_metrics, rank_targets
@@ -337,7 +337,7 @@ def paper_dataset(opts: Namespace) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train every baseline and HyMoERec on one split and write the comparison "
                     "table. Unknown flags are passed to every training run (see "
                     "python -m hymoerec.train --help).")
