@@ -82,7 +82,7 @@ def measure(variant: str, users: int, items: int, length: int, steps: int, eval_
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from hymoerec import train
+    from hymoerec import options, train
     from hymoerec.data import bucketed_batches
     from hymoerec.metrics import evaluate_ranking
 
@@ -118,7 +118,7 @@ def measure(variant: str, users: int, items: int, length: int, steps: int, eval_
     watch = LargestTensor()
 
     with Stage(record, "setup", baseline) as stage:     # data, split, windows, model, Adam
-        trainer = train.Trainer(train.parse_args(argv))
+        trainer = train.Trainer(options.parse_args(argv))
     if stage.failed:
         return record
     data, split = trainer.data, trainer.split

@@ -40,7 +40,7 @@ def random_histories(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 def make_model(variant: str, device: str):
     torch.manual_seed(0)
-    config = ModelConfig(max_len=MAX_LEN, d_model=D_MODEL, **VARIANTS[variant])
+    config = ModelConfig(max_len=MAX_LEN, d_model=D_MODEL, seen_bias=False, **VARIANTS[variant])
     model = build_model("sasrec", N_ITEMS, config).to(device)
     for layer in model.hymoe_layers():
         layer.set_step(layer.warmup_steps)        # alpha past its warm-up ramp

@@ -2,6 +2,7 @@
 
 Modules: ``data`` (readers, named datasets, synthetic data, leave-one-out split),
 ``models`` (backbone registry; ``sasrec``), ``metrics`` (full-ranking HR/NDCG),
-``train`` / ``evaluate`` (command-line entry points; ``evaluate.Recommender``).
+``options`` (the command line), ``train`` / ``evaluate`` (command-line entry points;
+``evaluate.Recommender``), ``run_folder`` (a training run's files).
 """
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ import os
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -195,6 +195,16 @@ class DistContext:
                                    f"max {high.tolist()})")
 
     # ------------------------------------------------------------------- training
+    def join_training(self, model: nn.Module, seed: int, agreed: Sequence) -> Callable:
+        """Start this process's part in training ``model``: check that every rank holds the
+        same ``agreed`` values (JSON-able: e.g. the data's item ids and the run's flags,
+        compared by :func:`digest`), give it its own dropout stream (:meth:`seed_dropout`)
+        and return the loss callable to train with (:meth:`train_loss`)."""
+        self.check_same([digest(value) for value in agreed], "data and flags")
+        train_loss = self.train_loss(model)
+        self.seed_dropout(seed)
+        return train_loss
+
     def share(self, batch: Sequence[int]) -> tuple[list[int], bool]:
         """:func:`rank_share` of this rank (the whole batch in one process)."""
         return rank_share(batch, self.rank, self.world_size)

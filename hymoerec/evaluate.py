@@ -28,14 +28,15 @@ from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import DataFormatError, Segments, last_items, leave_one_out, pad_right
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
-from hymoerec.run_folder import write_json
+from hymoerec.options import HelpFormatter, add_device_argument, add_eval_batch_size_argument
+from hymoerec.run_folder import BEST_CHECKPOINT, write_json
 from hymoerec.settings import load_data, model_config, pick_device
 
 
-def checkpoint_path(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint file, or ``<run dir>/<which>.pt`` for a run folder."""
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or the best checkpoint of a run folder."""
     path = Path(path)
-    return path / f"{which}.pt" if path.is_dir() else path
+    return path / BEST_CHECKPOINT if path.is_dir() else path
 
 
 class Recommender:
@@ -47,7 +48,7 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Recommender":
-        """Load ``path`` (a .pt file or a run folder, whose best.pt is used)."""
+        """Load ``path`` (a .pt file or a run folder, whose best checkpoint is used)."""
         path = checkpoint_path(path)
         state = load_checkpoint(path, ("model", "config", "item_ids"))
         config = state["config"]
@@ -138,25 +139,32 @@ def seen_items_in_top(rec: Recommender, histories: Segments, k: int = 10,
             "last_item_first": last_first / n}
 
 
-def main(argv: list[str] | None = None) -> dict | list[str]:
-    p = ArgumentParser(description="Evaluate a HyMoERec checkpoint or recommend items.")
-    p.add_argument("checkpoint", help="run folder (uses best.pt) or checkpoint file")
+def build_parser() -> argparse.ArgumentParser:
+    """evaluate.py's command line (its --device and --eval-batch-size are train.py's)."""
+    p = ArgumentParser(description="Evaluate a HyMoERec checkpoint or recommend items.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", help=f"run folder (uses {BEST_CHECKPOINT}) or checkpoint file")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="remove users' earlier items from the ranking (default: as trained)")
     p.add_argument("--recommend", nargs="+", metavar="ITEM",
                    help="print the top -k items after this history of original item ids")
     p.add_argument("-k", type=int, default=10, help="how many items --recommend returns")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=1024, help="users scored at once")
+    add_device_argument(p)
+    add_eval_batch_size_argument(p)
     p.add_argument("--seen-items", action="store_true",
                    help="also report how many of each test user's top -k items (history kept) "
                         "the user has already seen")
     p.add_argument("--json", help="also write the metrics to this JSON file (its folder must "
                                   "exist)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | list[str]:
+    p = build_parser()
     args = p.parse_args(argv)
-    for name in ("batch_size", "k"):
+    for name in ("eval_batch_size", "k"):
         if getattr(args, name) < 1:
-            p.error(f"{'-k' if name == 'k' else '--batch-size'} must be >= 1, got "
+            p.error(f"{'-k' if name == 'k' else '--eval-batch-size'} must be >= 1, got "
                     f"{getattr(args, name)}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         p.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
             print(" ".join(items))
             return items
         metrics = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
-                                      args.batch_size, args.k if args.seen_items else None)
+                                      args.eval_batch_size, args.k if args.seen_items else None)
     except (CheckpointError, DataFormatError, NonFiniteScoresError, ValueError) as err:
         raise fail(str(err)) from None
     for stage in ("valid", "test"):

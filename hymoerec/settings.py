@@ -1,6 +1,6 @@
-"""What a run's settings mean, shared by train.py, evaluate.py and reproduce.py: the model
-flags made from ModelConfig, the ModelConfig of a run's settings, the defaults that come
-from the data, the data a run's settings name, and the device.
+"""What a run's settings mean, shared by train.py, evaluate.py and the studies in
+experiments/: the ModelConfig of a run's settings, the defaults that come from the data, the
+data a run's settings name, and the device. (The flags themselves: :mod:`hymoerec.options`.)
 """
 from __future__ import annotations
 
@@ -13,35 +13,15 @@ import torch
 
 from hymoerec.data import SequenceData, load_dataset, read_file, synthetic
 from hymoerec.models import ModelConfig
-
-
-# train.py's defaults that differ from ModelConfig's (the paper's model): our additions that
-# trained better models on both datasets (benchmarks/results/README.md, "What closed the gap")
-TRAINER_DEFAULTS = {"seen_bias": True}
-
-
-def add_model_arguments(group) -> None:
-    """One flag per ModelConfig field (``--d-model`` for ``d_model``), with the field's
-    default (or TRAINER_DEFAULTS') and help; data-dependent fields default to None (see
-    :func:`data_defaults`)."""
-    for f in fields(ModelConfig):
-        cli = dict(f.metadata)
-        flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
-        default = None if cli.pop("data_default", False) else TRAINER_DEFAULTS.get(f.name,
-                                                                                     f.default)
-        if "action" not in cli:
-            if f.type in (bool, "bool"):
-                cli["action"] = argparse.BooleanOptionalAction
-            else:
-                cli["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        group.add_argument(flag, dest=f.name, default=default, **cli)
+from hymoerec.models.base import older_runs_value
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    """The ModelConfig fields set in ``args`` (a field missing from a config saved before it
-    existed, or a data-dependent one not yet resolved, gets its default)."""
-    return ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)
-                          if getattr(args, f.name, None) is not None})
+    """The ModelConfig fields set in ``args``: a field missing from a config saved before it
+    existed gets the value that run trained with (:func:`older_runs_value`), a data-dependent
+    one not yet resolved (None) its default."""
+    values = {f.name: getattr(args, f.name, older_runs_value(f)) for f in fields(ModelConfig)}
+    return ModelConfig(**{name: value for name, value in values.items() if value is not None})
 
 
 def data_defaults(data: SequenceData) -> dict:

@@ -76,10 +76,10 @@ def time_epoch(flags: list[str], precision: str, path: str | None, warmup_steps:
     """Seconds of one training epoch of the model ``flags`` describe (module docstring)."""
     import torch
 
-    from hymoerec import train
+    from hymoerec import options, train
 
     with tempfile.TemporaryDirectory(prefix="bench_epoch-") as run_dir:
-        trainer = train.Trainer(train.parse_args(flags + ["--run-dir", run_dir, "--overwrite"]))
+        trainer = train.Trainer(options.parse_args(flags + ["--run-dir", run_dir, "--overwrite"]))
         device = trainer.device
         if precision == "bf16":
             loss = trainer.train_loss

@@ -21,9 +21,9 @@ rows=${ROWS:-"sasrec:dense:1 sasrec:dense:2 sasrec:dense:3 sasrec:hymoe:1 sasrec
 run_root=${RUN_ROOT:-${TMPDIR:-/tmp}/ml1m-runs}
 mkdir -p "$out" "$run_root"
 # one slot per run, so every run trains at once; a run may start with a minute left
-START_FLOOR=1 benchmarks/table_runs.sh "$data" pairs "$run_root" "$minutes" $rows -- "$@"
+START_FLOOR=1 experiments/table_runs.sh "$data" pairs "$run_root" "$minutes" $rows -- "$@"
 seeds=$(for r in $rows; do echo "${r##*:}"; done | sort -n | tail -1)
 keep=(); [ -n "${KEEP:-}" ] && keep=(--keep-runs "$KEEP")
-python -m hymoerec.reproduce --no-train --data-file "$data" --format pairs --paper-dataset ml-1m \
+python -m experiments.reproduce --no-train --data-file "$data" --format pairs --paper-dataset ml-1m \
   --seeds "$seeds" --run-root "$run_root" --out "$out/ml1m_table1.md" "${keep[@]}" "$@"
 tar czf "$out/ml1m_runs.tgz" -C "$run_root" --exclude '*.pt' .

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from hymoe_kernels import HyMoEFFN
 from hymoe_kernels.backend import BACKENDS
+from hymoe_kernels.config import HYMOE_DEFAULTS
 
 from ..metrics import streaming_rank, streaming_topk
 from .scoring import full_item_scores, full_softmax_loss, seen_items
@@ -29,14 +30,24 @@ class ConfigError(ValueError):
 def setting(default, help: str, **cli) -> Field:
     """A ModelConfig field with its command-line help; ``cli`` holds how train.py's flag
     differs from the plain ``--name`` of the field's type (``flag``, ``action``, ``choices``,
-    ``data_default=True``: unset on the command line, filled in from the data)."""
+    ``data_default=True``: unset on the command line, filled in from the data) and
+    ``older_runs``: the value a run saved before the field existed trained with, where that
+    is not the default (see :func:`older_runs_value`)."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+def older_runs_value(f: Field):
+    """The value of ModelConfig field ``f`` for a run whose saved config lacks it (it was
+    saved before the field existed): the model that run trained, so it resumes and loads
+    as it ran."""
+    return f.metadata.get("older_runs", f.default)
 
 
 @dataclass
 class ModelConfig:
-    """Backbone hyper-parameters (defaults: the paper's / SASRec's public config). The one
-    source of the model's settings: train.py makes a flag of every field."""
+    """Backbone hyper-parameters (defaults: the paper's / SASRec's public config, the HyMoE
+    layer's from HYMOE_DEFAULTS, plus our seen-item offset). The one source of the model's
+    settings: train.py makes a flag of every field."""
     max_len: int = setting(50, "most recent items the model sees (default from the data: "
                                "enough for 80%% of the users' whole sequences, 50..200; ML-1M "
                                "200, Beauty 50)", data_default=True)
@@ -50,10 +61,10 @@ class ModelConfig:
                                   "apart by the data's density)", data_default=True)
     ffn: str = setting("hymoe", "position-wise FFN: HyMoE or the plain dense ablation",
                        choices=FFN_KINDS)
-    num_experts: int = setting(4, "sparse experts E")
-    top_k: int = setting(2, "experts per token k")
-    warmup_steps: int = setting(500, "alpha warm-up T_warmup")
-    lb_weight: float = setting(0.02, "load-balance lambda_lb")
+    num_experts: int = setting(HYMOE_DEFAULTS.num_experts, "sparse experts E")
+    top_k: int = setting(HYMOE_DEFAULTS.top_k, "experts per token k")
+    warmup_steps: int = setting(HYMOE_DEFAULTS.warmup_steps, "alpha warm-up T_warmup")
+    lb_weight: float = setting(HYMOE_DEFAULTS.lb_weight, "load-balance lambda_lb")
     backend: str = setting("auto", "HyMoEFFN backend", choices=BACKENDS)
     fused_loss: bool = setting(True, "score all items with one (positions x items) matrix "
                                      "instead of the fused linear cross-entropy that never "
@@ -72,13 +83,14 @@ class ModelConfig:
                                        "longer scores highest")
     head_skip: float = setting(0.0, "with --output-head: add the last block's output, times "
                                     "this weight, to the head's (query = head(h) + w * h)")
-    seen_bias: bool = setting(False, "learn one score offset (starting at 0) added to every "
-                                     "item already in the input, so the model can learn to "
-                                     "rank items the user has seen lower (data without "
-                                     "repeats: ML-1M, Beauty) or higher (data with repeats); "
-                                     "bert4rec's Cloze loss offsets each masked position's "
-                                     "unmasked window items; our addition, not the paper's: "
-                                     "on in train.py, off in ModelConfig()")
+    seen_bias: bool = setting(True, "learn one score offset (starting at 0) added to every "
+                                    "item already in the input, so the model can learn to "
+                                    "rank items the user has seen lower (data without "
+                                    "repeats: ML-1M, Beauty) or higher (data with repeats); "
+                                    "bert4rec's Cloze loss offsets each masked position's "
+                                    "unmasked window items; our addition, not the paper's "
+                                    "(it trained better models on both datasets)",
+                              older_runs=False)
 
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
@@ -113,35 +125,42 @@ class ModelConfig:
 
 
 class DenseFFN(nn.Module):
-    """D -> F -> D with exact-erf GELU and output dropout; ``forward(x, mask)`` ignores mask."""
+    """(..., D) float -> (..., D): D -> F -> D with exact-erf GELU and output dropout, with
+    ``hidden_dropout`` also on the F hidden units (the official Mamba4Rec FFN,
+    dropout(W2 dropout(GELU(W1 x)))); ``forward(x, mask)`` ignores mask."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, hidden_dropout: bool = False):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.hidden_dropout = hidden_dropout
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+        hidden = F.gelu(self.fc1(x))
+        return self.dropout(self.fc2(self.dropout(hidden) if self.hidden_dropout else hidden))
 
 
-def make_ffn(config: ModelConfig) -> nn.Module:
+def make_ffn(config: ModelConfig, hidden_dropout: bool = False) -> nn.Module:
     """The position-wise FFN of a block, D -> ffn_mult * D -> D, called as ``ffn(x, mask)``
     with x (B, L, D) float and mask (B, L) bool (True = real item): HyMoE for
-    ``config.ffn == "hymoe"``, else the plain dense FFN. Every backbone builds its FFN here."""
+    ``config.ffn == "hymoe"`` (output dropout only), else the plain dense FFN (with
+    ``hidden_dropout`` as :class:`DenseFFN`). Every backbone builds its FFN here."""
     d_ff = config.d_model * config.ffn_mult
     if config.ffn == "hymoe":
         return HyMoEFFN(config.d_model, d_ff, config.num_experts, config.top_k,
                         config.warmup_steps, config.lb_weight, config.dropout, config.backend)
-    return DenseFFN(config.d_model, d_ff, config.dropout)
+    return DenseFFN(config.d_model, d_ff, config.dropout, hidden_dropout)
 
 
 def init_normal(model: nn.Module, std: float = 0.02) -> None:
-    """SASRec / BERT4Rec's init: Linear and Embedding weights ~ N(0, std), Linear biases 0,
-    every HyMoEFFN likewise (so HyMoE and the dense FFN start alike), padding row 0 zero."""
+    """SASRec / BERT4Rec's and the official Mamba4Rec's (RecBole's) init: Linear and
+    Embedding weights ~ N(0, std), Linear biases 0, every HyMoEFFN likewise (so HyMoE and the
+    dense FFN start alike), padding row 0 zero; other modules (Conv1d, GRU, Mamba's A_log
+    and D) keep their own init."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, HyMoEFFN):
             module.reset_parameters(std)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import register
 from .base import ModelConfig, init_normal
-from .layers import TransformerBackbone
+from .transformer_blocks import TransformerBackbone
 from .scoring import full_softmax_loss
 
 

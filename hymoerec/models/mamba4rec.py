@@ -6,12 +6,13 @@ on RecBole with ``mamba_ssm.Mamba``; benchmarks/results/README.md lists the comp
 Model: x = LayerNorm(dropout(emb(items))) (no position embedding: the scan is ordered);
 per layer: h = Mamba(x); h = LayerNorm(dropout(h)) for one layer, LayerNorm(dropout(h) + x)
 when stacked; out = LayerNorm(h + FFN(h)). The dense FFN is the official one,
-dropout(W2 dropout(GELU(W1 h))); ``--ffn hymoe`` puts :func:`.base.make_ffn`'s HyMoE layer
-there instead (dropout on its output only), HyMoERec on the Mamba4Rec backbone. Every
-LayerNorm has eps 1e-12. Init as the official code's (RecBole's init applied to the whole
-model, the Mamba mixer included): every Linear and Embedding weight ~ N(0, 0.02), every
-Linear bias 0 (so also the dt projection's: delta starts at softplus(0) = ln 2 instead of
-Mamba's [1e-3, 0.1]); the conv, A_log and D keep Mamba's init.
+dropout(W2 dropout(GELU(W1 h))) (:func:`.base.make_ffn` with hidden dropout); ``--ffn hymoe``
+puts its HyMoE layer there instead (dropout on its output only), HyMoERec on the Mamba4Rec
+backbone. Every LayerNorm has eps 1e-12. Init as the official code's (RecBole's init applied
+to the whole model, the Mamba mixer included, :func:`.base.init_normal`): every Linear and
+Embedding weight ~ N(0, 0.02), every Linear bias 0 (so also the dt projection's: delta
+starts at softplus(0) = ln 2 instead of Mamba's [1e-3, 0.1]); the conv, A_log and D keep
+Mamba's init.
 
 Defaults (``paper_defaults``, the official config.yaml): one layer, d_model 64, d_state 32,
 d_conv 4, expand 2, dropout 0.2, FFN of width 4 d_model (``max_len`` 50 for Amazon data and
@@ -33,16 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hymoe_kernels import HyMoEFFN
-
 from . import register
-from .base import ModelConfig, SequentialRecommender, make_ffn
+from .base import ModelConfig, SequentialRecommender, init_normal, make_ffn
 
 LOG_RANGE = 30.0           # most total log-decay inside one parallel chunk (exp(30) ~ 1e13)
 MAX_SCAN_CHUNK = 64
 CHECKPOINT_ELEMENTS = 1 << 26  # above this many (Bt, L, Din, N) elements, recompute in backward
 LAYER_NORM_EPS = 1e-12     # the official code's (RecBole's) LayerNorm eps
-INIT_STD = 0.02
 
 
 def selective_scan_reference(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
@@ -160,7 +158,7 @@ class MambaBlock(nn.Module):
     """Mamba mixer (B, L, d_model) -> (B, L, d_model), causal: position t depends only on
     positions <= t (causal conv + forward scan), so right padding cannot reach real items.
     A_log starts at log(1..d_state) (S4D-real) and D at 1; its Linear layers are initialised
-    by the model (:func:`init_like_official`), not with Mamba's own dt init."""
+    by the model (:func:`.base.init_normal`), not with Mamba's own dt init."""
 
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int):
         super().__init__()
@@ -184,20 +182,6 @@ class MambaBlock(nn.Module):
         return self.out_proj(y * F.silu(z))
 
 
-class FeedForward(nn.Module):
-    """The official Mamba4Rec FFN without its residual and norm (MambaLayer adds those):
-    (..., D) float -> (..., D), dropout(W2 dropout(GELU(W1 x))), exact-erf GELU; the
-    ``mask`` of ``make_ffn``'s contract is ignored."""
-
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
-
-
 class MambaLayer(nn.Module):
     """Mamba mixer (+ residual when stacked), LayerNorm, then FFN with residual + LayerNorm."""
     # the dense ffn for hymoe_kernels.replace_ffn: (up, down, output dropout)
@@ -210,8 +194,7 @@ class MambaLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.d_model, eps=LAYER_NORM_EPS)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=LAYER_NORM_EPS)
-        self.ffn = (FeedForward(config.d_model, config.ffn_mult * config.d_model, config.dropout)
-                    if config.ffn == "dense" else make_ffn(config))
+        self.ffn = make_ffn(config, hidden_dropout=True)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, L, D) float, mask (B, L) bool (True = real item) -> (B, L, D)."""
@@ -220,23 +203,9 @@ class MambaLayer(nn.Module):
         return self.ffn_norm(h + self.ffn(h, mask))
 
 
-def init_like_official(model: nn.Module, std: float = INIT_STD) -> None:
-    """The official code's init: every Linear and Embedding weight ~ N(0, std) and every
-    Linear bias 0, inside the Mamba mixer too (its dt projection's bias included); every
-    HyMoEFFN likewise; padding row 0 zero. Conv1d, A_log and D are left as they are."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, HyMoEFFN):
-            module.reset_parameters(std)
-    model.item_emb.weight.data[0].zero_()
-
-
 @register("mamba4rec")
 class Mamba4Rec(SequentialRecommender):
-    """Initialised by :func:`init_like_official`."""
+    """Initialised as the official code (:func:`.base.init_normal`)."""
     paper_defaults = {"ffn": "dense", "n_layers": 1, "dropout": 0.2, "d_state": 32,
                       "d_conv": 4, "expand": 2}
 
@@ -245,7 +214,7 @@ class Mamba4Rec(SequentialRecommender):
         self.input_dropout = nn.Dropout(config.dropout)
         self.input_norm = nn.LayerNorm(config.d_model, eps=LAYER_NORM_EPS)
         self.layers = nn.ModuleList(MambaLayer(config) for _ in range(config.n_layers))
-        init_like_official(self)
+        init_normal(self)
 
     def encode(self, items: Tensor) -> Tensor:
         """items (B, L) int64 right-padded with 0 -> hidden (B, L, D) float32."""

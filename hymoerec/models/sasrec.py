@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from . import register
 from .base import ModelConfig, init_normal
-from .layers import TransformerBackbone
+from .transformer_blocks import TransformerBackbone
 
 
 @register("sasrec")

@@ -15,7 +15,7 @@ from torch import nn
 from hymoe_kernels import HyMoEFFN, hymoe_aux_loss, hymoe_stats, replace_ffn
 from hymoe_kernels.upcycle import HyMoETransformerDecoderLayer, HyMoETransformerEncoderLayer
 from hymoerec.models import ModelConfig, build_model
-from hymoerec.models.upcycle import upcycle_to_hymoe
+from hymoerec.models.upcycling import upcycle_to_hymoe
 from kernel_cases import DEVICE
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -341,7 +341,8 @@ def test_readme_example_runs(capsys):
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec", "mamba4rec"])
 def test_upcycle_to_hymoe_keeps_the_model_and_matches_a_fresh_hymoe_model(name):
     torch.manual_seed(0)
-    config = ModelConfig(max_len=8, d_model=16, n_heads=2, n_layers=2, ffn="dense", dropout=0.1)
+    config = ModelConfig(max_len=8, d_model=16, n_heads=2, n_layers=2, ffn="dense", dropout=0.1,
+                         seen_bias=False)
     model = build_model(name, 30, config).eval()
     items = torch.tensor([[3, 7, 9, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
     real = items > 0
@@ -369,7 +370,8 @@ def test_upcycle_to_hymoe_keeps_the_model_and_matches_a_fresh_hymoe_model(name):
 
 def test_replace_ffn_understands_the_project_backbones():
     torch.manual_seed(0)
-    config = ModelConfig(max_len=8, d_model=16, n_heads=2, n_layers=2, ffn="dense", dropout=0.2)
+    config = ModelConfig(max_len=8, d_model=16, n_heads=2, n_layers=2, ffn="dense", dropout=0.2,
+                         seen_bias=False)
     model = build_model("sasrec", 30, config)
     assert replace_ffn(model, which=["blocks.1.ffn"]) == ["blocks.1.ffn"]   # just that one
     assert replace_ffn(model) == ["blocks.0.ffn"]                 # the rest
@@ -380,7 +382,7 @@ def test_replace_ffn_understands_the_project_backbones():
 
 
 def test_upcycle_to_hymoe_errors():
-    config = ModelConfig(max_len=8, d_model=16, n_heads=2, ffn="dense")
+    config = ModelConfig(max_len=8, d_model=16, n_heads=2, ffn="dense", seen_bias=False)
     model = build_model("sasrec", 30, config)
     with pytest.raises(ValueError, match=r"it also changes d_model \(16 -> 32\), n_heads"):
         upcycle_to_hymoe(model, dataclasses.replace(config, ffn="hymoe", d_model=32, n_heads=4))

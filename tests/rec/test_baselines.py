@@ -1,13 +1,10 @@
-"""Baseline backbones (GRU4Rec, NARM, BERT4Rec, Mamba4Rec), --ffn inside each backbone, and
-the reproduction script."""
-import json
+"""Baseline backbones (GRU4Rec, NARM, BERT4Rec, Mamba4Rec) and --ffn inside each backbone."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from hymoerec import reproduce, train
+from hymoerec import options, train
 from hymoerec.evaluate import Recommender
 from hymoerec.models import MODELS, ModelConfig, build_model
 from hymoerec.models import mamba4rec, narm
@@ -20,9 +17,10 @@ TINY_DATA = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic
 
 
 def small_model(name, ffn="dense", n_items=40, **overrides):
+    """A small ``name`` model; without the seen-item offset unless ``seen_bias=True``."""
     torch.manual_seed(0)
     fields = {**MODELS[name].paper_defaults, "max_len": 8, "d_model": 16, "rnn_hidden": 12,
-              "d_state": 4, "dropout": 0.0, "ffn": ffn, **overrides}
+              "d_state": 4, "dropout": 0.0, "ffn": ffn, "seen_bias": False, **overrides}
     return build_model(name, n_items, ModelConfig(**fields)).eval()
 
 
@@ -45,11 +43,11 @@ def test_one_epoch_through_train_main(name, ffn, tmp_path):
 
 
 def test_paper_defaults_yield_to_flags_and_models_without_ffn_refuse_hymoe():
-    args = train.parse_args(["--model", "mamba4rec"])
+    args = options.parse_args(["--model", "mamba4rec"])
     assert (args.n_layers, args.ffn, args.d_state, args.dropout) == (1, "dense", 32, 0.2)
-    args = train.parse_args(["--model", "mamba4rec", "--ffn", "hymoe", "--n-layers", "2"])
+    args = options.parse_args(["--model", "mamba4rec", "--ffn", "hymoe", "--n-layers", "2"])
     assert (args.n_layers, args.ffn) == (2, "hymoe")
-    assert train.parse_args([]).ffn == "hymoe"            # sasrec keeps the shared defaults
+    assert options.parse_args([]).ffn == "hymoe"            # sasrec keeps the shared defaults
     for name in ("gru4rec", "narm"):
         with pytest.raises(ValueError, match="no position-wise FFN"):
             small_model(name, ffn="hymoe")
@@ -130,7 +128,7 @@ def test_mamba4rec_init_is_the_official_codes(ffn):
     # the Mamba mixer's dt projection included, so delta starts near softplus(0) = ln 2
     torch.manual_seed(0)
     model = build_model("mamba4rec", 500, ModelConfig(**{**MODELS["mamba4rec"].paper_defaults,
-                                                          "ffn": ffn}))
+                                                          "ffn": ffn, "seen_bias": False}))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == (6 if ffn == "dense" else 4)
     for layer in linears + [model.item_emb]:
@@ -291,164 +289,3 @@ def test_bert4rec_seen_offset_scores_the_visible_window_items(fused):
         model.seen_offset.zero_()
     torch.testing.assert_close(plain[0, [3, 7, 9]] + 1.5, model.score_next(
         torch.tensor([[3, 7, 9]]))[0, [3, 7, 9]])
-
-
-def test_paired_test_and_budget_parsing():
-    rng = np.random.default_rng(0)
-    base = rng.random(400)
-    same = reproduce.paired_test(base, base)
-    assert same["mean_diff"] == 0 and same["p_permutation"] == 1.0
-    better = reproduce.paired_test(base + 0.05 + 0.01 * rng.standard_normal(400), base)
-    assert better["p_permutation"] < 0.001 and better["t"] > 10
-    assert better["ci95"][0] < better["mean_diff"] < better["ci95"][1]
-    noise = reproduce.paired_test(base + 0.01 * rng.standard_normal(400), base)
-    assert noise["p_permutation"] > 0.01
-    assert reproduce.parse_budget("5") == ["--epochs", "5"]
-    assert reproduce.parse_budget("2.5m") == ["--max-minutes", "2.5"]
-    for bad in ("0", "5h", "1.5"):
-        with pytest.raises(Exception, match="--budget"):
-            reproduce.parse_budget(bad)
-
-
-def test_reproduce_writes_the_table(tmp_path):
-    out = tmp_path / "table.md"
-    result = reproduce.main(["--seeds", "1", "--budget", "1", "--models", "gru4rec",
-                             "HyMoERec (SASRec backbone)", "--paper-dataset", "beauty",
-                             "--run-root", str(tmp_path / "runs"), "--out", str(out),
-                             "--d-model", "16", *TINY_DATA])
-    text = out.read_text()
-    assert "| GRU4Rec |" in text and "| HyMoERec (SASRec backbone) |" in text
-    # the paper's Beauty GRU4Rec and HyMoERec rows beside ours
-    assert "| 0.0402 | 0.0635 | 0.0274 | 0.0349 |" in text
-    assert "| 0.0518 | 0.0756 | 0.0365 | 0.0442 |" in text
-    assert "Budgeted run" in text and "against the best baseline, **GRU4Rec**" in text
-    assert "Validation NDCG@10 after each epoch" in text
-    # our GRU4Rec beside the independent RecBole run of it (0.0342 NDCG@10)
-    assert "independent RecBole runs" in text and "| 0.0342 |" in text
-    assert set(result["significance"]) == {"HyMoERec (SASRec backbone)"}
-    # the Markdown is rendered from the JSON alone: --render gives the same text
-    rendered = tmp_path / "again.md"
-    reproduce.main(["--render", str(out.with_suffix(".json")), "--out", str(rendered)])
-    assert rendered.read_text() == text
-    # a second call reuses the finished runs instead of training again
-    again = reproduce.main(["--seeds", "1", "--budget", "1", "--models", "gru4rec",
-                            "--run-root", str(tmp_path / "runs"), "--out", str(out),
-                            "--d-model", "16", *TINY_DATA])
-    assert (again["results"]["GRU4Rec"]["runs"][0]["test"]
-            == result["results"]["GRU4Rec"]["runs"][0]["test"])
-    # the same checkpoints under the other protocol: history excluded never ranks worse
-    assert "earlier items removed from the ranking (history excluded)" in text
-    for label, r in result["results"].items():
-        run = r["runs"][0]
-        assert run["test_other_protocol"]["HR@10"] >= run["test"]["HR@10"] and run["finished"]
-
-
-def test_no_train_tables_what_has_a_summary_and_marks_runs_still_training(tmp_path):
-    runs = tmp_path / "runs"
-    flags = ["--seeds", "2", "--models", "gru4rec", "narm", "--run-root", str(runs),
-             "--out", str(tmp_path / "t.md"), "--d-model", "16", *TINY_DATA]
-    reproduce.main(["--seeds", "1", "--budget", "1"] + flags[2:])   # gru4rec and narm, seed 1
-    summary_path = runs / "narm-dense-s1" / "summary.json"
-    summary = json.loads(summary_path.read_text())
-    summary_path.write_text(json.dumps({**summary, "finished": False}))  # as --max-minutes leaves it
-    result = reproduce.main(["--no-train", "--budget", "1"] + flags)
-    text = (tmp_path / "t.md").read_text()
-    assert [len(r["runs"]) for r in result["results"].values()] == [1, 1]  # no seed 2 trained
-    assert "| NARM | 1 | 1 (still training) |" in text and "| GRU4Rec | 1 | 1 |" in text
-    assert not (runs / "gru4rec-dense-s2").exists()
-
-
-def test_keep_runs_fills_a_table_from_an_earlier_report_when_run_folders_are_gone(tmp_path):
-    import shutil
-    hymoe = "HyMoERec (SASRec backbone)"
-    common = ["--seeds", "1", "--budget", "1", "--d-model", "16", *TINY_DATA]
-    flags = common + ["--models", "gru4rec", hymoe]
-    first = reproduce.main(flags + ["--run-root", str(tmp_path / "a"), "--out",
-                                    str(tmp_path / "a.md")])
-    assert (tmp_path / "a_ranks.npz").is_file()
-    shutil.rmtree(tmp_path / "a")   # a new machine: the run folders are gone
-    # GRU4Rec is kept from the earlier report; HyMoERec seed 1 has a fresh run folder here
-    fresh = reproduce.main(common + ["--models", hymoe, "--run-root", str(tmp_path / "b"),
-                                     "--out", str(tmp_path / "b0.md")])
-    again = reproduce.main(flags + ["--no-train", "--run-root", str(tmp_path / "b"),
-                                    "--keep-runs", str(tmp_path / "a.json"), "--out",
-                                    str(tmp_path / "b.md")])
-    assert again["results"]["GRU4Rec"]["runs"] == first["results"]["GRU4Rec"]["runs"]
-    assert again["results"][hymoe]["runs"] == fresh["results"][hymoe]["runs"]
-    want = reproduce.paired_test(fresh["results"][hymoe]["ndcg10_per_user"],
-                                 first["results"]["GRU4Rec"]["ndcg10_per_user"])
-    assert again["significance"][hymoe] == {"against": "GRU4Rec", **want}
-    # and the new report keeps them all for the next machine
-    third = reproduce.main(flags + ["--no-train", "--run-root", str(tmp_path / "c"),
-                                    "--keep-runs", str(tmp_path / "b.json"), "--out",
-                                    str(tmp_path / "c.md")])
-    assert third["significance"] == again["significance"]
-    # an unfinished run is not kept: without its folder it cannot go on
-    report = json.loads((tmp_path / "b.json").read_text())
-    report["results"]["GRU4Rec"]["runs"][0]["finished"] = False
-    (tmp_path / "b.json").write_text(json.dumps(report))
-    fourth = reproduce.main(flags + ["--no-train", "--run-root", str(tmp_path / "d"),
-                                     "--keep-runs", str(tmp_path / "b.json"), "--out",
-                                     str(tmp_path / "d.md")])
-    assert list(fourth["results"]) == [hymoe]
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({**json.loads((tmp_path / "a.json").read_text()), "data": "x"}))
-    shutil.copy(tmp_path / "a_ranks.npz", tmp_path / "other_ranks.npz")
-    with pytest.raises(SystemExit):
-        reproduce.main(flags + ["--no-train", "--keep-runs", str(other)])
-
-
-def fake_report(command_data: list[str], ours: dict[str, float]) -> dict:
-    """A results JSON like reproduce.main writes, one seed per row, every metric of a row
-    set to ``ours[label]`` (no training)."""
-    def run(value):
-        test = {m: value for m in reproduce.METRICS} | {"n_head": 30, "n_tail": 70}
-        return {"test": test, "valid": test, "epochs_run": 3, "best_epoch": 2,
-                "train_seconds_per_epoch": 1.0, "config": {"exclude_history": False, "seed": 1},
-                "commits": [], "valid_curve": [0.1, 0.2, 0.15]}
-    entries = {e.label: e for e in reproduce.ENTRIES}
-    return {"command": ["python", "-m", "hymoerec.reproduce", *command_data, "--seeds", "1"],
-            "data": "d: 100 users, 50 items, 900 interactions",
-            "results": {label: {"model": entries[label].model, "ffn": entries[label].ffn,
-                                "is_hymoerec": entries[label].is_hymoerec, "runs": [run(v)]}
-                        for label, v in ours.items()},
-            "significance": {}, "independent_reference": {}}
-
-
-def table_rows(text: str) -> dict[str, list[str]]:
-    """Cells of the main table's rows, keyed by model label."""
-    main_table = next(block for block in text.split("\n\n") if block.startswith("| Model | HR@5"))
-    rows = ([c.strip() for c in line.strip("|").split("|")] for line in main_table.splitlines()[2:])
-    return {cells[0]: cells[1:] for cells in rows}
-
-
-@pytest.mark.parametrize("dataset, command", [("ml-1m", ["--dataset", "ml-1m"]),
-                                              ("beauty", ["--data-file", "x/Beauty.txt"])])
-def test_published_columns_are_the_papers_table_1(dataset, command):
-    ours = {"GRU4Rec": 0.25, "NARM": 0.2, "BERT4Rec": 0.3, "Mamba4Rec": 0.04,
-            "SASRec (dense FFN)": 0.1, "HyMoERec (SASRec backbone)": 0.18,
-            "HyMoERec (Mamba4Rec backbone)": 0.05}
-    rows = table_rows(reproduce.render(fake_report(command, ours)))
-    assert list(rows) == list(ours)
-    for label, cells in rows.items():
-        paper_row = {e.label: e.paper_row for e in reproduce.ENTRIES}[label]
-        if paper_row is None:                  # SASRec: not in the paper's Table 1
-            assert cells[4:] == ["—"] * 6
-            continue
-        paper = reproduce.PUBLISHED[dataset][paper_row]
-        assert cells[4:8] == [f"{paper[m]:.4f}" for m in reproduce.METRICS]
-        assert cells[8:] == [f"{100 * (ours[label] / paper[m] - 1):+.1f}%"
-                             for m in ("HR@10", "NDCG@10")]
-    # spot checks against the issue's table, so a mistyped number in PUBLISHED fails here
-    if dataset == "ml-1m":
-        assert rows["Mamba4Rec"][4:] == ["0.2106", "0.3065", "0.1447", "0.1756", "-86.9%", "-77.2%"]
-        assert rows["NARM"][7] == "0.1404" and rows["HyMoERec (Mamba4Rec backbone)"][5] == "0.3103"
-    else:
-        assert rows["Mamba4Rec"][4:] == ["0.0511", "0.0731", "0.0362", "0.0432", "-45.3%", "-7.4%"]
-        assert rows["BERT4Rec"][4:8] == ["0.0243", "0.0402", "0.0151", "0.0202"]
-
-
-def test_table_without_published_numbers_has_no_paper_columns():
-    text = reproduce.render(fake_report(["--dataset", "synthetic"], {"GRU4Rec": 0.5}))
-    assert "paper HR@10" not in text and "Published numbers: none for this data" in text
-    assert table_rows(text)["GRU4Rec"] == ["0.5000"] * 4

@@ -184,8 +184,8 @@ def test_a_nan_model_is_an_evaluation_error_naming_the_stage(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--batch-size", "0"], "--batch-size"),
-    (["--batch-size", "-1"], "--batch-size"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size"),
     (["-k", "0", "--recommend", "3"], "-k"),
     (["--json", "/no/such/dir/m.json"], "--json: folder /no/such/dir does not exist"),
 ])

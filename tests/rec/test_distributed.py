@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hymoerec import distributed, evaluate, train
+from hymoerec import distributed, evaluate, options, train
 from hymoerec.data import bucketed_batches, leave_one_out, synthetic, training_windows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,7 +195,7 @@ def test_loss_weights_timeouts_and_dead_ranks_in_a_gloo_group(tmp_path, monkeypa
 @pytest.mark.parametrize("value", ["0", "-3", "soon"])
 def test_dist_timeout_must_be_positive_seconds(value, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--dist-timeout", value])
+        options.parse_args(["--dist-timeout", value])
     assert "--dist-timeout" in capsys.readouterr().err
 
 

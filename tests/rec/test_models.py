@@ -9,8 +9,10 @@ from hymoerec.models.base import SequentialRecommender
 
 
 def small_model(ffn="hymoe", n_items=40, **overrides):
+    """A small SASRec; without the seen-item offset unless ``seen_bias=True`` is given."""
     torch.manual_seed(0)
-    config = ModelConfig(max_len=8, d_model=16, n_heads=2, ffn=ffn, dropout=0.0, **overrides)
+    config = ModelConfig(**{"max_len": 8, "d_model": 16, "n_heads": 2, "ffn": ffn,
+                            "dropout": 0.0, "seen_bias": False, **overrides})
     return build_model("sasrec", n_items, config).eval()
 
 
@@ -140,7 +142,7 @@ def test_streamed_ranks_equal_ranks_of_full_scores(exclude):
 def test_hymoe_starts_like_the_dense_ffn_it_replaces(model):
     """At warm-up step 0 (alpha = 0) a HyMoE model is the dense model whose FFNs hold the
     HyMoE layers' dense experts, and both start from the same N(0, 0.02) / zero-bias init."""
-    config = dict(max_len=8, d_model=32, n_heads=2, dropout=0.0)
+    config = dict(max_len=8, d_model=32, n_heads=2, dropout=0.0, seen_bias=False)
     hymoe = build_model(model, 40, ModelConfig(ffn="hymoe", **config)).eval()
     dense = build_model(model, 40, ModelConfig(ffn="dense", **config)).eval()
     state = {k: v for k, v in hymoe.state_dict().items() if ".ffn." not in k}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hymoerec import evaluate, settings, train
+from hymoerec import evaluate, options, settings, train
 from hymoerec.data import SequenceData, leave_one_out
 from shared_data import REPO, SHARED_DATA
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
@@ -169,41 +169,6 @@ def test_seen_bias_learns_to_rank_seen_items_lower_where_no_user_repeats(tmp_pat
     assert len(rec.recommend(["i3", "i5", "i7"], k=5)) == 5
 
 
-def test_config_file_sets_defaults_and_flags_override(tmp_path):
-    run(tmp_path, "a", "--epochs", "1", "--ffn", "dense")
-    config = tmp_path / "a" / "config.json"
-    args = train.parse_args(["--config", str(config), "--epochs", "4"])
-    assert args.ffn == "dense" and args.epochs == 4 and args.synthetic_users == 120
-    assert not args.output_head
-    assert train.parse_args(["--config", str(config), "--output-head"]).output_head
-    with pytest.raises(SystemExit):
-        train.parse_args(["--config", str(tmp_path / "missing.json")])
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--d-model", "63"], "d_model=63 must be divisible by n_heads=2"),
-    (["--head-skip", "0.5"], "head_skip=0.5 needs output_head=True"),
-    (["--model", "gru4rec", "--ffn", "hymoe"], "GRU4Rec has no position-wise FFN"),
-    (["--model", "narm", "--output-head"], "NARM has no output head option"),
-])
-def test_rejected_model_settings_are_usage_errors(flags, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(flags)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags, dropout, batch", [
-    ([], None, 256),                                                  # synthetic
-    (["--dataset", "beauty"], None, 2048),
-    (["--dataset", "beauty", "--model", "mamba4rec"], 0.2, 2048),     # its paper's value
-    (["--dataset", "beauty", "--dropout", "0.3", "--batch-size", "512"], 0.3, 512),
-])
-def test_flag_defaults(flags, dropout, batch):
-    args = train.parse_args(flags)
-    assert (args.max_len, args.dropout, args.batch_size) == (None, dropout, batch)
-    assert args.seen_bias is True   # train.py's default, not ModelConfig's (the paper's)
-
-
 def sequences(lengths, n_items):
     rng = np.random.default_rng(0)
     return SequenceData([rng.integers(1, n_items + 1, size=n) for n in lengths],
@@ -302,8 +267,7 @@ def test_init_from_upcycles_a_dense_run_and_starts_where_it_ended(tmp_path, caps
     # the upcycled model at warm-up step 0 scores exactly like the dense best model
     from hymoerec.checkpoint import load_checkpoint
     from hymoerec.models import build_model
-    from hymoerec.models.upcycle import upcycle_to_hymoe
-    args = train.parse_args(["--init-from", str(tmp_path / "dense"), "--ffn", "hymoe"])
+    args = options.parse_args(["--init-from", str(tmp_path / "dense"), "--ffn", "hymoe"])
     args.max_len, args.dropout = config["max_len"], config["dropout"]
     trainer = train.Trainer(argparse.Namespace(**{**vars(args), "run_dir": str(tmp_path / "x")}))
     best = load_checkpoint(tmp_path / "dense" / "best.pt")
@@ -333,16 +297,9 @@ def test_init_from_refuses_other_data_and_other_models(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in err, err
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
-def test_named_configs_are_valid_run_settings(config):
-    settings_in_file = json.loads(config.read_text())
-    args = train.parse_args(["--config", str(config)])
-    assert {k: getattr(args, k) for k in settings_in_file} == settings_in_file
-
-
 def test_a_partial_epoch_runs_its_first_steps(tmp_path):
     """train_epoch(max_steps=n): the epoch's first n batches (benchmarks time steps so)."""
-    trainer = train.Trainer(train.parse_args(TINY + ["--run-dir", str(tmp_path / "p")]))
+    trainer = train.Trainer(options.parse_args(TINY + ["--run-dir", str(tmp_path / "p")]))
     first = trainer.train_epoch(max_steps=2)
     assert trainer.step == 2 and np.isfinite(first["loss"])
     trainer.train_epoch()

@@ -1,19 +1,17 @@
-"""benchmarks/upcycle_runs.sh and aggregate_upcycle.py on a tiny file: every run of the study
+"""experiments/upcycle_runs.sh and aggregate_upcycle.py on a tiny file: every run of the study
 trains, a second call trains nothing, and the table compares them."""
 import json
 import os
 import subprocess
 
-from benchmarks import aggregate_upcycle
-from shared_data import REPO
+from experiments import aggregate_upcycle
+from study_cases import REPO, write_sequences
 
 
 def test_upcycle_study_end_to_end(tmp_path):
-    data = tmp_path / "data.txt"
-    data.write_text("".join(f"u{u} " + " ".join(f"i{(u * 5 + j) % 23}" for j in range(8)) + "\n"
-                            for u in range(80)))
+    data = write_sequences(tmp_path / "data.txt", users=80, items=23, length=8, stride=5)
     out = tmp_path / "runs"
-    call = ["bash", "benchmarks/upcycle_runs.sh", str(data), str(out), "30", "--d-model", "16",
+    call = ["bash", "experiments/upcycle_runs.sh", str(data), str(out), "30", "--d-model", "16",
             "--epochs", "2", "--warmup-steps", "3"]
     subprocess.run(call, cwd=REPO, check=True, timeout=600, env={**os.environ, "SEEDS": "1"})
     names = sorted(p.name for p in out.iterdir() if p.is_dir())

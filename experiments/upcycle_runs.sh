@@ -6,22 +6,22 @@
 #   upcycled-drop-s<seed> the same with Drop-Upcycling (half of each expert's units re-drawn)
 #   scratch-s<seed>       HyMoE trained from scratch
 # Every run stops before the deadline (MINUTES from now) and resumes on the next call;
-# finished runs are skipped. Then: python benchmarks/aggregate_upcycle.py OUT_DIR
-# Usage: [SEEDS="1 2 3"] benchmarks/upcycle_runs.sh DATA_FILE OUT_DIR MINUTES [extra train.py flags]
+# finished runs are skipped. Then: python experiments/aggregate_upcycle.py OUT_DIR
+# Usage: [SEEDS="1 2 3"] experiments/upcycle_runs.sh DATA_FILE OUT_DIR MINUTES [extra train.py flags]
 set -euo pipefail
 data=$1; out=$2; minutes=$3; shift 3
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 deadline=$(( $(date +%s) + ${minutes%.*} * 60 ))
 
-source benchmarks/run_helpers.sh
+source experiments/run_helpers.sh
 
 train() {  # train RUN_NAME FLAGS...: one run, resumed if it has a checkpoint, skipped if done
   local dir="$out/$1"; shift
   finished "$dir" && return 0
   local left=$(minutes_left)
   [ "$left" -ge 3 ] || return 1
-  if [ -f "$dir/last.pt" ]; then
+  if [ -f "$dir/$LAST_CHECKPOINT" ]; then
     python hymoerec/train.py --resume --run-dir "$dir" --max-minutes "$left" >> "$dir.log" 2>&1
   else
     python hymoerec/train.py "$@" --threads 1 --no-progress --run-dir "$dir" \

@@ -1,10 +1,11 @@
 """Reproduce the paper's comparison table: every baseline and HyMoERec trained on one
-leave-one-out split with the same full-ranking evaluation, over several seeds.
+leave-one-out split with the same full-ranking evaluation, over several seeds. Run from the
+repository root:
 
-    python -m hymoerec.reproduce --dataset beauty --seeds 3
-    python -m hymoerec.reproduce --data-file ../shared/data/beauty.txt --format sequences \\
+    python -m experiments.reproduce --dataset beauty --seeds 3
+    python -m experiments.reproduce --data-file ../shared/data/beauty.txt --format sequences \\
         --seeds 1 --budget 10m --out benchmarks/results/beauty_budget.md
-    python -m hymoerec.reproduce --render benchmarks/results/beauty_table1.json   # re-render only
+    python -m experiments.reproduce --render benchmarks/results/beauty_table1.json   # re-render only
 
 Rows: GRU4Rec, NARM, BERT4Rec, Mamba4Rec, SASRec (dense FFN) and HyMoERec on the SASRec
 and on the Mamba4Rec backbone (``--ffn hymoe``); each model starts from its paper's
@@ -12,17 +13,19 @@ configuration (``paper_defaults``). Writes the raw results as JSON and, rendered
 JSON alone (``--render`` re-renders a saved one without training), a Markdown table: HR@5,
 HR@10, NDCG@5, NDCG@10, mean ± std over seeds on the test users, beside the paper's Table 1
 with the gap to it for every row (on ML-1M and Beauty), the baselines beside independent
-RecBole runs of them on Beauty, and a paired test of each HyMoERec row against the best
-baseline.
-Flags it does not know are passed to every training run (e.g. ``--batch-size 256``).
-Finished runs in ``--run-root`` are reused, interrupted ones resumed.
+RecBole runs of them on Beauty (both read from published/), and a paired test of each
+HyMoERec row against the best baseline.
+Every run is trained by the package's entry point, ``python -m hymoerec.train``, in its own
+process; the data flags and the flags this script does not know (e.g. ``--batch-size 256``)
+are passed to every run. Finished runs in ``--run-root`` are reused, interrupted ones resumed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import re
+import subprocess
 import sys
 from argparse import Namespace
 from dataclasses import dataclass
@@ -30,16 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
-from hymoerec.data import DATASETS, FORMATS, leave_one_out
+import hymoerec
+from experiments.tables import (NO_VALUE, PERMUTATIONS, mean_std_cell, paired_test,
+                                published)
+from hymoerec.cli import ArgumentParser, fail
+from hymoerec.data import leave_one_out
 from hymoerec.evaluate import Recommender
 from hymoerec.metrics import ndcg_gains, rank_metrics, rank_targets
-from hymoerec.run_folder import read_log
+from hymoerec.options import add_data_arguments, data_flags, parse_args
+from hymoerec.run_folder import LAST_CHECKPOINT, LOG_FILE, SUMMARY_FILE, read_log
 from hymoerec.settings import load_data
-from hymoerec.train import parse_args
-from hymoerec.train import main as train_main
 
 METRICS = ("HR@5", "HR@10", "NDCG@5", "NDCG@10")
-PERMUTATIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -63,43 +68,13 @@ ENTRIES = (
     Entry("HyMoERec (Mamba4Rec backbone)", "mamba4rec", "hymoe", "HyMoERec", True),
 )
 
-# The paper's Table 1 (full ranking, leave-one-out, test users), the single source of
-# published numbers here. It has no SASRec row, and it does not say which backbone its
-# HyMoERec uses, so that row is shown beside both of ours.
-PUBLISHED = {
-    "ml-1m": {
-        "NARM": {"HR@5": 0.1727, "HR@10": 0.2565, "NDCG@5": 0.1135, "NDCG@10": 0.1404},
-        "GRU4Rec": {"HR@5": 0.1998, "HR@10": 0.2815, "NDCG@5": 0.1364, "NDCG@10": 0.1628},
-        "BERT4Rec": {"HR@5": 0.1879, "HR@10": 0.2868, "NDCG@5": 0.1249, "NDCG@10": 0.1568},
-        "Mamba4Rec": {"HR@5": 0.2106, "HR@10": 0.3065, "NDCG@5": 0.1447, "NDCG@10": 0.1756},
-        "HyMoERec": {"HR@5": 0.2157, "HR@10": 0.3103, "NDCG@5": 0.1486, "NDCG@10": 0.1790},
-    },
-    "beauty": {
-        "NARM": {"HR@5": 0.0418, "HR@10": 0.0630, "NDCG@5": 0.0285, "NDCG@10": 0.0352},
-        "GRU4Rec": {"HR@5": 0.0402, "HR@10": 0.0635, "NDCG@5": 0.0274, "NDCG@10": 0.0349},
-        "BERT4Rec": {"HR@5": 0.0243, "HR@10": 0.0402, "NDCG@5": 0.0151, "NDCG@10": 0.0202},
-        "Mamba4Rec": {"HR@5": 0.0511, "HR@10": 0.0731, "NDCG@5": 0.0362, "NDCG@10": 0.0432},
-        "HyMoERec": {"HR@5": 0.0518, "HR@10": 0.0756, "NDCG@5": 0.0365, "NDCG@10": 0.0442},
-    },
-}
-NOT_IN_PAPER = "—"     # a row the paper's Table 1 does not have
+# The paper's Table 1 and independent RecBole runs of the baselines on Beauty:
+# {dataset: {row: {metric: value}}}. The paper has no SASRec row ('—' in the table), and it does
+# not say which backbone its HyMoERec uses, so that row is shown beside both of ours.
+PUBLISHED = published("paper_table1")
+INDEPENDENT = published("recbole_independent")
+NOT_IN_PAPER = NO_VALUE     # a row the paper's Table 1 does not have
 GAP_METRICS = ("HR@10", "NDCG@10")
-
-# Independent full-ranking runs of the baselines under RecBole's protocol, the default here
-# (5-core Beauty, max length 50, leave-one-out by time, full softmax CE, full
-# ranking with history kept, early stopping on validation NDCG@10, patience 10, batch 128,
-# one seed), published in github.com/kanishkaRandunu/pswrec2k26: GRU4Rec and SASRec from
-# results/beauty_results.md, BERT4Rec (mask ratio 0.2, dropout 0.2) from
-# archives/results/results_old/benchmark_beauty.md.
-# Not the paper's Table 1: a yardstick for "is this baseline trained as well as usual".
-INDEPENDENT = {
-    "beauty": {
-        "GRU4Rec": {"HR@5": 0.0414, "HR@10": 0.0623, "NDCG@5": 0.0274, "NDCG@10": 0.0342},
-        "BERT4Rec": {"HR@5": 0.0242, "HR@10": 0.0404, "NDCG@5": 0.0158, "NDCG@10": 0.0211},
-        "SASRec (dense FFN)": {"HR@5": 0.0556, "HR@10": 0.0842, "NDCG@5": 0.0329,
-                               "NDCG@10": 0.0421},
-    },
-}
 
 
 def parse_budget(text: str | None) -> list[str]:
@@ -118,49 +93,28 @@ def parse_budget(text: str | None) -> list[str]:
     return ["--epochs", match.group(1)]
 
 
-def paired_test(ours: np.ndarray, theirs: np.ndarray, seed: int = 0) -> dict:
-    """Paired comparison over users of per-user scores ours / theirs (n,) float: mean
-    difference, relative gain, t statistic, two-sided sign-flip permutation p-value
-    (PERMUTATIONS random flips of the per-user differences, +1 smoothed) and a 95% paired
-    bootstrap interval of the mean difference."""
-    diff = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
-    n = len(diff)
-    if n < 2:
-        raise ValueError(f"a paired test needs at least 2 users, got {n}")
-    rng = np.random.default_rng(seed)
-    observed = abs(diff.mean())
-    spread = diff.std(ddof=1)
-    if spread > 0:
-        t_stat = diff.mean() / (spread / math.sqrt(n))
-    else:  # every user differs by the same amount
-        t_stat = math.copysign(math.inf, diff.mean()) if diff.mean() else 0.0
-    extreme = 0
-    boot_means = []
-    for start in range(0, PERMUTATIONS, 500):
-        size = min(500, PERMUTATIONS - start)
-        signs = rng.integers(0, 2, size=(size, n), dtype=np.int8) * 2 - 1
-        extreme += int((np.abs(signs @ diff / n) >= observed - 1e-15).sum())
-        picks = rng.integers(0, n, size=(size, n))
-        boot_means.append(diff[picks].mean(axis=1))
-    boot = np.concatenate(boot_means)
-    base = float(np.mean(theirs))
-    return {"mean_diff": float(diff.mean()), "relative_gain": float(diff.mean() / base) if base else math.nan,
-            "t": float(t_stat), "p_permutation": (extreme + 1) / (PERMUTATIONS + 1),
-            "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))], "n_users": n}
-
-
 def run_entry(entry: Entry, seed: int, common: list[str], run_root: Path) -> dict:
-    """Train (or reuse / resume) one entry for one seed; returns its summary. A run whose
-    summary says it is not finished (``--max-minutes`` stopped it) is resumed."""
+    """Train (or reuse / resume) one entry for one seed with ``python -m hymoerec.train``;
+    returns its summary. A run whose summary says it is not finished (``--max-minutes``
+    stopped it) is resumed. A failed run ends this script with the run's exit code."""
     run_dir = run_root / run_name(entry.model, entry.ffn, seed)
     argv = common + ["--model", entry.model, "--ffn", entry.ffn, "--seed", str(seed),
                      "--run-dir", str(run_dir), "--no-progress"]
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished", True):
         print(f"[reproduce] {entry.label} seed {seed}: reusing {summary_path}", flush=True)
         return json.loads(summary_path.read_text())
     print(f"[reproduce] {entry.label} seed {seed}: training in {run_dir}", flush=True)
-    return train_main(argv + (["--resume"] if (run_dir / "last.pt").is_file() else []))
+    resume = ["--resume"] if (run_dir / LAST_CHECKPOINT).is_file() else []
+    # the package this script imported, so the run trains the same code
+    package_root = str(Path(hymoerec.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [package_root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    done = subprocess.run([sys.executable, "-m", "hymoerec.train", *argv, *resume], env=env)
+    if done.returncode:
+        raise fail(f"{entry.label} seed {seed}: training in {run_dir} failed (exit code "
+                   f"{done.returncode}; its error is above)", done.returncode)
+    return json.loads(summary_path.read_text())
 
 
 def test_ranks(run_dir: Path, split, args: Namespace,
@@ -172,13 +126,6 @@ def test_ranks(run_dir: Path, split, args: Namespace,
     exclude = args.exclude_history if exclude_history is None else exclude_history
     return rank_targets(rec.model.rank_next, split.history("test"), split.targets("test"),
                         args.max_len, exclude, args.eval_batch_size, rec.device)
-
-
-def fmt(values: list[float]) -> str:
-    mean = float(np.mean(values))
-    if len(values) == 1:
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {float(np.std(values, ddof=1)):.4f}"
 
 
 def mean_test(result: dict, metric: str) -> float:
@@ -214,7 +161,7 @@ def other_protocol_table(results: dict, exclude_history: bool) -> str:
              "| Model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for label, result in results.items():
         lines.append(f"| {label} | " + " | ".join(
-            fmt([run["test_other_protocol"][m] for run in result["runs"]]) for m in METRICS) + " |")
+            mean_std_cell([run["test_other_protocol"][m] for run in result["runs"]]) for m in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -227,7 +174,7 @@ def markdown_table(results: dict, paper_key: str | None, header: list[str]) -> s
     lines = header + ["", "| Model | " + " | ".join(columns) + " |",
                       "|---" * (len(columns) + 1) + "|"]
     for label, result in results.items():
-        cells = [fmt([run["test"][m] for run in result["runs"]]) for m in METRICS]
+        cells = [mean_std_cell([run["test"][m] for run in result["runs"]]) for m in METRICS]
         if with_paper:
             paper = published_row(label, paper_key)
             cells += ([f"{paper[m]:.4f}" for m in METRICS]
@@ -345,7 +292,7 @@ def render(report: dict) -> str:
 
 
 def run_name(model: str, ffn: str, seed: int) -> str:
-    """A run's folder name in --run-root (benchmarks/table_runs.sh names them alike)."""
+    """A run's folder name in --run-root (experiments/table_runs.sh names them alike)."""
     return f"{model}-{ffn}-s{seed}"
 
 
@@ -390,15 +337,13 @@ def paper_dataset(opts: Namespace) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train every baseline and HyMoERec on one split and write the comparison "
                     "table. Unknown flags are passed to every training run (see "
                     "python -m hymoerec.train --help).")
-    p.add_argument("--dataset", default="synthetic", choices=DATASETS)
-    p.add_argument("--data-file", help="your own interaction file (overrides --dataset)")
-    p.add_argument("--format", default="sequences", choices=FORMATS)
+    add_data_arguments(p.add_argument_group("data (train.py's flags)"))
     p.add_argument("--seeds", type=int, default=3,
-                   help="seeds 1..N per model (as benchmarks/beauty_runs.sh)")
+                   help="seeds 1..N per model (as experiments/beauty_runs.sh)")
     p.add_argument("--budget", type=parse_budget, default=[],
                    help="per-model training budget: epochs (e.g. 5) or minutes (e.g. 10m); "
                         "default: full training (early stopping)")
@@ -413,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "with the raw results is written next to it")
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: the table of the runs in --run-root that have a "
-                        "summary (e.g. of benchmarks/table_runs.sh), marking those still "
+                        "summary (e.g. of experiments/table_runs.sh), marking those still "
                         "training; rows without one are left out")
     p.add_argument("--keep-runs", metavar="JSON",
                    help="an earlier results JSON of this script on the same data (e.g. the "
@@ -434,11 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
         return render_saved(Path(opts.render), Path(opts.out) if opts.out else None)
     if opts.seeds < 1:
         parser.error("--seeds must be >= 1")
-    data_flags = (["--data-file", opts.data_file, "--format", opts.format] if opts.data_file
-                  else ["--dataset", opts.dataset])
-    if opts.dataset == "synthetic" and not opts.data_file and "--synthetic-seed" not in passthrough:
-        data_flags += ["--synthetic-seed", "0"]   # one data set for every seed
-    common = data_flags + opts.budget + passthrough
+    if opts.dataset == "synthetic" and not opts.data_file and opts.synthetic_seed is None:
+        opts.synthetic_seed = 0   # one data set for every seed
+    common = data_flags(opts) + opts.budget + passthrough
     train_args = parse_args(common)   # validates the passed-through flags
     data_name = Path(opts.data_file).stem if opts.data_file else opts.dataset
     paper_key = paper_dataset(opts)
@@ -458,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(1, opts.seeds + 1):
             name = run_name(entry.model, entry.ffn, seed)
             run_dir = run_root / name
-            summary_path = run_dir / "summary.json"
+            summary_path = run_dir / SUMMARY_FILE
             if not summary_path.is_file() and name in kept:
                 run, ranks_by_run[name] = kept[name]
                 runs.append(run)
@@ -477,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise RuntimeError(f"{entry.label} seed {seed}: re-scored NDCG@10 "
                                    f"{recomputed['NDCG@10']} differs from the run's "
                                    f"{summary['test']['NDCG@10']}")
-            curve = [r["valid"]["NDCG@10"] for r in read_log(run_dir / "log.jsonl")]
+            curve = [r["valid"]["NDCG@10"] for r in read_log(run_dir / LOG_FILE)]
             other = rank_metrics(test_ranks(run_dir, split, run_args,
                                             not run_args.exclude_history))
             runs.append({**{k: summary[k] for k in ("test", "valid", "epochs_run", "best_epoch",
@@ -494,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tests = significance_tests(results)
     raw = {label: {k: v for k, v in r.items() if k != "ndcg10_per_user"} for label, r in results.items()}
-    report = {"command": ["python", "-m", "hymoerec.reproduce"]
+    report = {"command": ["python", "-m", "experiments.reproduce"]
               + list(sys.argv[1:] if argv is None else argv),
               "data": data.describe(), "results": raw, "significance": tests,
               "independent_reference": INDEPENDENT.get(paper_key or "", {})}

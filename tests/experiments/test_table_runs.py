@@ -1,20 +1,16 @@
-"""benchmarks/table_runs.sh: parallel slots of runs named as reproduce names them, a finished
+"""experiments/table_runs.sh: parallel slots of runs named as reproduce names them, a finished
 run skipped on the next call, and --no-train tabling what it left."""
 import json
 import subprocess
-from pathlib import Path
 
-from hymoerec import reproduce
-
-REPO = Path(__file__).resolve().parents[2]
+from experiments import reproduce
+from study_cases import REPO, write_sequences
 
 
 def test_slots_train_resume_and_feed_the_table(tmp_path):
-    data = tmp_path / "data.txt"
-    data.write_text("".join(f"u{u} " + " ".join(f"i{(u * 3 + j) % 17}" for j in range(7)) + "\n"
-                            for u in range(60)))
+    data = write_sequences(tmp_path / "data.txt", users=60, items=17, length=7, stride=3)
     out = tmp_path / "runs"
-    call = ["bash", "benchmarks/table_runs.sh", str(data), "sequences", str(out), "30",
+    call = ["bash", "experiments/table_runs.sh", str(data), "sequences", str(out), "30",
             "sasrec:dense:1", "gru4rec:dense:1 narm:dense:1", "--", "--d-model", "16",
             "--epochs", "1"]
     subprocess.run(call, cwd=REPO, check=True, timeout=600)

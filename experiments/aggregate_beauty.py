@@ -1,6 +1,6 @@
 """Aggregate Beauty runs (3 seeds x {hymoe, dense}) into benchmarks/results/beauty_table.{json,md}.
 
-    python benchmarks/aggregate_beauty.py /work/runs/beauty/beauty_*_s*/
+    python experiments/aggregate_beauty.py runs/beauty/beauty_*_s*/
 
 Each argument is a run folder. Its best.pt (best validation NDCG@10) is scored on the test
 split with hymoerec.evaluate under both protocols (history kept / excluded; cached in the
@@ -9,24 +9,30 @@ time limit) and is marked ``finished: false``, with the epochs it reached.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from argparse import Namespace
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.tables import format_mean_std, mean_std, published  # noqa: E402
 from hymoerec.checkpoint import load_checkpoint  # noqa: E402
+from hymoerec.cli import ArgumentParser  # noqa: E402
 from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.evaluate import Recommender, evaluate_checkpoint, seen_items_in_top  # noqa: E402
 from hymoerec.models import ModelConfig  # noqa: E402
+from hymoerec.models.base import older_runs_value  # noqa: E402
+from hymoerec.run_folder import (BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT,  # noqa: E402
+                                 LOG_FILE, SUMMARY_FILE)
 from hymoerec.settings import load_data  # noqa: E402
 
-PAPER = {"HR@10": 0.0756, "NDCG@10": 0.0442}  # the paper's HyMoERec test numbers on Beauty
+# the paper's HyMoERec test numbers on Beauty
+PAPER = {m: published("paper_table1")["beauty"]["HyMoERec"][m] for m in ("HR@10", "NDCG@10")}
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 PROTOCOLS = {"test": "history kept (RecBole protocol, the default)",
@@ -34,21 +40,21 @@ PROTOCOLS = {"test": "history kept (RecBole protocol, the default)",
 
 
 def best_checkpoint_metrics(run_dir: Path, exclude_history: bool) -> dict:
-    """Valid / test metrics of run_dir/best.pt, cached in run_dir as JSON."""
+    """Valid / test metrics of run_dir's best checkpoint, cached in run_dir as JSON."""
     cache = run_dir / f"best_metrics_{'exclude' if exclude_history else 'keep'}_history.json"
     if not cache.is_file():
-        metrics = evaluate_checkpoint(run_dir / "best.pt", exclude_history, device="cpu")
+        metrics = evaluate_checkpoint(run_dir / BEST_CHECKPOINT, exclude_history, device="cpu")
         cache.write_text(json.dumps(metrics, indent=2) + "\n")
     return json.loads(cache.read_text())
 
 
 def last_item_first_share(run_dir: Path) -> float:
-    """Share of test users whose most recent history item run_dir/best.pt ranks first among
+    """Share of test users whose most recent history item run_dir's best checkpoint ranks first among
     all items (history kept). Beauty has no repeated items, so each such top slot is wasted:
     the tied item embeddings score an item high right after it was consumed. Cached."""
     cache = run_dir / "last_item_first_share.json"
     if not cache.is_file():
-        rec = Recommender.from_checkpoint(run_dir / "best.pt", "cpu")
+        rec = Recommender.from_checkpoint(run_dir / BEST_CHECKPOINT, "cpu")
         histories = leave_one_out(load_data(Namespace(**rec.config))).history("test")
         share = seen_items_in_top(rec, histories, k=1)["last_item_first"]
         cache.write_text(json.dumps(share) + "\n")
@@ -58,16 +64,16 @@ def last_item_first_share(run_dir: Path) -> float:
 def run_record(run_dir: Path, launch_commit: str | None = None) -> dict:
     """Config, test metrics under both protocols, epochs and CPU seconds per epoch of one
     run folder (``launch_commit``: the code's commit for runs that predate recording it)."""
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
-    summary_path = run_dir / "summary.json"
+    log = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines() if line]
+    summary_path = run_dir / SUMMARY_FILE
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         config, finished, test = summary["config"], True, summary["test"]
         commit = summary["commits"][0] if "commits" in summary else launch_commit
     else:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
         finished, test = False, best_checkpoint_metrics(run_dir, False)["test"]
-        commit = load_checkpoint(run_dir / "last.pt").get("commits", [launch_commit])[0]
+        commit = load_checkpoint(run_dir / LAST_CHECKPOINT).get("commits", [launch_commit])[0]
     best = max(log, key=lambda r: r["valid"]["NDCG@10"])
     return {"run": run_dir.name, "ffn": config["ffn"], "seed": config["seed"],
             "finished": finished, "commit": commit, "epochs_run": len(log),
@@ -80,13 +86,9 @@ def run_record(run_dir: Path, launch_commit: str | None = None) -> dict:
             "last_item_first_share": last_item_first_share(run_dir)}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def aggregate(records: list[dict]) -> dict:
-    """Per protocol and FFN kind: mean and std over runs of every test metric, and the
-    checks against the paper and the dense ablation."""
+    """Per protocol and FFN kind: mean and std over runs (0 for one run) of every test
+    metric, and the checks against the paper and the dense ablation."""
     result = {"paper": PAPER, "protocols": PROTOCOLS, "tables": {}, "checks": {}}
     for protocol in PROTOCOLS:
         table = {}
@@ -101,8 +103,8 @@ def aggregate(records: list[dict]) -> dict:
                        r["last_item_first_share"] for r in runs)}
             for prefix in ("", "head/", "tail/"):
                 for metric in METRICS:
-                    row[prefix + metric], row[prefix + metric + "_std"] = mean_std(
-                        [r[protocol][prefix + metric] for r in runs])
+                    mean, std = mean_std([r[protocol][prefix + metric] for r in runs])
+                    row[prefix + metric], row[prefix + metric + "_std"] = mean, std or 0.0
             table[ffn] = row
         result["tables"][protocol] = table
         if "hymoe" in table:
@@ -118,7 +120,8 @@ def aggregate(records: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    config = ModelConfig().to_dict() | runs[0]["config"]  # older runs: later fields' defaults
+    # a run saved before a model field existed: the value it trained with
+    config = {f.name: older_runs_value(f) for f in fields(ModelConfig)} | runs[0]["config"]
     settings = ", ".join(f"{k}={config[k]}" for k in
                          ("batch_size", "lr", "epochs", "patience", "d_model", "n_layers",
                           "n_heads", "dropout", "max_len", "output_head", "head_skip",
@@ -130,7 +133,7 @@ def markdown(result: dict) -> str:
                   "| FFN | seeds | " + " | ".join(METRICS) + " | CPU s/epoch | epochs (best) |",
                   "|---|---|" + "---|" * len(METRICS) + "---|---|"]
         for ffn, row in result["tables"][protocol].items():
-            cells = [f"{row[m]:.4f} ± {row[m + '_std']:.4f}" for m in METRICS]
+            cells = [format_mean_std(row[m], row[m + "_std"]) for m in METRICS]
             seeds = ",".join(map(str, row["seeds"])) + ("" if row["all_finished"] else " (cut)")
             epochs = ", ".join(f"{e} ({b})" for e, b in zip(row["epochs_run"], row["best_epoch"]))
             lines.append(f"| {ffn} | {seeds} | " + " | ".join(cells)
@@ -151,15 +154,15 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=RESULTS / "beauty_table")
     p.add_argument("--launch-commit", help="commit of runs started before train.py recorded "
                                            "its commit at start")
     args = p.parse_args()
     for run_dir in args.run_dirs:
-        if not (run_dir / "log.jsonl").is_file():
-            p.error(f"{run_dir} is not a run folder (it has no log.jsonl)")
+        if not (run_dir / LOG_FILE).is_file():
+            p.error(f"{run_dir} is not a run folder (it has no {LOG_FILE})")
     result = aggregate([run_record(d, args.launch_commit) for d in args.run_dirs])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

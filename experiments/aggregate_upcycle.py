@@ -1,6 +1,6 @@
-"""Aggregate the upcycling study of benchmarks/upcycle_runs.sh into upcycle_<data>.{json,md}.
+"""Aggregate the upcycling study of experiments/upcycle_runs.sh into upcycle_<data>.{json,md}.
 
-    python benchmarks/aggregate_upcycle.py RUNS_DIR [--out benchmarks/results/upcycle_beauty.md]
+    python experiments/aggregate_upcycle.py RUNS_DIR [--out benchmarks/results/upcycle_beauty.md]
 
 Per seed, the runs dense-s<seed> (dense SASRec to early stopping), continued-s<seed> (that
 model trained on with a fresh optimizer), upcycled-{copy,drop}-s<seed> (that model upcycled
@@ -13,7 +13,6 @@ are left out of the means and counted.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from argparse import Namespace
@@ -23,10 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.reproduce import test_ranks  # noqa: E402
+from experiments.tables import NO_VALUE, mean_std_cell, paired_test  # noqa: E402
+from hymoerec.cli import ArgumentParser  # noqa: E402
 from hymoerec.data import leave_one_out  # noqa: E402
 from hymoerec.metrics import ndcg_gains  # noqa: E402
-from hymoerec.reproduce import paired_test, test_ranks  # noqa: E402
-from hymoerec.run_folder import read_log, write_json  # noqa: E402
+from hymoerec.run_folder import LOG_FILE, SUMMARY_FILE, read_log, write_json  # noqa: E402
 from hymoerec.settings import load_data  # noqa: E402
 
 KINDS = {"dense": "dense SASRec (the starting point)",
@@ -40,7 +41,7 @@ STARTED_FROM_DENSE = ("continued", "upcycled-copy", "upcycled-drop")
 def run_record(run_dir: Path) -> dict | None:
     """Test metrics, epochs, CPU minutes and the validation curve of one finished run (None
     when it has no summary or is still training)."""
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         return None
     summary = json.loads(summary_path.read_text())
@@ -51,7 +52,7 @@ def run_record(run_dir: Path) -> dict | None:
             "head/NDCG@10": test["head/NDCG@10"], "tail/NDCG@10": test["tail/NDCG@10"],
             "epochs": summary["epochs_run"], "best_epoch": summary["best_epoch"],
             "cpu_minutes": summary["train_cpu_seconds_per_epoch"] * summary["epochs_run"] / 60,
-            "valid_curve": [r["valid"]["NDCG@10"] for r in read_log(run_dir / "log.jsonl")],
+            "valid_curve": [r["valid"]["NDCG@10"] for r in read_log(run_dir / LOG_FILE)],
             "commits": summary.get("commits", []), "config": summary["config"]}
 
 
@@ -89,19 +90,11 @@ def aggregate(runs_dir: Path) -> dict:
             "paired_tests": tests, "epochs_to_scratch_best": reach}
 
 
-def mean_std(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
 def render(report: dict) -> str:
     records, seeds = report["records"], report["seeds"]
     first = next((r for kind in KINDS for r in records[kind].values() if r), None)
     lines = ["# Upcycling a trained dense SASRec to HyMoE", "",
-             f"Runs in `{report['runs_dir']}` (benchmarks/upcycle_runs.sh), seeds "
+             f"Runs in `{report['runs_dir']}` (experiments/upcycle_runs.sh), seeds "
              f"{', '.join(map(str, seeds))}; test users, "
              f"{'history excluded' if first and first['config']['exclude_history'] else 'history kept'}; "
              "mean ± std over the finished seeds. Extra epochs and CPU minutes are those of the "
@@ -110,13 +103,13 @@ def render(report: dict) -> str:
              "best epoch | CPU min |", "|---" * 10 + "|"]
     for kind, label in KINDS.items():
         done = [r for r in records[kind].values() if r]
-        cell = {key: mean_std([r[key] for r in done]) for key in
+        cell = {key: mean_std_cell([r[key] for r in done]) for key in
                 ("HR@10", "NDCG@10", "head/NDCG@10", "tail/NDCG@10")}
         lines.append(f"| {label} | {len(done)} of {len(seeds)} | {cell['HR@10']} | "
                      f"{cell['NDCG@10']} | {cell['head/NDCG@10']} | {cell['tail/NDCG@10']} | "
-                     f"{mean_std([r['epochs'] for r in done], 1)} | "
-                     f"{mean_std([r['best_epoch'] for r in done], 1)} | "
-                     f"{mean_std([r['cpu_minutes'] for r in done], 1)} |")
+                     f"{mean_std_cell([r['epochs'] for r in done], 1)} | "
+                     f"{mean_std_cell([r['best_epoch'] for r in done], 1)} | "
+                     f"{mean_std_cell([r['cpu_minutes'] for r in done], 1)} |")
     if report["paired_tests"]:
         lines += ["", "Paired test over test users of per-user NDCG@10 (mean over the seeds "
                       "where both finished), upcycled against the continued dense model:", "",
@@ -130,10 +123,10 @@ def render(report: dict) -> str:
     reach = {k: v for k, v in report["epochs_to_scratch_best"].items() if v}
     if reach:
         lines += ["", "Epochs an upcycled run took to reach the best validation NDCG@10 of "
-                      "HyMoE from scratch (same seed; — never):", ""]
+                      f"HyMoE from scratch (same seed; {NO_VALUE} never):", ""]
         for kind, per_seed in reach.items():
             lines.append(f"- {KINDS[kind]}: " + ", ".join(
-                f"seed {s}: {'—' if e is None else e}" for s, e in per_seed.items()))
+                f"seed {s}: {NO_VALUE if e is None else e}" for s, e in per_seed.items()))
     commits = sorted({c for kind in KINDS for r in records[kind].values() if r
                       for c in r["commits"] if c})
     lines += ["", f"Code: commit {', '.join(commits) or 'unrecorded'}."]
@@ -141,13 +134,13 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs_dir", type=Path)
     p.add_argument("--out", type=Path, help="Markdown file (default RUNS_DIR/upcycle.md); "
                                             "the JSON is written next to it")
     args = p.parse_args(argv)
     if not any(args.runs_dir.glob("dense-s*")):
-        p.error(f"{args.runs_dir} holds no dense-s<seed> run of benchmarks/upcycle_runs.sh")
+        p.error(f"{args.runs_dir} holds no dense-s<seed> run of experiments/upcycle_runs.sh")
     report = aggregate(args.runs_dir)
     out = args.out or args.runs_dir / "upcycle.md"
     write_json(out.with_suffix(".json"), {k: v for k, v in report.items()})

@@ -1,22 +1,21 @@
-"""benchmarks/aggregate_beauty.py turns run folders into the Beauty result table (here on two
+"""experiments/aggregate_beauty.py turns run folders into the Beauty result table (here on two
 tiny synthetic runs, one per FFN kind) and refuses arguments that are not run folders."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from hymoerec import train
+from study_cases import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8",
         "--d-model", "16", "--batch-size", "32", "--warmup-steps", "5", "--no-progress",
         "--device", "cpu", "--threads", "1", "--epochs", "2"]
 
 
 def aggregate(*args):
-    return subprocess.run([sys.executable, "benchmarks/aggregate_beauty.py", *map(str, args)],
+    return subprocess.run([sys.executable, "experiments/aggregate_beauty.py", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from hymoe_kernels import replace_ffn
+from hymoe_kernels.config import HYMOE_DEFAULTS
 
 from .base import ModelConfig, SequentialRecommender
 
@@ -13,7 +14,8 @@ HYMOE_SETTINGS = ("ffn", "num_experts", "top_k", "warmup_steps", "lb_weight", "b
 
 
 def upcycle_to_hymoe(model: SequentialRecommender, config: ModelConfig, *,
-                     expert_init: str = "copy", drop_ratio: float = 0.5,
+                     expert_init: str = HYMOE_DEFAULTS.expert_init,
+                     drop_ratio: float = HYMOE_DEFAULTS.drop_ratio,
                      noise_std: float = 0.0) -> list[str]:
     """Turn ``model``, built with ``ffn="dense"`` (typically trained), into the model that
     ``build_model(name, n_items, config)`` builds for ``config.ffn == "hymoe"``, in place.
