@@ -32,7 +32,7 @@ from hymoerec import distributed  # multi-process hooks are marked "# distribute
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
-                           leave_one_out, training_windows)
+                           leave_one_out, training_prefixes, training_windows)
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import MODELS, ConfigError, ModelConfig, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
@@ -45,6 +45,7 @@ CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", 
 RESUMABLE_SETTINGS = ("epochs", "patience", "max_minutes", "threads", "no_progress", "device",
                       "eval_batch_size", "dist_timeout")
 # settings that say how to start, not what ran: never saved in config.json
+TRAIN_SAMPLES = ("windows", "prefixes")
 TRANSIENT_SETTINGS = ("config", "resume", "run_dir", "overwrite")
 
 
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="next-item targets per step, over whole training windows (default "
                         "2048, RecBole's batch of 2048 one-target prefixes; 256 on synthetic "
                         "data)")
+    g.add_argument("--train-samples", default="windows", choices=TRAIN_SAMPLES,
+                   help="'windows': each training sequence cut into windows of --max-len + 1 "
+                        "items, every position a target; 'prefixes': every prefix its own "
+                        "window with one target, its last item (as BSARec / FMLP-Rec train)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--lr-decay-patience", type=int, default=0,
@@ -301,7 +306,9 @@ class Trainer:
             if getattr(args, name) is None:  # not set by a flag, a config or the model's paper
                 setattr(args, name, value)
         self.split = leave_one_out(self.data)
-        self.windows = training_windows(self.split.train, args.max_len)
+        self.last_target_only = args.train_samples == "prefixes"
+        self.windows = (training_prefixes if self.last_target_only else training_windows)(
+            self.split.train, args.max_len)
         if not self.windows:
             raise DataFormatError(f"{self.data.describe()}: no training sequence has 2 or more "
                                   f"items")
@@ -448,7 +455,8 @@ class Trainer:
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (or None: the whole epoch), got {max_steps}")
         self.model.train()
-        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng)[:max_steps]
+        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng,
+                                   self.last_target_only)[:max_steps]
         loss_sum = aux_sum = 0.0
         n_targets = 0
         load_sum = None
@@ -456,7 +464,8 @@ class Trainer:
                    disable=self.args.no_progress or not self.dist.is_main, dynamic_ncols=True)
         for batch in bar:
             batch, stand_in = self.dist.share(batch)  # distributed: this rank's share
-            inputs, targets = collate_windows([self.windows[i] for i in batch])
+            inputs, targets = collate_windows([self.windows[i] for i in batch],
+                                              self.last_target_only)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             task_loss, aux_loss = self.train_loss(inputs, targets)
             count = 0 if stand_in else int((targets > 0).sum())

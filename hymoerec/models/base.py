@@ -16,6 +16,7 @@ from ..metrics import streaming_rank, streaming_topk
 from .scoring import full_item_scores, full_softmax_loss, seen_items
 
 FFN_KINDS = ("hymoe", "dense")
+POSITION_ANCHORS = ("first", "last")
 
 
 class ConfigError(ValueError):
@@ -80,12 +81,20 @@ class ModelConfig:
                                      "unmasked window items; our addition, not the paper's: "
                                      "on in train.py, off in ModelConfig()")
 
+    positions: str = setting("first", "sasrec, bert4rec: position embeddings counted from each "
+                                      "sequence's first item ('first') or back from its most "
+                                      "recent item, which always has the last position ('last', "
+                                      "as left-padded SASRec / BSARec code has it)",
+                             choices=POSITION_ANCHORS)
+
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
             if not ok:
                 raise ConfigError(setting, message)
 
         check(self.ffn in FFN_KINDS, "ffn", f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        check(self.positions in POSITION_ANCHORS, "positions",
+              f"positions must be one of {POSITION_ANCHORS}, got {self.positions!r}")
         check(self.backend in BACKENDS, "backend",
               f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult", "rnn_hidden",

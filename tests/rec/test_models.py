@@ -212,3 +212,20 @@ def test_seen_bias_scores_the_input_items_by_the_learned_offset(name):
     task.backward()
     assert model.seen_offset.grad is not None and model.seen_offset.grad != 0
 
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_positions_counted_back_from_the_most_recent_item(model):
+    """positions="last": a row's items get the positions they would have left-padded to
+    max_len, so the same items give the same last-position output whatever the padding."""
+    torch.manual_seed(0)
+    config = ModelConfig(max_len=6, d_model=8, n_heads=2, ffn="dense", dropout=0.0,
+                         positions="last")
+    net = build_model(model, 20, config).eval()
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    P = net.pos_emb.num_embeddings
+    expected = torch.stack([net.pos_emb.weight[[P - 3, P - 2, P - 1, P - 1, P - 1]],
+                            net.pos_emb.weight[P - 5:P]])
+    assert torch.equal(net.positions(mask), expected)
+    short, padded = torch.tensor([[3, 4, 5]]), torch.tensor([[3, 4, 5, 0, 0]])
+    assert torch.allclose(net.encode(short)[:, 2], net.encode(padded)[:, 2], atol=1e-6)
