@@ -229,3 +229,31 @@ def test_positions_counted_back_from_the_most_recent_item(model):
     assert torch.equal(net.positions(mask), expected)
     short, padded = torch.tensor([[3, 4, 5]]), torch.tensor([[3, 4, 5, 0, 0]])
     assert torch.allclose(net.encode(short)[:, 2], net.encode(padded)[:, 2], atol=1e-6)
+
+
+def test_sampled_softmax_over_every_item_is_the_full_softmax():
+    from hymoerec.models.scoring import sampled_softmax_loss, seen_items
+    torch.manual_seed(0)
+    V, D = 30, 8
+    item_emb = torch.randn(V + 1, D)
+    inputs = torch.randint(1, V + 1, (4, 6))
+    targets = torch.randint(1, V + 1, (4, 6))
+    hidden = torch.randn(int((targets > 0).sum()), D)
+    offset = torch.tensor(-0.7)
+    seen = seen_items(inputs, targets)
+    full = full_softmax_loss(hidden, item_emb, targets[targets > 0], False, seen, offset)
+    sampled = sampled_softmax_loss(hidden, item_emb, targets[targets > 0],
+                                   torch.arange(1, V + 1), seen, offset)
+    assert torch.allclose(sampled, full, atol=1e-5)
+    fewer = sampled_softmax_loss(hidden, item_emb, targets[targets > 0], torch.arange(1, 6))
+    assert fewer < full
+
+
+def test_sampled_softmax_trains_sasrec():
+    torch.manual_seed(0)
+    model = build_model("sasrec", 30, ModelConfig(max_len=6, d_model=8, ffn="dense",
+                                                 negatives=5, seen_bias=True))
+    inputs, targets = torch.randint(1, 31, (3, 6)), torch.randint(1, 31, (3, 6))
+    task, _ = model.loss(inputs, targets)
+    task.backward()
+    assert torch.isfinite(task) and model.item_emb.weight.grad.abs().sum() > 0
