@@ -707,6 +707,23 @@ def training_windows(train: Segments | list[np.ndarray], max_len: int) -> Segmen
     return Segments(train.values, base + start, base + end)
 
 
+def training_prefixes(train: Segments | list[np.ndarray], max_len: int) -> Segments:
+    """Every prefix of every training sequence as its own window, for training with one
+    target per window (its last item): a sequence of n >= 2 items gives n - 1 windows, the
+    t-th (t = 1..n-1) ending at item t and holding its at most max_len predecessors, so
+    ``w[:-1]`` is the input and ``w[-1]`` the target. Sequences in order, each's prefixes
+    shortest first; views into train's buffer (a list of arrays is copied into one first)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not isinstance(train, Segments):
+        train = Segments.from_arrays(train)
+    count = np.maximum(train.lengths - 1, 0)
+    owner = np.repeat(np.arange(len(train)), count)
+    end = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count) + 2
+    base = train.starts[owner]
+    return Segments(train.values, base + np.maximum(end - max_len - 1, 0), base + end)
+
+
 def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
     """(B, L) int64 tensor, sequences left-aligned and padded with 0 on the right
     (L = the longest sequence unless given)."""
@@ -718,10 +735,10 @@ def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
 
 
 def bucketed_batches(windows: Segments | list[np.ndarray], batch_targets: int,
-                     generator: torch.Generator) -> list[list[int]]:
+                     generator: torch.Generator, last_target_only: bool = False) -> list[list[int]]:
     """Window indices grouped into batches of similar length that hold at most
-    ``batch_targets`` next-item targets each (a window of n items has n - 1; a window with
-    more is a batch of its own): shuffle, sort by length within chunks of about 50 batches'
+    ``batch_targets`` next-item targets each (a window of n items has n - 1, or 1 with
+    ``last_target_only``; a window with more is a batch of its own): shuffle, sort by length within chunks of about 50 batches'
     targets, cut greedily, shuffle the batches. Counting targets, not windows, makes a
     batch of 2048 the same amount of training signal as RecBole's batch of 2048 one-target
     prefixes, whatever the sequence lengths."""
@@ -729,29 +746,37 @@ def bucketed_batches(windows: Segments | list[np.ndarray], batch_targets: int,
     lengths = (windows.lengths if isinstance(windows, Segments)
                else np.fromiter(map(len, windows), dtype=np.int64, count=len(windows)))
     targets = (lengths - 1).tolist()
+    size = [1] * len(targets) if last_target_only else targets
     batches: list[list[int]] = []
     start = 0
     while start < len(order):
         end, chunk_targets = start, 0
         while end < len(order) and chunk_targets < 50 * batch_targets:
-            chunk_targets += targets[order[end]]
+            chunk_targets += size[order[end]]
             end += 1
         batch, batch_count = [], 0
         for i in sorted(order[start:end], key=lambda i: targets[i]):
-            if batch and batch_count + targets[i] > batch_targets:
+            if batch and batch_count + size[i] > batch_targets:
                 batches.append(batch)
                 batch, batch_count = [], 0
             batch.append(i)
-            batch_count += targets[i]
+            batch_count += size[i]
         batches.append(batch)
         start = end
     shuffle = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffle]
 
 
-def collate_windows(windows: list[np.ndarray]) -> tuple[Tensor, Tensor]:
-    """(inputs, targets), both (B, L) int64 right-padded with 0: inputs w[:-1], targets w[1:]."""
-    return pad_right([w[:-1] for w in windows]), pad_right([w[1:] for w in windows])
+def collate_windows(windows: list[np.ndarray], last_target_only: bool = False
+                    ) -> tuple[Tensor, Tensor]:
+    """(inputs, targets), both (B, L) int64 right-padded with 0: inputs w[:-1], targets w[1:]
+    (with ``last_target_only``, 0 (no target) everywhere but at each window's last item)."""
+    inputs, targets = pad_right([w[:-1] for w in windows]), pad_right([w[1:] for w in windows])
+    if last_target_only:
+        last = torch.tensor([len(w) - 2 for w in windows])
+        targets = torch.zeros_like(targets).scatter_(1, last[:, None],
+                                                     targets.gather(1, last[:, None]))
+    return inputs, targets
 
 
 def last_items(histories: list[np.ndarray], max_len: int) -> list[np.ndarray]:
@@ -762,5 +787,5 @@ def last_items(histories: list[np.ndarray], max_len: int) -> list[np.ndarray]:
 __all__ = ["Segments", "SequenceData", "DataFormatError", "NotWritableError", "check_writable",
            "read_sequences", "read_pairs", "read_ml1m", "read_amazon", "read_table", "read_file",
            "reference_reader", "is_gzip", "k_core_filter", "load_dataset", "fetch", "synthetic",
-           "leave_one_out", "Split", "training_windows", "bucketed_batches", "collate_windows",
+           "leave_one_out", "Split", "training_windows", "training_prefixes", "bucketed_batches", "collate_windows",
            "pad_right", "last_items"]

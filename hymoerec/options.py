@@ -32,6 +32,8 @@ RESUMABLE_SETTINGS = ("epochs", "patience", "max_minutes", "threads", "no_progre
                       "eval_batch_size", "dist_timeout")
 # settings that say how to start, not what ran: never saved in config.json
 TRANSIENT_SETTINGS = ("config", "resume", "run_dir", "overwrite")
+# how training windows are cut: hymoerec.data.training_windows / training_prefixes
+TRAIN_SAMPLES = ("windows", "prefixes")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -131,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="next-item targets per step, over whole training windows (default "
                         "2048, RecBole's batch of 2048 one-target prefixes; 256 on synthetic "
                         "data)")
+    g.add_argument("--train-samples", default="windows", choices=TRAIN_SAMPLES,
+                   help="'windows': each training sequence cut into windows of --max-len + 1 "
+                        "items, every position a target; 'prefixes': every prefix its own "
+                        "window with one target, its last item (as BSARec / FMLP-Rec train)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--lr-decay-patience", type=int, default=0,

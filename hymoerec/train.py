@@ -29,7 +29,7 @@ from hymoerec import distributed
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.cli import fail
 from hymoerec.data import (DataFormatError, bucketed_batches, collate_windows, leave_one_out,
-                           training_windows)
+                           training_prefixes, training_windows)
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.models.upcycling import upcycle_to_hymoe
@@ -75,7 +75,9 @@ class Trainer:
             if getattr(args, name) is None:  # not set by a flag, a config or the model's paper
                 setattr(args, name, value)
         self.split = leave_one_out(self.data)
-        self.windows = training_windows(self.split.train, args.max_len)
+        self.last_target_only = args.train_samples == "prefixes"
+        self.windows = (training_prefixes if self.last_target_only else training_windows)(
+            self.split.train, args.max_len)
         if not self.windows:
             raise DataFormatError(f"{self.data.describe()}: no training sequence has 2 or more "
                                   f"items")
@@ -164,7 +166,8 @@ class Trainer:
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (or None: the whole epoch), got {max_steps}")
         self.model.train()
-        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng)[:max_steps]
+        batches = bucketed_batches(self.windows, self.args.batch_size, self.batch_rng,
+                                   self.last_target_only)[:max_steps]
         loss_sum = aux_sum = 0.0
         n_targets = 0
         load_sum = None
@@ -172,7 +175,8 @@ class Trainer:
                    disable=self.args.no_progress or not self.dist.is_main, dynamic_ncols=True)
         for batch in bar:
             batch, stand_in = self.dist.share(batch)  # this process's windows of the batch
-            inputs, targets = collate_windows([self.windows[i] for i in batch])
+            inputs, targets = collate_windows([self.windows[i] for i in batch],
+                                              self.last_target_only)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             task_loss, aux_loss = self.train_loss(inputs, targets)
             count = 0 if stand_in else int((targets > 0).sum())

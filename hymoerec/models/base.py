@@ -14,9 +14,10 @@ from hymoe_kernels.backend import BACKENDS
 from hymoe_kernels.config import HYMOE_DEFAULTS
 
 from ..metrics import streaming_rank, streaming_topk
-from .scoring import full_item_scores, full_softmax_loss, seen_items
+from .scoring import full_item_scores, full_softmax_loss, sampled_softmax_loss, seen_items
 
 FFN_KINDS = ("hymoe", "dense")
+POSITION_ANCHORS = ("first", "last")
 
 
 class ConfigError(ValueError):
@@ -92,12 +93,24 @@ class ModelConfig:
                                     "(it trained better models on both datasets)",
                               older_runs=False)
 
+    positions: str = setting("first", "sasrec, bert4rec: position embeddings counted from each "
+                                      "sequence's first item ('first') or back from its most "
+                                      "recent item, which always has the last position ('last', "
+                                      "as left-padded SASRec / BSARec code has it)",
+                             choices=POSITION_ANCHORS)
+
+    negatives: int = setting(0, "sasrec and the other next-item backbones: score each target "
+                                "against this many items drawn uniformly for the step (sampled "
+                                "softmax) instead of all items (0: full softmax)")
+
     def __post_init__(self):
         def check(ok: bool, setting: str, message: str) -> None:
             if not ok:
                 raise ConfigError(setting, message)
 
         check(self.ffn in FFN_KINDS, "ffn", f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        check(self.positions in POSITION_ANCHORS, "positions",
+              f"positions must be one of {POSITION_ANCHORS}, got {self.positions!r}")
         check(self.backend in BACKENDS, "backend",
               f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult", "rnn_hidden",
@@ -107,6 +120,7 @@ class ModelConfig:
               f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         check(1 <= self.top_k <= self.num_experts, "top_k",
               f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        check(self.negatives >= 0, "negatives", f"negatives must be >= 0, got {self.negatives}")
         check(self.warmup_steps >= 0, "warmup_steps",
               f"warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"dropout must be in [0, 1), got {self.dropout}")
@@ -220,8 +234,15 @@ class SequentialRecommender(nn.Module):
         real = targets > 0
         offsets = {} if self.seen_offset is None else {
             "offset_items": seen_items(inputs, targets), "offset": self.seen_offset}
-        task = full_softmax_loss(hidden[real], self.item_emb.weight, targets[real],
-                                 self.config.fused_loss, **offsets)
+        if self.config.negatives:
+            n_items = self.item_emb.num_embeddings - 1
+            negatives = torch.randint(1, n_items + 1, (self.config.negatives,),
+                                      device=targets.device)
+            task = sampled_softmax_loss(hidden[real], self.item_emb.weight, targets[real],
+                                        negatives, **offsets)
+        else:
+            task = full_softmax_loss(hidden[real], self.item_emb.weight, targets[real],
+                                     self.config.fused_loss, **offsets)
         return task, self.aux_loss()
 
     def query(self, inputs: Tensor) -> Tensor:

@@ -48,6 +48,25 @@ def full_softmax_loss(hidden: Tensor, item_emb: Tensor, targets: Tensor, fused: 
     return F.cross_entropy(scores.float(), targets - 1)
 
 
+def sampled_softmax_loss(hidden: Tensor, item_emb: Tensor, targets: Tensor, negatives: Tensor,
+                         offset_items: Tensor | None = None,
+                         offset: Tensor | None = None) -> Tensor:
+    """Mean sampled-softmax cross-entropy: each target scored against the shared candidate
+    items ``negatives`` (N,) int64 in 1..V (drawn uniformly, so the log-Q correction is a
+    constant and drops out) instead of all items; a negative equal to the row's target is
+    left out. Arguments and result as :func:`full_softmax_loss`."""
+    positive = (hidden * item_emb[targets]).sum(-1, keepdim=True)          # (M, 1)
+    scores = torch.cat([positive, hidden @ item_emb[negatives].t()], 1)    # (M, 1 + N)
+    if offset_items is not None:
+        listed = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], 1)
+        seen = (listed[:, :, None] == offset_items[:, None, :]).any(-1)
+        scores = scores + seen * offset
+    hit = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool),
+                     negatives[None, :] == targets[:, None]], 1)
+    return F.cross_entropy(scores.float().masked_fill(hit, float("-inf")),
+                           torch.zeros_like(targets))
+
+
 def full_item_scores(hidden: Tensor, item_emb: Tensor, offset_items: Tensor | None = None,
                      offset: Tensor | float = 0.0) -> Tensor:
     """Scores of every item for each query: (B, D) x (V + 1, D) -> (B, V + 1) float,

@@ -3,6 +3,7 @@ block around the position-wise FFN, and the backbone that embeds items and posit
 the blocks."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -62,6 +63,19 @@ class TransformerBackbone(SequentialRecommender):
         self.input_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layers))
 
+    def positions(self, mask: Tensor) -> Tensor:
+        """mask (B, L) bool, True on each row's leading real items -> position embeddings
+        (B, L, D) or (L, D). ``config.positions == "first"``: the j-th item of every row has
+        position j. ``"last"``: a row's most recent item has the last position P - 1 and the
+        one j items before it P - 1 - j, as when rows are left-padded to P (padding after
+        the row's items gets P - 1; causality or the key mask keeps it from real positions)."""
+        L = mask.shape[1]
+        if self.config.positions == "first":
+            return self.pos_emb.weight[:L]
+        P = self.pos_emb.num_embeddings
+        index = torch.arange(L, device=mask.device) + (P - mask.sum(1, keepdim=True))
+        return self.pos_emb(index.clamp(max=P - 1))
+
     def run_blocks(self, items: Tensor) -> Tensor:
         """items (B, L) int64 right-padded with 0, L <= the position count -> the last
         block's output (B, L, D) float32."""
@@ -70,7 +84,7 @@ class TransformerBackbone(SequentialRecommender):
             raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len} (the "
                              f"model has {self.pos_emb.num_embeddings} positions)")
         mask = items > 0
-        x = self.input_dropout(self.input_norm(self.item_emb(items) + self.pos_emb.weight[:L]))
+        x = self.input_dropout(self.input_norm(self.item_emb(items) + self.positions(mask)))
         for block in self.blocks:
             x = block(x, mask)
         return x

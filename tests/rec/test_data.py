@@ -397,3 +397,23 @@ def test_batches_fill_up_to_the_target_budget():
     assert sorted(i for b in batches for i in b) == list(range(500))
     assert max(sizes) <= 64
     assert sum(sizes) / len(sizes) > 56       # greedy cuts leave little of the budget unused
+
+
+def test_training_prefixes_pair_each_target_with_the_context_windows_give_it():
+    rng = np.random.default_rng(3)
+    train = [rng.integers(1, 50, size=n) for n in (1, 2, 5, 9, 13)]
+    max_len = 4
+    prefixes = D.training_prefixes(train, max_len)
+    assert len(prefixes) == sum(len(s) - 1 for s in train)
+    # (context, target) pairs of the prefixes, one target each ...
+    inputs, targets = D.collate_windows([prefixes[i] for i in range(len(prefixes))], True)
+    assert ((targets > 0).sum(1) == 1).all()
+    from_prefixes = sorted((tuple(row[:col + 1].tolist()), int(t[col]))
+                           for row, t in zip(inputs, targets) for col in [int((t > 0).nonzero())])
+    # ... are those of predicting every next item from at most max_len predecessors
+    expected = sorted((tuple(s[max(0, t - max_len):t].tolist()), int(s[t]))
+                      for s in train for t in range(1, len(s)))
+    assert from_prefixes == expected
+    batches = D.bucketed_batches(prefixes, 3, torch.Generator().manual_seed(0), True)
+    assert sorted(i for b in batches for i in b) == list(range(len(prefixes)))
+    assert max(len(b) for b in batches) == 3

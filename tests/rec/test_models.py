@@ -214,3 +214,48 @@ def test_seen_bias_scores_the_input_items_by_the_learned_offset(name):
     task.backward()
     assert model.seen_offset.grad is not None and model.seen_offset.grad != 0
 
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_positions_counted_back_from_the_most_recent_item(model):
+    """positions="last": a row's items get the positions they would have left-padded to
+    max_len, so the same items give the same last-position output whatever the padding."""
+    torch.manual_seed(0)
+    config = ModelConfig(max_len=6, d_model=8, n_heads=2, ffn="dense", dropout=0.0,
+                         positions="last")
+    net = build_model(model, 20, config).eval()
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    P = net.pos_emb.num_embeddings
+    expected = torch.stack([net.pos_emb.weight[[P - 3, P - 2, P - 1, P - 1, P - 1]],
+                            net.pos_emb.weight[P - 5:P]])
+    assert torch.equal(net.positions(mask), expected)
+    short, padded = torch.tensor([[3, 4, 5]]), torch.tensor([[3, 4, 5, 0, 0]])
+    assert torch.allclose(net.encode(short)[:, 2], net.encode(padded)[:, 2], atol=1e-6)
+
+
+def test_sampled_softmax_over_every_item_is_the_full_softmax():
+    from hymoerec.models.scoring import sampled_softmax_loss, seen_items
+    torch.manual_seed(0)
+    V, D = 30, 8
+    item_emb = torch.randn(V + 1, D)
+    inputs = torch.randint(1, V + 1, (4, 6))
+    targets = torch.randint(1, V + 1, (4, 6))
+    hidden = torch.randn(int((targets > 0).sum()), D)
+    offset = torch.tensor(-0.7)
+    seen = seen_items(inputs, targets)
+    full = full_softmax_loss(hidden, item_emb, targets[targets > 0], False, seen, offset)
+    sampled = sampled_softmax_loss(hidden, item_emb, targets[targets > 0],
+                                   torch.arange(1, V + 1), seen, offset)
+    assert torch.allclose(sampled, full, atol=1e-5)
+    fewer = sampled_softmax_loss(hidden, item_emb, targets[targets > 0], torch.arange(1, 6))
+    assert fewer < full
+
+
+def test_sampled_softmax_trains_sasrec():
+    torch.manual_seed(0)
+    model = build_model("sasrec", 30, ModelConfig(max_len=6, d_model=8, ffn="dense",
+                                                 negatives=5, seen_bias=True))
+    inputs, targets = torch.randint(1, 31, (3, 6)), torch.randint(1, 31, (3, 6))
+    task, _ = model.loss(inputs, targets)
+    task.backward()
+    assert torch.isfinite(task) and model.item_emb.weight.grad.abs().sum() > 0

@@ -306,3 +306,14 @@ def test_a_partial_epoch_runs_its_first_steps(tmp_path):
     assert trainer.step > 4                 # the whole epoch: more batches than two
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         trainer.train_epoch(max_steps=0)
+
+
+def test_prefix_samples_train_one_target_per_window(tmp_path):
+    windows = run(tmp_path, "windows", "--epochs", "1", "--ffn", "dense")
+    prefixes = run(tmp_path, "prefixes", "--epochs", "1", "--ffn", "dense",
+                   "--train-samples", "prefixes", "--positions", "last")
+    # the same targets, one per window, in batches of as many targets (32): as many steps
+    # give or take the bucketing's partial batches
+    assert abs(prefixes["steps"] - windows["steps"]) <= 0.2 * windows["steps"]
+    assert prefixes["config"]["train_samples"] == "prefixes"
+    assert 0 <= prefixes["test"]["NDCG@10"] <= prefixes["test"]["HR@10"] <= 1
