@@ -34,8 +34,8 @@ once from the FFT definition and applied to all prefixes at once (O(L^2 D) per s
 like the attention). Position t then depends on items 0..t only, in training and evaluation
 alike; later items and padding never reach it, and a batch's length does not change it (the
 window is max_len long whatever L is). Where this differs from BSARec: its padding rows hold
-the position embeddings (and later the blocks' outputs there), ours count as zero; the
-(weaker) extra signal of how long the padding is does not exist here.
+the position embeddings (and later the blocks' outputs there) and enter its filter; here the
+positions before the first item count as zero.
 
 Defaults: BSARec's Beauty configuration (its README example and committed best log): 2
 layers, d_model 64, 1 head (``paper_defaults``), alpha 0.7 and c 5 (ModelConfig's defaults
