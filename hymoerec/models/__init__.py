@@ -25,7 +25,7 @@ def build_model(name: str, n_items: int, config: ModelConfig) -> SequentialRecom
 
 
 from . import sasrec  # noqa: E402,F401  (registers "sasrec")
-from . import bert4rec, gru4rec, mamba4rec, narm  # noqa: E402,F401  (the baselines)
+from . import bert4rec, bsarec, gru4rec, mamba4rec, narm  # noqa: E402,F401  (the baselines)
 
 __all__ = ["MODELS", "register", "build_model", "ConfigError", "ModelConfig",
            "SequentialRecommender", "FFN_KINDS", "full_softmax_loss", "full_item_scores"]

@@ -84,6 +84,12 @@ class ModelConfig:
                                        "longer scores highest")
     head_skip: float = setting(0.0, "with --output-head: add the last block's output, times "
                                     "this weight, to the head's (query = head(h) + w * h)")
+    filter_weight: float = setting(0.7, "bsarec: weight alpha of the frequency-filter "
+                                        "branch, self-attention's being 1 - alpha (BSARec's "
+                                        "alpha, its Beauty value by default)")
+    low_freqs: int = setting(5, "bsarec: low frequencies its filter keeps, rfft bins "
+                                "0..c // 2 of a max_len window (BSARec's c, its Beauty value "
+                                "by default)")
     seen_bias: bool = setting(True, "learn one score offset (starting at 0) added to every "
                                     "item already in the input, so the model can learn to "
                                     "rank items the user has seen lower (data without "
@@ -92,13 +98,11 @@ class ModelConfig:
                                     "unmasked window items; our addition, not the paper's "
                                     "(it trained better models on both datasets)",
                               older_runs=False)
-
-    positions: str = setting("first", "sasrec, bert4rec: position embeddings counted from each "
-                                      "sequence's first item ('first') or back from its most "
-                                      "recent item, which always has the last position ('last', "
-                                      "as left-padded SASRec / BSARec code has it)",
+    positions: str = setting("first", "sasrec, bert4rec, bsarec: position embeddings counted "
+                                      "from each sequence's first item ('first') or back from "
+                                      "its most recent item, which always has the last position "
+                                      "('last', as left-padded SASRec / BSARec code has it)",
                              choices=POSITION_ANCHORS)
-
     negatives: int = setting(0, "sasrec and the other next-item backbones: score each target "
                                 "against this many items drawn uniformly for the step (sampled "
                                 "softmax) instead of all items (0: full softmax)")
@@ -114,7 +118,7 @@ class ModelConfig:
         check(self.backend in BACKENDS, "backend",
               f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("max_len", "d_model", "n_layers", "n_heads", "ffn_mult", "rnn_hidden",
-                     "d_state", "d_conv", "expand", "num_experts"):
+                     "d_state", "d_conv", "expand", "num_experts", "low_freqs"):
             check(getattr(self, name) >= 1, name, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.d_model % self.n_heads == 0, "d_model",
               f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -126,6 +130,8 @@ class ModelConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"dropout must be in [0, 1), got {self.dropout}")
         check(math.isfinite(self.lb_weight) and self.lb_weight >= 0, "lb_weight",
               f"lb_weight must be a finite number >= 0, got {self.lb_weight}")
+        check(0.0 <= self.filter_weight <= 1.0, "filter_weight",
+              f"filter_weight must be in [0, 1], got {self.filter_weight}")
         check(0.0 < self.mask_prob < 1.0, "mask_prob",
               f"mask_prob must be in (0, 1), got {self.mask_prob}")
         check(math.isfinite(self.head_skip), "head_skip",

@@ -53,7 +53,9 @@ class Block(nn.Module):
 class TransformerBackbone(SequentialRecommender):
     """Item + learned position embeddings -> LayerNorm -> dropout -> ``n_layers`` post-LN
     blocks, causal (SASRec) or bidirectional over real positions (BERT4Rec, ``causal=False``).
-    Subclasses add their output transform and call :meth:`.base.init_normal` last."""
+    Subclasses add their output transform and call :meth:`.base.init_normal` last;
+    ``block_type`` is the block class, built as ``block_type(config, causal)``."""
+    block_type: type[Block] = Block
 
     def __init__(self, n_items: int, config: ModelConfig, n_positions: int, causal: bool):
         super().__init__(n_items, config)
@@ -61,7 +63,8 @@ class TransformerBackbone(SequentialRecommender):
         self.pos_emb = nn.Embedding(n_positions, D)
         self.input_norm = nn.LayerNorm(D)
         self.input_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(self.block_type(config, causal)
+                                    for _ in range(config.n_layers))
 
     def positions(self, mask: Tensor) -> Tensor:
         """mask (B, L) bool, True on each row's leading real items -> position embeddings

@@ -338,7 +338,7 @@ def test_readme_example_runs(capsys):
     assert float(printed[1]) == pytest.approx(0.5 * 2 / 500, rel=1e-2)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "mamba4rec"])
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "mamba4rec", "bsarec"])
 def test_upcycle_to_hymoe_keeps_the_model_and_matches_a_fresh_hymoe_model(name):
     torch.manual_seed(0)
     config = ModelConfig(max_len=8, d_model=16, n_heads=2, n_layers=2, ffn="dense", dropout=0.1,

@@ -17,10 +17,14 @@ TINY_DATA = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic
 
 
 def small_model(name, ffn="dense", n_items=40, **overrides):
-    """A small ``name`` model; without the seen-item offset unless ``seen_bias=True``."""
+    """A tiny backbone ``name`` in eval mode: its paper's model settings (paper_defaults may
+    also hold training flags such as lr), small widths, no dropout, no seen-item offset
+    unless ``seen_bias=True``, then ``overrides``."""
     torch.manual_seed(0)
-    fields = {**MODELS[name].paper_defaults, "max_len": 8, "d_model": 16, "rnn_hidden": 12,
-              "d_state": 4, "dropout": 0.0, "ffn": ffn, "seen_bias": False, **overrides}
+    paper = {k: v for k, v in MODELS[name].paper_defaults.items()
+             if k in ModelConfig.__dataclass_fields__}
+    fields = {**paper, "max_len": 8, "d_model": 16, "rnn_hidden": 12, "d_state": 4,
+              "dropout": 0.0, "ffn": ffn, "seen_bias": False, **overrides}
     return build_model(name, n_items, ModelConfig(**fields)).eval()
 
 
@@ -53,7 +57,7 @@ def test_paper_defaults_yield_to_flags_and_models_without_ffn_refuse_hymoe():
             small_model(name, ffn="hymoe")
 
 
-@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "mamba4rec"])
+@pytest.mark.parametrize("name", sorted(name for name, cls in MODELS.items() if cls.has_ffn))
 def test_hymoe_ffn_inside_every_backbone_with_an_ffn(name):
     model = small_model(name, ffn="hymoe").train()
     assert len(model.hymoe_layers()) == model.config.n_layers
