@@ -2,7 +2,7 @@
 
 The module owns the parameters, the alpha warm-up counter, the load-balance loss and the
 routing statistics; the arithmetic is delegated to a backend function with the signature
-of :func:`hymoe_kernels.reference.hymoe_reference`.
+of :func:`hymoe_kernels.hymoe_op.reference.hymoe_reference`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import BACKENDS, Backend, resolve
-from .reference import hymoe_reference
-from .torch_backend import hymoe_torch
+from .hymoe_op.reference import hymoe_reference
+from .hymoe_op.torch_backend import hymoe_torch
 from .weights import HyMoEWeights
 
 EXPERT_INITS = ("copy", "drop", "random")
@@ -37,10 +37,11 @@ def check_gelu(activation) -> None:
 
 
 def hymoe_function(backend: Backend) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-    """The HyMoE function (the signature of :func:`hymoe_kernels.reference.hymoe_reference`)
-    of a resolved backend (:func:`hymoe_kernels.backend.resolve`: not AUTO)."""
+    """The HyMoE function (the signature of
+    :func:`hymoe_kernels.hymoe_op.reference.hymoe_reference`) of a resolved backend
+    (:func:`hymoe_kernels.backend.resolve`: not AUTO)."""
     if backend is Backend.TRITON:
-        from .function import hymoe_triton
+        from .hymoe_op.triton_backend import hymoe_triton
         return hymoe_triton
     return {Backend.TORCH: hymoe_torch, Backend.REFERENCE: hymoe_reference}[backend]
 

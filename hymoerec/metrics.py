@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hymoe_kernels.linear_cross_entropy import (add_offset_, check_chunk_size,
-                                               check_hidden_weight, distinct_items,
-                                               offset_of_targets, scatter_row_items)
+from hymoe_kernels.cross_entropy.lce_dispatch import (add_offset_, check_chunk_size,
+                                                      check_hidden_weight, distinct_items,
+                                                      offset_of_targets, scatter_row_items)
 
 from .data import last_items, pad_right
 

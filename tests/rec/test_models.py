@@ -17,8 +17,8 @@ def small_model(ffn="hymoe", n_items=40, **overrides):
 @pytest.mark.parametrize("fused", [True, False])
 def test_full_softmax_loss_is_cross_entropy_over_the_real_items(fused):
     """Both paths (the fused linear_cross_entropy, tested against F.cross_entropy in
-    tests/kernels/test_linear_cross_entropy.py, and the plain one) score the items 1..V, never the
-    padding row 0, which gets no gradient."""
+    tests/kernels/cross_entropy/test_lce_dispatch.py, and the plain one) score the items
+    1..V, never the padding row 0, which gets no gradient."""
     torch.manual_seed(0)
     hidden = torch.randn(600, 8, requires_grad=True)   # > one row chunk
     emb = torch.randn(31, 8, requires_grad=True)

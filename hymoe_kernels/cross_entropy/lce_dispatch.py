@@ -8,7 +8,7 @@ O(rows x items). Optionally each row's listed items score a learned ``offset`` m
 recommender's seen-item offset), with its gradient too.
 
 Backends: ``"torch"`` (chunked PyTorch, any device) and ``"triton"`` (the kernels of
-:mod:`hymoe_kernels.kernels.linear_cross_entropy`; CUDA, or the CPU under
+:mod:`.lce_triton_kernels`; CUDA, or the CPU under
 ``TRITON_INTERPRET=1``). ``"auto"`` picks Triton for CUDA tensors of a width the kernels take
 and torch otherwise (:func:`hymoe_kernels.backend.resolve`).
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import Backend, resolve
-from .weights import KERNEL_DTYPES
+from ..backend import Backend, resolve
+from ..weights import KERNEL_DTYPES
 
 LOSS_BACKENDS = ("auto", "torch", "triton")
 
@@ -229,7 +229,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = hidden.new_empty(0, dtype=dtype)
             loss = hidden.new_zeros((), dtype=dtype)
         elif backend is Backend.TRITON:
-            from .kernels.linear_cross_entropy import listed_bitset, triton_lce_forward
+            from .lce_triton_kernels import listed_bitset, triton_lce_forward
             if listed is not None:
                 listed = listed_bitset(listed, weight.shape[0])
             lse, row_loss, offset_grad_rows = triton_lce_forward(hidden, weight, target, listed,
@@ -257,7 +257,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     None, None)
         scale = grad_loss.to(lse.dtype) / n_rows
         if ctx.backend is Backend.TRITON:
-            from .kernels.linear_cross_entropy import triton_lce_backward
+            from .lce_triton_kernels import triton_lce_backward
             grad_hidden, grad_weight = triton_lce_backward(hidden, weight, target, lse, scale,
                                                            listed, offset)
             if offset_grad_rows is not None:
@@ -280,7 +280,7 @@ def _resolve_backend(backend: str, hidden: Tensor, n_items: int, has_offset: boo
                         f"got {hidden.dtype}; use backend='torch'")
 
     def triton_fits() -> bool:
-        from .kernels.linear_cross_entropy import triton_supports
+        from .lce_triton_kernels import triton_supports
         bitset_bytes = hidden.shape[0] * -(-n_items // 8) if has_offset else 0
         return (hidden.dtype in KERNEL_DTYPES and triton_supports(hidden.shape[1], hidden.dtype)
                 and bitset_bytes <= _OFFSET_BITSET_BYTES)

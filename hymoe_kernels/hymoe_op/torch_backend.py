@@ -1,4 +1,4 @@
-"""Fast pure-PyTorch HyMoE: same function as :func:`hymoe_kernels.reference.hymoe_reference`.
+"""Fast pure-PyTorch HyMoE: same function as :func:`.reference.hymoe_reference`.
 
 How it differs from the reference (each choice measured with ``benchmarks/``):
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .weights import HyMoEWeights
+from ..weights import HyMoEWeights
 
 
 def _sum_slots(per_token: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -195,7 +195,7 @@ expert_ffn.register_autograd(_expert_ffn_grad, setup_context=_expert_ffn_setup)
 def hymoe_torch(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_param: Tensor,
                 ramp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """HyMoE forward on a flat batch of tokens; arguments, shapes, dtype rules and returns
-    exactly as :func:`hymoe_kernels.reference.hymoe_reference` (weights cast to x's dtype;
+    exactly as :func:`.reference.hymoe_reference` (weights cast to x's dtype;
     y (N, D) in the compute dtype of x, prob_sum (E,) float32, load (E,) int64; padding
     excluded from prob_sum and load by selection)."""
     num_tokens = x.shape[0]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.linear_cross_entropy import MAX_SPLIT, pick_split
-from hymoe_kernels.linear_cross_entropy import linear_cross_entropy
+from hymoe_kernels.cross_entropy.lce_dispatch import linear_cross_entropy
+from hymoe_kernels.cross_entropy.lce_triton_kernels import MAX_SPLIT, pick_split
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-2, atol=2e-3),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-3)}
@@ -59,7 +59,7 @@ def test_matches_cross_entropy(backend, chunk_size, dtype):
 
 def test_torch_path_row_blocks(monkeypatch):
     """Several row blocks and item chunks (block budget shrunk to 128 scores)."""
-    module = importlib.import_module("hymoe_kernels.linear_cross_entropy")
+    module = importlib.import_module("hymoe_kernels.cross_entropy.lce_dispatch")
     monkeypatch.setattr(module, "_TORCH_BLOCK_ELEMENTS", 128)
     hidden, weight, target = make_inputs(70, 45, 8, torch.float32, seed=2, ignore_every=3)
     assert_matches_dense(hidden, weight, target, TOL[torch.float32], chunk_size=16,
@@ -260,8 +260,8 @@ def test_triton_offset_matches_the_offset_scores(dtype):
 
 
 def test_distinct_items_and_their_bitset_hold_each_listed_item_once():
-    from hymoe_kernels.kernels.linear_cross_entropy import listed_bitset
-    from hymoe_kernels.linear_cross_entropy import distinct_items
+    from hymoe_kernels.cross_entropy.lce_dispatch import distinct_items
+    from hymoe_kernels.cross_entropy.lce_triton_kernels import listed_bitset
     items = torch.tensor([[0, 7, 8, 8, -1, 19], [3, 3, 3, 20, 25, -1]])
     ids = distinct_items(items, 20)
     assert ids.tolist() == [[-1, 0, 7, 8, -1, 19], [-1, -1, -1, 3, -1, -1]]

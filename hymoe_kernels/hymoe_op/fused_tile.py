@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_step,
+                           without_nan)
+from ..kernel_launch import MAX_PARTIAL_ELEMENTS, launch_params, pick_width_config
 from ..weights import HyMoEWeights, check_kernel_inputs
-from . import MAX_PARTIAL_ELEMENTS, launch_params, pick_width_config
-from .device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_step,
-                          without_nan)
 
 MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
