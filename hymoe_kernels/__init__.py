@@ -9,19 +9,19 @@ Into an existing model: ``replace_ffn`` upcycles its dense FFNs in place
 The weights travel as one :class:`HyMoEWeights`; ``HyMoEFFN.weights()`` returns them, and
 every functional form takes ``(x, mask, weights, alpha_param, ramp, top_k)``.
 
-The full-catalog loss beside it: ``linear_cross_entropy`` (the softmax loss of
-``hidden @ weight.T`` without the score matrix).
+The full-catalog scoring beside it: ``linear_cross_entropy`` (the softmax loss of
+``hidden @ weight.T`` without the score matrix) and ``streaming_rank`` / ``streaming_topk``.
 
 Layout: ``hymoe_op/`` holds the HyMoE op (readable reference, torch path, Triton path and its
 stage kernels router -> permutation -> expert GEMMs -> combine), ``cross_entropy/`` the fused
-loss; at the top are the layer (``layer``), ``replace_ffn``
+loss and the streamed scoring; at the top are the layer (``layer``), ``replace_ffn``
 (``upcycle``), the defaults (``config``), the weights, the backend choice and what both ops'
 kernels share (``device_math``, ``kernel_launch``).
 
 The Triton path (``hymoe_triton`` and its alias ``hymoe``) is imported on first use, so the
 package and its PyTorch backends work where Triton is not installed.
 """
-from .cross_entropy import linear_cross_entropy
+from .cross_entropy import linear_cross_entropy, streaming_rank, streaming_topk
 from .hymoe_op import hymoe_reference, hymoe_torch
 from .layer import HyMoEFFN
 from .upcycle import hymoe_aux_loss, hymoe_stats, replace_ffn
@@ -29,7 +29,7 @@ from .weights import HyMoEWeights
 
 __all__ = ["HyMoEFFN", "HyMoEWeights", "hymoe", "hymoe_aux_loss", "hymoe_reference",
            "hymoe_stats", "hymoe_torch", "hymoe_triton", "linear_cross_entropy",
-           "replace_ffn"]
+           "replace_ffn", "streaming_rank", "streaming_topk"]
 __version__ = "0.1.0"
 
 

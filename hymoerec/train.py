@@ -27,13 +27,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hymoe_kernels import backend
+from hymoe_kernels.cross_entropy import NonFiniteScoresError
 from hymoe_kernels.layer import EXPERT_INITS
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
                            leave_one_out, training_windows)
-from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
+from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
 from hymoerec.models import MODELS, ConfigError, ModelConfig, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
 from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json

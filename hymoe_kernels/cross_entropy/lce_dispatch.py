@@ -1,5 +1,5 @@
-"""Fused linear + cross-entropy: the full-catalog softmax loss of ``hidden @ weight.T``
-without materialising the (rows x items) score matrix.
+"""The fused linear + cross-entropy: the full-catalog softmax loss of ``hidden @ weight.T``
+without materialising the (rows x items) score matrix, and the choice of the path that runs.
 
 :func:`linear_cross_entropy` computes the mean softmax cross-entropy against ``target`` over
 item chunks with an online log-sum-exp; the backward pass recomputes each chunk's scores and
@@ -7,10 +7,10 @@ returns gradients of ``hidden`` and ``weight``. Memory is O(rows x chunk) instea
 O(rows x items). Optionally each row's listed items score a learned ``offset`` more (a
 recommender's seen-item offset), with its gradient too.
 
-Backends: ``"torch"`` (chunked PyTorch, any device) and ``"triton"`` (the kernels of
-:mod:`.lce_triton_kernels`; CUDA, or the CPU under
-``TRITON_INTERPRET=1``). ``"auto"`` picks Triton for CUDA tensors of a width the kernels take
-and torch otherwise (:func:`hymoe_kernels.backend.resolve`).
+Backends: ``"torch"`` (:mod:`.lce_torch_backend`, chunked PyTorch, any device) and
+``"triton"`` (:mod:`.lce_triton_kernels`; CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+``"auto"`` picks Triton for CUDA tensors of a width the kernels take and torch otherwise
+(:func:`hymoe_kernels.backend.resolve`).
 """
 from __future__ import annotations
 
@@ -19,209 +19,30 @@ from torch import Tensor
 
 from ..backend import Backend, resolve
 from ..weights import KERNEL_DTYPES
+from .lce_torch_backend import torch_grads, torch_lse
+from .score_chunks import (check_chunk_size, check_hidden_weight, compute_dtype, distinct_items,
+                           offset_of_targets)
 
 LOSS_BACKENDS = ("auto", "torch", "triton")
 
-# Budget of one score block (rows x items) of the chunked torch path, in elements. On the
-# CPU, 2**21 fp32 values (8 MiB) per intra-op thread: single-threaded speed is flat from
-# 1 to 16 MiB blocks, while each block costs ~10 parallel regions whose barriers stall
-# when the cores are oversubscribed, so blocks are as large as a bounded working set
-# allows. On CUDA, 2**24 (64 MiB) per block.
-_TORCH_BLOCK_ELEMENTS = 1 << 21
-_TORCH_CUDA_BLOCK_ELEMENTS = 1 << 24
-_DEFAULT_ITEM_CHUNK = 2048
 # Largest bitset of the rows' offset items (rows x items / 8 bytes) that "auto" hands to the
 # Triton kernels; past it (e.g. 2,048 rows x 1M items = 256 MiB) the torch path streams them.
 _OFFSET_BITSET_BYTES = 1 << 28
 
-
-def _check_matrix(name: str, value: Tensor) -> None:
-    """TypeError / ValueError unless ``value`` is a 2-d floating-point tensor."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got dtype {value.dtype}")
-
-
-def check_hidden_weight(hidden: Tensor, weight: Tensor) -> None:
-    """The operands of the scores ``hidden @ weight.T`` (here and in the recommender's
-    streamed rankings): hidden (M, D) and weight (V >= 1, D), floating point, of one dtype
-    and device; else TypeError / ValueError naming them."""
-    _check_matrix("hidden", hidden)
-    _check_matrix("weight", weight)
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (M, D) and weight (V, D) must share D, got hidden "
-                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError("weight must have at least one row (item)")
-    if hidden.device != weight.device:
-        raise ValueError(f"hidden and weight must be on one device, got {hidden.device} "
-                         f"and {weight.device}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and "
-                        f"{weight.dtype}")
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    """ValueError unless ``chunk_size`` (items per chunk) is a positive int or None."""
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def scatter_row_items(items: Tensor, v0: int, v1: int, reduce: str, inside_value: float,
-                      outside_value: float, out: Tensor) -> Tensor:
-    """Scatter into ``out`` (M, v1 - v0), in place, at each row's listed item ids (M, L)
-    int64 that fall inside [v0, v1): inside_value there, outside_value (the reduction's
-    identity) for ids outside it (negative ids: none), reduced with ``reduce`` ("amax" /
-    "amin"), so duplicate ids are harmless and the result deterministic. Returns ``out``."""
-    local = items.long() - v0
-    inside = (local >= 0) & (local < v1 - v0)
-    fill = torch.where(inside, inside_value, outside_value).to(out.dtype)
-    return out.scatter_reduce_(1, local.clamp(0, v1 - v0 - 1), fill, reduce=reduce)
-
-
-def listed_items_mask(items: Tensor, v0: int, v1: int, like: Tensor) -> Tensor:
-    """(M, v1 - v0) of ``like``'s dtype: 1 where the column's item v0 + j is among the row's
-    ids ``items`` (M, L) int64, else 0."""
-    return scatter_row_items(items, v0, v1, "amax", 1.0, 0.0, torch.zeros_like(like))
-
-
-def distinct_items(items: Tensor, n_items: int) -> Tensor:
-    """(N, L) int64: each row of item ids (N, L) sorted, with repeats and ids outside
-    [0, n_items) set to -1 (no item), so every item a row lists appears in it once."""
-    ids = torch.where((items >= 0) & (items < n_items), items.long(), -1).sort(dim=1).values
-    repeat = torch.zeros_like(ids, dtype=torch.bool)
-    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    return ids.masked_fill(repeat, -1)
-
-
-def add_offset_(scores: Tensor, ids: Tensor, v0: int,
-                offset: Tensor | float) -> tuple[Tensor, Tensor]:
-    """Add ``offset`` (a number or 0-d tensor), in place, to the scores (N, W) of items
-    [v0, v0 + W) at each row's :func:`distinct_items` ``ids`` (N, L) that fall in that chunk.
-    Returns (columns, inside), both (N, L): each id's column, clamped into the chunk, and
-    whether it lies inside (for gathering the offset's gradient from the same slots)."""
-    width = scores.shape[1]
-    local = ids - v0
-    columns, inside = local.clamp(0, width - 1), (ids >= 0) & (local >= 0) & (local < width)
-    scores.scatter_add_(1, columns, inside.to(scores.dtype) * offset)
-    return columns, inside
-
-
-def offset_of_targets(target: Tensor, offset_items: Tensor | None, offset: Tensor | float,
-                      dtype: torch.dtype) -> Tensor | float:
-    """(M,) ``offset`` where a row's target (M,) is among its ``offset_items`` (M, L), else
-    0; the number 0 when there are no offset_items."""
-    if offset_items is None:
-        return 0.0
-    listed = (offset_items == target[:, None]).any(dim=1).to(dtype)
-    return listed * torch.as_tensor(offset, dtype=dtype, device=target.device)
-
-
-def _torch_blocks(n_rows: int, n_items: int, chunk_size: int | None,
-                  device: torch.device) -> tuple[int, int]:
-    """(rows per block, items per chunk) of the chunked torch loss."""
-    items = min(n_items, chunk_size or _DEFAULT_ITEM_CHUNK)
-    if device.type == "cuda":
-        budget = _TORCH_CUDA_BLOCK_ELEMENTS
-    else:
-        budget = _TORCH_BLOCK_ELEMENTS * torch.get_num_threads()
-    rows = max(1, budget // items)
-    return min(max(n_rows, 1), rows), items
-
-
-# ----------------------------------------------------------------------------------------
-# Chunked PyTorch implementation of the loss
-# ----------------------------------------------------------------------------------------
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _torch_lse(hidden: Tensor, weight: Tensor, chunk_size: int | None,
-               offset_items: Tensor | None, offset: Tensor | None) -> Tensor:
-    """log sum_v exp(scores)[:, v] (N,) in the compute dtype, by online log-sum-exp, of the
-    scores hidden @ weight.T plus ``offset`` at each row's ``offset_items`` (N, L), which are
-    :func:`distinct_items`."""
-    n_rows, n_items = hidden.shape[0], weight.shape[0]
-    row_block, item_chunk = _torch_blocks(n_rows, n_items, chunk_size, hidden.device)
-    dtype = _compute_dtype(hidden.dtype)
-    lse = torch.empty(n_rows, dtype=dtype, device=hidden.device)
-    for r0 in range(0, n_rows, row_block):
-        h = hidden[r0:r0 + row_block].to(dtype)
-        rows_items = None if offset_items is None else offset_items[r0:r0 + row_block]
-        running_max = torch.full((h.shape[0],), float("-inf"), dtype=dtype, device=h.device)
-        running_sum = torch.zeros(h.shape[0], dtype=dtype, device=h.device)
-        for v0 in range(0, n_items, item_chunk):
-            scores = h @ weight[v0:v0 + item_chunk].to(dtype).T
-            if rows_items is not None:
-                add_offset_(scores, rows_items, v0, offset)
-            new_max = torch.maximum(running_max, scores.amax(dim=1))
-            running_sum.mul_(torch.exp(running_max - new_max))
-            running_sum.add_(scores.sub_(new_max[:, None]).exp_().sum(dim=1))
-            running_max = new_max
-        lse[r0:r0 + row_block] = running_max + running_sum.log()
-    return lse
-
-
-def _torch_grads(hidden: Tensor, weight: Tensor, target: Tensor, lse: Tensor, scale: Tensor,
-                 chunk_size: int | None, offset_items: Tensor | None,
-                 offset: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients (d hidden, d weight, d offset or None) of scale * sum_i CE_i, recomputing
-    scores per block; d offset = scale * sum_i (probability mass of row i's offset items -
-    [target_i among them]), the offset_items being :func:`distinct_items`.
-
-    Blocks are visited in a fixed order, so the result is bit-reproducible."""
-    n_rows, n_items = hidden.shape[0], weight.shape[0]
-    row_block, item_chunk = _torch_blocks(n_rows, n_items, chunk_size, hidden.device)
-    dtype = _compute_dtype(hidden.dtype)
-    grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
-    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-    grad_offset = None if offset_items is None else torch.zeros((), dtype=dtype,
-                                                                 device=hidden.device)
-    for r0 in range(0, n_rows, row_block):
-        h = hidden[r0:r0 + row_block].to(dtype)
-        rows_lse = lse[r0:r0 + row_block]
-        rows_target = target[r0:r0 + row_block]
-        rows_items = None if offset_items is None else offset_items[r0:r0 + row_block]
-        row_ids = torch.arange(h.shape[0], device=h.device)
-        for v0 in range(0, n_items, item_chunk):
-            w = weight[v0:v0 + item_chunk].to(dtype)
-            probs = h @ w.T
-            if rows_items is not None:
-                columns, inside = add_offset_(probs, rows_items, v0, offset)
-            probs.sub_(rows_lse[:, None]).exp_()
-            local = rows_target - v0
-            hit = (local >= 0) & (local < w.shape[0])
-            probs[row_ids[hit], local[hit]] -= 1.0
-            probs.mul_(scale)
-            if rows_items is not None:
-                grad_offset += (probs.gather(1, columns) * inside).sum()
-            grad_hidden[r0:r0 + row_block].addmm_(probs, w)
-            grad_weight[v0:v0 + item_chunk].addmm_(probs.T, h)
-    return grad_hidden, grad_weight, grad_offset
-
-
-# ----------------------------------------------------------------------------------------
-# Autograd op shared by both backends
-# ----------------------------------------------------------------------------------------
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(scores, target) / n_rows, on compacted (real) rows, where scores
     = hidden @ weight.T plus ``offset`` at each row's ``offset_items``.
 
     forward(hidden (N, D), weight (V, D), target (N,) int64 in [0, V), offset_items (N, L)
-    int64 (:func:`distinct_items`) or None, offset 0-d float or None, backend (TORCH or
-    TRITON), chunk_size) -> 0-d loss in the compute dtype. N = 0 gives loss 0 and zero
-    gradients."""
+    int64 (:func:`~.score_chunks.distinct_items`) or None, offset 0-d float or None,
+    backend (TORCH or TRITON), chunk_size) -> 0-d loss in the compute dtype. N = 0 gives
+    loss 0 and zero gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, offset_items, offset, backend, chunk_size):
         n_rows = hidden.shape[0]
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = compute_dtype(hidden.dtype)
         offset_value = None if offset is None else offset.detach().to(dtype)
         listed = offset_items   # the rows' items: ids (N, L) for torch, a bitset for Triton
         offset_grad_rows = None  # Triton: d row loss / d offset (N,), from the forward
@@ -236,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                                  offset_value)
             loss = row_loss.sum() / n_rows
         else:
-            lse = _torch_lse(hidden, weight, chunk_size, listed, offset_value)
+            lse = torch_lse(hidden, weight, chunk_size, listed, offset_value)
             target_score = (hidden.to(dtype) * weight.index_select(0, target).to(dtype)).sum(1)
             target_score = target_score + offset_of_targets(target, listed, offset_value, dtype)
             loss = (lse - target_score).sum() / n_rows
@@ -263,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if offset_grad_rows is not None:
                 grad_offset = offset_grad_rows.sum() * scale
         else:
-            grad_hidden, grad_weight, grad_offset = _torch_grads(
+            grad_hidden, grad_weight, grad_offset = torch_grads(
                 hidden, weight, target, lse, scale, ctx.chunk_size, listed, offset)
         if grad_offset is not None:
             grad_offset = grad_offset.to(ctx.offset_dtype)

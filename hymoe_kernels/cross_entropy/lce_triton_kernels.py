@@ -261,7 +261,7 @@ def _launch_setup(hidden: Tensor) -> tuple[int, LceConfig, bool, int]:
 
 def listed_bitset(ids: Tensor, n_items: int) -> Tensor:
     """(N, cdiv(n_items, 8)) uint8 bitset of each row's items: bit v % 8 of byte v // 8 is
-    item v. ``ids`` (N, L) int64 are :func:`~.lce_dispatch.distinct_items`
+    item v. ``ids`` (N, L) int64 are :func:`~.score_chunks.distinct_items`
     (each item at most once a row, -1 = none)."""
     present = ids.clamp(min=0)
     bits = torch.zeros(ids.shape[0], triton.cdiv(n_items, 8), dtype=torch.int32,
