@@ -108,8 +108,8 @@ def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int, dtype: torc
 
 # fp32 operands: "tf32x3" (three TF32 tensor-core products: hi*hi + hi*lo + lo*hi, the
 # dropped lo*lo term is ~2^-22 relative, so about fp32 accuracy). "ieee" lowers to FMA dots
-# that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90 (measured
-# with benchmarks/gpu/compile_card.py).
+# that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90
+# (benchmarks/gpu/compile_card.py shows the spills).
 FP32_DOT_PRECISION = tl.constexpr("tf32x3")
 
 

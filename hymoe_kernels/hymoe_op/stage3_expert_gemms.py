@@ -62,7 +62,7 @@ class WeightGradConfig(NamedTuple):
 
 # Each compiles for sm_90 with no register spills under Triton 3.6 and 3.9 in every variant
 # the host launches (benchmarks/results/h200_resource_card.md). With 2 stages instead of 3
-# (and 8 warps for the 64x64 row tile) ptxas spilled a few values rather than exceed 72-96
+# (and 8 warps for the 64x64 row tile) ptxas spills a few values rather than exceed 72-96
 # registers, mostly in fp32 FMA ("ieee") variants.
 ROW_GEMM_CONFIGS = (
     RowGemmConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2),

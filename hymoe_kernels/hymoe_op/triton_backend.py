@@ -248,11 +248,14 @@ torch.library.register_autograd("hymoe::fused_tile_forward", _fused_tile_backwar
 # --------------------------------------------------------------------------------------
 
 def pick_path(x: Tensor, weights: HyMoEWeights, top_k: int) -> str:
-    """"fused" when the fused token-tile kernels support the shape and evaluating every
-    expert for a tile costs at most 4x the chosen experts (E <= 4k), else "grouped".
+    """"fused" when the fused token-tile kernels support the shape (small D, see
+    ``fused_tile_supported``) and E <= 4k, else "grouped".
 
-    Provisional rule, not yet measured on a GPU: benchmarks/gpu/run.sh times both paths
-    per shape, and this rule is to be set from its table."""
+    The fused tile evaluates all E experts of a token instead of its k chosen ones (E / k
+    times the expert FLOPs) but needs no permutation, no per-stage launches and no
+    expert-sorted intermediates; at the widths it supports, the layer is bound by memory
+    traffic and launches rather than FLOPs, so up to 4x the expert FLOPs is taken to cost
+    less than those. ``benchmarks/gpu/bench_layer.py`` times both paths per shape."""
     D, H, E, F = weights.sizes()
     supported = fused_tile_supported(D, F, E, H, top_k, x.dtype)
     return "fused" if supported and E <= 4 * top_k else "grouped"
