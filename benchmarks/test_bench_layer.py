@@ -60,8 +60,10 @@ def triton_skip_reason(device: str) -> str | None:
     """Why the Triton variant cannot run here, or None."""
     if device != "cuda":
         return "the Triton backend needs CUDA"
-    if importlib.util.find_spec("hymoe_kernels.function") is None or "triton" not in BACKENDS:
-        return "hymoe_kernels.function (the Triton backend) is not available in this checkout"
+    if importlib.util.find_spec("hymoe_kernels.hymoe_op.triton_backend") is None \
+            or "triton" not in BACKENDS:
+        return ("hymoe_kernels.hymoe_op.triton_backend (the Triton backend) is not available in "
+                "this checkout")
     return None
 
 

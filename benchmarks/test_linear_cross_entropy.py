@@ -45,7 +45,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hymoe_kernels.linear_cross_entropy import linear_cross_entropy
+from hymoe_kernels.cross_entropy import linear_cross_entropy
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 64

@@ -14,7 +14,9 @@ class HyMoEConfig:
     warmup_steps: T_warmup of alpha = sigmoid(alpha_param) * min(1, t / T_warmup);
     lb_weight: lambda_lb of the load-balance term sum_e gbar_e log gbar_e;
     expert_init / drop_ratio: how ``from_dense`` fills the experts of an upcycled layer
-    ("copy", "drop" with that share of hidden units re-drawn, or "random").
+    ("copy", "drop" with that share of hidden units re-drawn, or "random");
+    noise_std: std of the N(0, noise_std) noise ``from_dense`` adds to the experts' weights;
+    router_std: std of the N(0, router_std) init of an upcycled layer's router output layer.
     """
 
     num_experts: int = 4
@@ -23,6 +25,8 @@ class HyMoEConfig:
     lb_weight: float = 0.02
     expert_init: str = "copy"
     drop_ratio: float = 0.5
+    noise_std: float = 0.0
+    router_std: float = 0.02
 
 
 HYMOE_DEFAULTS = HyMoEConfig()

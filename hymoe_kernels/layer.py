@@ -2,7 +2,7 @@
 
 The module owns the parameters, the alpha warm-up counter, the load-balance loss and the
 routing statistics; the arithmetic is delegated to a backend function with the signature
-of :func:`hymoe_kernels.reference.hymoe_reference`.
+of :func:`hymoe_kernels.hymoe_op.reference.hymoe_reference`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import BACKENDS, Backend, resolve
-from .reference import hymoe_reference
-from .torch_backend import hymoe_torch
+from .config import HYMOE_DEFAULTS
+from .hymoe_op.reference import hymoe_reference
+from .hymoe_op.torch_backend import hymoe_torch
 from .weights import HyMoEWeights
 
 EXPERT_INITS = ("copy", "drop", "random")
@@ -37,10 +38,11 @@ def check_gelu(activation) -> None:
 
 
 def hymoe_function(backend: Backend) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-    """The HyMoE function (the signature of :func:`hymoe_kernels.reference.hymoe_reference`)
-    of a resolved backend (:func:`hymoe_kernels.backend.resolve`: not AUTO)."""
+    """The HyMoE function (the signature of
+    :func:`hymoe_kernels.hymoe_op.reference.hymoe_reference`) of a resolved backend
+    (:func:`hymoe_kernels.backend.resolve`: not AUTO)."""
     if backend is Backend.TRITON:
-        from .function import hymoe_triton
+        from .hymoe_op.triton_backend import hymoe_triton
         return hymoe_triton
     return {Backend.TORCH: hymoe_torch, Backend.REFERENCE: hymoe_reference}[backend]
 
@@ -60,6 +62,9 @@ class HyMoEFFN(nn.Module):
             readable spec) or "auto" ("triton" on CUDA tensors, "torch" otherwise).
         router_hidden: width of the router's hidden layer (default d_model).
 
+    The defaults of num_experts, top_k, warmup_steps and lb_weight are
+    :data:`hymoe_kernels.config.HYMOE_DEFAULTS`'s.
+
     ``forward(x, mask=None)`` takes x of shape (..., d_model) and an optional bool mask of
     shape x.shape[:-1] (True = real token) and returns a tensor of x's shape and dtype.
     Padded tokens are replaced by zeros (a selection, not a product) before anything is
@@ -74,8 +79,9 @@ class HyMoEFFN(nn.Module):
     :meth:`from_dense` builds the layer around a trained dense FFN (sparse upcycling).
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 2,
-                 warmup_steps: int = 500, lb_weight: float = 0.02, dropout: float = 0.0,
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = HYMOE_DEFAULTS.num_experts,
+                 top_k: int = HYMOE_DEFAULTS.top_k, warmup_steps: int = HYMOE_DEFAULTS.warmup_steps,
+                 lb_weight: float = HYMOE_DEFAULTS.lb_weight, dropout: float = 0.0,
                  backend: str = "auto", router_hidden: int | None = None):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
@@ -126,9 +132,14 @@ class HyMoEFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, up: nn.Linear, down: nn.Linear, *, activation="gelu",
-                   num_experts: int = 4, top_k: int = 2, expert_init: str = "copy",
-                   drop_ratio: float = 0.5, noise_std: float = 0.0, router_std: float = 0.02,
-                   warmup_steps: int = 500, lb_weight: float = 0.02, dropout: float = 0.0,
+                   num_experts: int = HYMOE_DEFAULTS.num_experts,
+                   top_k: int = HYMOE_DEFAULTS.top_k,
+                   expert_init: str = HYMOE_DEFAULTS.expert_init,
+                   drop_ratio: float = HYMOE_DEFAULTS.drop_ratio,
+                   noise_std: float = HYMOE_DEFAULTS.noise_std,
+                   router_std: float = HYMOE_DEFAULTS.router_std,
+                   warmup_steps: int = HYMOE_DEFAULTS.warmup_steps,
+                   lb_weight: float = HYMOE_DEFAULTS.lb_weight, dropout: float = 0.0,
                    backend: str = "auto", router_hidden: int | None = None) -> "HyMoEFFN":
         """A HyMoE layer whose dense expert is the trained FFN ``down(act(up(x)))``.
 
@@ -154,6 +165,7 @@ class HyMoEFFN(nn.Module):
         same GEMMs, on every backend, and training adds the experts as alpha warms up; so
         ``warmup_steps`` must be >= 1. Random draws use torch's global RNG.
         The other arguments are the constructor's; ``dropout`` is applied to the output.
+        Defaults not given here are :data:`hymoe_kernels.config.HYMOE_DEFAULTS`'s.
         """
         for name, linear in (("up", up), ("down", down)):
             if not isinstance(linear, nn.Linear):

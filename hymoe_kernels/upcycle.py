@@ -201,7 +201,8 @@ def replace_ffn(model: nn.Module, *, which=None, **hymoe_kwargs) -> list[str]:
     ``(up, down, dropout)`` attribute names (None for a torch layer or a declared slot).
     ``hymoe_kwargs`` go to :meth:`HyMoEFFN.from_dense` (num_experts, top_k, expert_init,
     drop_ratio, noise_std, router_std, warmup_steps, lb_weight, dropout, backend,
-    router_hidden); without ``dropout`` a replaced module's own output dropout is kept
+    router_hidden; those not given default to :data:`hymoe_kernels.config.HYMOE_DEFAULTS`);
+    without ``dropout`` a replaced module's own output dropout is kept
     (torch layers: 0, their ``dropout2`` / ``dropout3`` still follows).
 
     Raises ValueError listing every module that cannot be converted, before anything is

@@ -23,10 +23,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 
+from hymoe_kernels.cross_entropy import NonFiniteScoresError
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import DataFormatError, Segments, last_items, leave_one_out, pad_right
-from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
+from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.options import HelpFormatter, add_device_argument, add_eval_batch_size_argument
 from hymoerec.run_folder import BEST_CHECKPOINT, write_json

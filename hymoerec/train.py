@@ -25,12 +25,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from hymoe_kernels.cross_entropy import NonFiniteScoresError
 from hymoerec import distributed
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from hymoerec.cli import fail
 from hymoerec.data import (DataFormatError, bucketed_batches, collate_windows, leave_one_out,
                            training_prefixes, training_windows)
-from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
+from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.models.upcycling import upcycle_to_hymoe
 from hymoerec.options import TRANSIENT_SETTINGS, changed_settings, parse_args

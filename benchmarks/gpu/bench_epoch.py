@@ -12,8 +12,8 @@ on their first launch, cuBLAS picks its algorithms), then one whole epoch
 (``Trainer.train_epoch``, the devices synchronised before and after), timed. bf16 runs the
 forward and the loss under ``torch.autocast(dtype=torch.bfloat16)`` (the backward follows
 the forward's dtypes). A Triton path is chosen by binding ``path=`` of
-``hymoe_kernels.function.hymoe_triton``, the function the HyMoE layer calls for its Triton
-backend. Triton variants are timed on CUDA only (the CPU interpreter's times would mean
+``hymoe_kernels.hymoe_op.triton_backend.hymoe_triton``, the function the HyMoE layer calls
+for its Triton backend. Triton variants are timed on CUDA only (the CPU interpreter's times would mean
 nothing); elsewhere they are listed as skipped. Results (JSON + Markdown) are rewritten after each variant, and no variant
 starts once ``--budget-s`` is spent, so a run cut short keeps what it measured.
 
@@ -51,13 +51,13 @@ def triton_path(path: str | None):
     if path is None:
         yield
         return
-    from hymoe_kernels import function
-    original = function.hymoe_triton
-    function.hymoe_triton = functools.partial(original, path=path)
+    from hymoe_kernels.hymoe_op import triton_backend
+    original = triton_backend.hymoe_triton
+    triton_backend.hymoe_triton = functools.partial(original, path=path)
     try:
         yield
     finally:
-        function.hymoe_triton = original
+        triton_backend.hymoe_triton = original
 
 
 def data_flags(data_file: str | None, tiny: bool) -> tuple[list[str], str]:

@@ -3,9 +3,9 @@
 Paths, each on the same inputs, side by side:
 
 * ``dense``     -- the plain position-wise FFN (torch, cuBLAS): the floor any MoE pays on top of;
-* ``eager``     -- :func:`hymoe_kernels.reference.hymoe_reference`;
+* ``eager``     -- :func:`hymoe_kernels.hymoe_op.reference.hymoe_reference`;
 * ``compiled``  -- ``torch.compile`` of the reference (compile time excluded, within a budget);
-* ``grouped``   -- :func:`hymoe_kernels.function.hymoe_triton` with ``path="grouped"``;
+* ``grouped``   -- :func:`hymoe_kernels.hymoe_triton` with ``path="grouped"``;
 * ``fused_tile``-- the same with ``path="fused"`` (the fused token-tile kernels), where
   ``fused_tile_supported``.
 
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hymoe_kernels.function import hymoe_triton
-from hymoe_kernels.kernels.fused_tile import fused_tile_supported
-from hymoe_kernels.reference import hymoe_reference
+from hymoe_kernels.hymoe_op.fused_tile import fused_tile_supported
+from hymoe_kernels.hymoe_op.reference import hymoe_reference
+from hymoe_kernels.hymoe_op.triton_backend import hymoe_triton
 from hymoe_kernels.weights import HyMoEWeights
 
 H200_HBM_BYTES_PER_S = 4.3e12

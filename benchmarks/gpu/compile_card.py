@@ -6,8 +6,9 @@ compiler rejects, so this module compiles each kernel with ``triton.compile`` fo
 in Triton's wheel: registers, stack and local memory (non-zero = spills), shared memory, and
 the number of HGMMA (Hopper warpgroup tensor-core) instructions in the SASS.
 
-No kernel or launch is declared by hand. Every @triton.jit kernel of ``hymoe_kernels.kernels``
-(a jit function no other jit function calls) is found by walking the package; during a
+No kernel or launch is declared by hand. Every @triton.jit kernel of the package (a jit
+function no other jit function calls) is found by walking its op folders
+(:data:`KERNEL_PACKAGES`) and the modules both ops' kernels share; during a
 *recording* pass each kernel object is replaced by a recorder, and the package's own host
 wrappers are driven on CPU tensors (zero-filled; nothing is launched) through forward and
 backward, both layer paths (``hymoe_triton``) and the fused linear cross-entropy (its
@@ -67,7 +68,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
-KERNEL_PACKAGE = "hymoe_kernels.kernels"
+# The op folders, whose modules hold the kernels, and the modules the kernels of both ops
+# share (device functions, launch helpers).
+KERNEL_PACKAGES = ("hymoe_kernels.hymoe_op", "hymoe_kernels.cross_entropy")
+SHARED_KERNEL_MODULES = ("hymoe_kernels.device_math", "hymoe_kernels.kernel_launch")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CARD_JSON = os.path.join(REPO_ROOT, "benchmarks", "results", "h200_resource_card.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,20 +86,20 @@ CI_SHAPES = DRIVER_SHAPES[:2]
 # Every block-configuration table of the kernel modules ("module.NAME") and the kernels its
 # entries configure; see missing_configs.
 CONFIG_TABLES = {
-    "router.ROUTER_CONFIGS": ("router._router_topk_kernel",),
-    "router.ROUTER_BACKWARD_CONFIGS": ("router._router_backward_kernel",),
-    "permute.PERMUTE_CONFIGS": ("permute._slot_histogram_kernel",
-                                "permute._scatter_slots_kernel"),
-    "permute.OFFSETS_CONFIGS": ("permute._group_offsets_kernel",),
-    "grouped_gemm.ROW_GEMM_CONFIGS": ("grouped_gemm._row_gemm_kernel",),
-    "grouped_gemm.WEIGHT_GRAD_CONFIGS": ("grouped_gemm._weight_grad_kernel",),
-    "combine.GATE_GRAD_CONFIGS": ("combine._gate_grad_kernel",),
+    "stage1_router.ROUTER_CONFIGS": ("stage1_router._router_topk_kernel",),
+    "stage1_router.ROUTER_BACKWARD_CONFIGS": ("stage1_router._router_backward_kernel",),
+    "stage2_permutation.PERMUTE_CONFIGS": ("stage2_permutation._slot_histogram_kernel",
+                                           "stage2_permutation._scatter_slots_kernel"),
+    "stage2_permutation.OFFSETS_CONFIGS": ("stage2_permutation._group_offsets_kernel",),
+    "stage3_expert_gemms.ROW_GEMM_CONFIGS": ("stage3_expert_gemms._row_gemm_kernel",),
+    "stage3_expert_gemms.WEIGHT_GRAD_CONFIGS": ("stage3_expert_gemms._weight_grad_kernel",),
+    "stage4_combine.GATE_GRAD_CONFIGS": ("stage4_combine._gate_grad_kernel",),
     "fused_tile.FORWARD_CONFIGS": ("fused_tile.fused_tile_forward_kernel",),
     "fused_tile.BACKWARD_TOKEN_CONFIGS": ("fused_tile.fused_tile_backward_token_kernel",),
     "fused_tile.WEIGHT_GRAD_CONFIGS": ("fused_tile.fused_tile_weight_grad_kernel",),
-    "linear_cross_entropy.LCE_CONFIGS": ("linear_cross_entropy._lce_forward_kernel",
-                                         "linear_cross_entropy._lce_grad_hidden_kernel",
-                                         "linear_cross_entropy._lce_grad_weight_kernel"),
+    "lce_triton_kernels.LCE_CONFIGS": ("lce_triton_kernels._lce_forward_kernel",
+                                       "lce_triton_kernels._lce_grad_hidden_kernel",
+                                       "lce_triton_kernels._lce_grad_weight_kernel"),
 }
 # a 16-bit tt.dot whose result has >= this many rows could run on HGMMA (one warpgroup = 64)
 WGMMA_MIN_ROWS = 64
@@ -129,19 +133,33 @@ class Launch:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def kernel_modules() -> dict[str, object]:
+    """{module file name: module} of every module of KERNEL_PACKAGES and of
+    SHARED_KERNEL_MODULES (imported; file names are unique in the repository)."""
+    names = [f"{package}.{info.name}" for package in KERNEL_PACKAGES
+             for info in pkgutil.iter_modules(importlib.import_module(package).__path__)]
+    modules = [importlib.import_module(name) for name in (*names, *SHARED_KERNEL_MODULES)]
+    return {module.__name__.rpartition(".")[2]: module for module in modules}
+
+
+def jit_functions_of(module) -> dict[str, JITFunction]:
+    """{name: JITFunction} of the @triton.jit functions ``module`` defines."""
+    found = {}
+    for name, value in vars(module).items():
+        if type(value).__name__ == "InterpretedFunction":
+            raise RuntimeError("kernels were decorated under TRITON_INTERPRET=1; run this "
+                               "module in a fresh process without it")
+        if isinstance(value, JITFunction) and value.__module__ == module.__name__:
+            found[name] = value
+    return found
+
+
 def discover_kernels() -> dict[str, tuple[object, str, JITFunction]]:
-    """{"module.name": (module, attribute name, JITFunction)} for every kernel defined in
-    KERNEL_PACKAGE: a @triton.jit function that no other jit function of the package calls."""
-    jit_functions = {}
-    package = importlib.import_module(KERNEL_PACKAGE)
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{KERNEL_PACKAGE}.{info.name}")
-        for name, value in vars(module).items():
-            if type(value).__name__ == "InterpretedFunction":
-                raise RuntimeError("kernels were decorated under TRITON_INTERPRET=1; run this "
-                                   "module in a fresh process without it")
-            if isinstance(value, JITFunction) and value.__module__ == module.__name__:
-                jit_functions[f"{info.name}.{name}"] = (module, name, value)
+    """{"module.name": (module, attribute name, JITFunction)} for every kernel of
+    :func:`kernel_modules`: a @triton.jit function that no other jit function calls."""
+    jit_functions = {f"{short}.{name}": (module, name, fn)
+                     for short, module in kernel_modules().items()
+                     for name, fn in jit_functions_of(module).items()}
     sources = [fn.src for _, _, fn in jit_functions.values()]
     return {qualified: entry for qualified, entry in jit_functions.items()
             if not any(re.search(rf"\b{entry[1]}\s*\(", src) for src in sources
@@ -222,8 +240,8 @@ def drive_hymoe_triton(shape: tuple, dtype: torch.dtype) -> None:
     """Forward + backward of the package's Triton layer function on each path it can take
     at the shape: the grouped path always, the fused token tile where it is supported
     (path "auto" picks one of the two)."""
-    from hymoe_kernels.function import hymoe_triton
-    from hymoe_kernels.kernels.fused_tile import fused_tile_supported
+    from hymoe_kernels.hymoe_op.fused_tile import fused_tile_supported
+    from hymoe_kernels.hymoe_op.triton_backend import hymoe_triton
     tokens, D, Fh, E, top_k = shape
     paths = ["grouped"] + (["fused"] if fused_tile_supported(D, Fh, E, D, top_k, dtype) else [])
     for path in paths:
@@ -238,7 +256,7 @@ def drive_linear_cross_entropy(shape: tuple, dtype: torch.dtype) -> None:
     """Forward + backward of the fused linear cross-entropy kernels on (tokens, D) hidden
     states against 4F + 3 items, without and with a seen-item offset, where the kernels
     take D in this dtype."""
-    from hymoe_kernels.kernels import linear_cross_entropy as lce
+    from hymoe_kernels.cross_entropy import lce_triton_kernels as lce
     tokens, D, Fh, _, _ = shape
     if not lce.triton_supports(D, dtype):
         return
@@ -279,17 +297,12 @@ def record_launches(subset: str) -> tuple[dict[Launch, set], list[str]]:
 
 
 def config_tables() -> dict[str, tuple]:
-    """{"module.NAME": entries} of every block-configuration table of KERNEL_PACKAGE: a
-    module-level ``*_CONFIGS`` tuple of NamedTuples (importable with or without the
+    """{"module.NAME": entries} of every block-configuration table of :func:`kernel_modules`:
+    a module-level ``*_CONFIGS`` tuple of NamedTuples (importable with or without the
     interpreter: nothing is compiled)."""
-    package = importlib.import_module(KERNEL_PACKAGE)
-    tables = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{KERNEL_PACKAGE}.{info.name}")
-        for name, value in vars(module).items():
-            if name.endswith("_CONFIGS") and isinstance(value, tuple):
-                tables[f"{info.name}.{name}"] = value
-    return tables
+    return {f"{short}.{name}": value for short, module in kernel_modules().items()
+            for name, value in vars(module).items()
+            if name.endswith("_CONFIGS") and isinstance(value, tuple)}
 
 
 def config_dtypes(entry) -> tuple[str, ...]:
@@ -303,7 +316,7 @@ def missing_configs(rows: list[dict]) -> list[str]:
     CONFIG_TABLES table, for each kernel it configures, in each dtype of config_dtypes --
     that no compiled row of a report matches (same launch parameters; a parameter the
     config does not set, e.g. num_stages, may have any value)."""
-    from hymoe_kernels.kernels import launch_params
+    from hymoe_kernels.kernel_launch import launch_params
     tables = config_tables()
     missing = [f"{name}: a config table not in CONFIG_TABLES"
                for name in sorted(set(tables) - set(CONFIG_TABLES))]
@@ -322,16 +335,15 @@ def missing_configs(rows: list[dict]) -> list[str]:
 
 
 def kernel_source_digest() -> str:
-    """sha256 (16 hex digits) of the source files of KERNEL_PACKAGE, which the card's
-    numbers belong to."""
-    package = importlib.import_module(KERNEL_PACKAGE)
+    """sha256 (16 hex digits) of the kernel sources, which the card's numbers belong to: the
+    files of the modules of :func:`kernel_modules` that define @triton.jit functions, and of
+    SHARED_KERNEL_MODULES, in file-name order."""
+    shared = {name.rpartition(".")[2] for name in SHARED_KERNEL_MODULES}
     digest = hashlib.sha256()
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        path = os.path.join(package.__path__[0], f"{info.name}.py")
-        with open(path, "rb") as handle:
-            digest.update(info.name.encode() + b"\0" + handle.read())
-    with open(package.__file__, "rb") as handle:
-        digest.update(b"__init__\0" + handle.read())
+    for short, module in sorted(kernel_modules().items()):
+        if short in shared or jit_functions_of(module):
+            with open(module.__file__, "rb") as handle:
+                digest.update(short.encode() + b"\0" + handle.read())
     return digest.hexdigest()[:16]
 
 
@@ -434,8 +446,10 @@ def markdown(report: dict, other: dict | None = None) -> str:
     other_rows = {row["key"]: row for row in (other or {}).get("rows", [])}
     lines = [f"# sm_90 (H200) resource card -- Triton {report['triton']}, subset "
              f"`{report['subset']}`", "",
-             f"Kernel sources {report['source_digest']} (sha256 of `hymoe_kernels/kernels/`, "
-             "checked by tests/kernels/test_compile_sm90.py). Regenerate with `python -m "
+             f"Kernel sources {report['source_digest']} (sha256 of the kernel modules of "
+             "`hymoe_kernels/hymoe_op/` and `hymoe_kernels/cross_entropy/` and of "
+             "`hymoe_kernels/device_math.py` and `kernel_launch.py`, checked by "
+             "tests/kernels/test_compile_sm90.py). Regenerate with `python -m "
              "benchmarks.gpu.compile_card --subset full --json "
              "benchmarks/results/h200_resource_card.json --markdown "
              "benchmarks/results/h200_resource_card.md` after any change to the kernels or "

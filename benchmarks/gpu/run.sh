@@ -23,16 +23,16 @@ PYTEST="python -m pytest -q -x -p no:cacheprovider"
 } > "$OUT/machine.txt" 2>&1
 
 echo "== what the interpreter cannot show: NaN isolation, the sort at GPU sizes, device guards"
-timeout 100 $PYTEST tests/kernels/test_kernels_nan_isolation.py tests/kernels/test_kernels_launch.py \
-    "tests/kernels/test_kernels_permute.py::test_sort_sweep" 2>&1 | tee "$OUT/tests.txt" | tail -15
+timeout 100 $PYTEST tests/kernels/hymoe_op/test_nan_isolation.py tests/kernels/test_kernel_launch.py \
+    "tests/kernels/hymoe_op/test_stage2_permutation.py::test_sort_sweep" 2>&1 | tee "$OUT/tests.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== correctness tests on CUDA"
 # the fused-tile tests, then the other kernel tests (each compiles its specializations)
-timeout 80 $PYTEST tests/kernels/test_kernels_fused_tile.py 2>&1 | tee -a "$OUT/tests.txt" | tail -15
+timeout 80 $PYTEST tests/kernels/hymoe_op/test_fused_tile.py 2>&1 | tee -a "$OUT/tests.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-others=$(ls tests/kernels/test_kernels_*.py tests/kernels/test_function.py 2>/dev/null \
-         | grep -v -e fused_tile -e nan_isolation -e kernels_launch)
+others=$(ls tests/kernels/hymoe_op/test_stage*.py tests/kernels/hymoe_op/test_triton_backend.py \
+         2>/dev/null)
 if [ -n "$others" ]; then
     timeout 70 $PYTEST -k "not sort_sweep" $others 2>&1 | tee -a "$OUT/tests.txt" | tail -15
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from hymoe_kernels import HyMoEFFN
 from hymoe_kernels.backend import BACKENDS
 from hymoe_kernels.config import HYMOE_DEFAULTS
+from hymoe_kernels.cross_entropy import streaming_rank, streaming_topk
 
-from ..metrics import streaming_rank, streaming_topk
 from .scoring import full_item_scores, full_softmax_loss, sampled_softmax_loss, seen_items
 
 FFN_KINDS = ("hymoe", "dense")
@@ -286,6 +286,6 @@ class SequentialRecommender(nn.Module):
     def top_next(self, inputs: Tensor, k: int, exclude: Tensor | None = None
                  ) -> tuple[Tensor, Tensor]:
         """(scores, ids) (B, k) of the k best items after each history (B, L), streamed
-        (:func:`hymoerec.metrics.streaming_topk`); ``exclude`` (B, H): items never returned."""
+        (:func:`hymoe_kernels.streaming_topk`); ``exclude`` (B, H): items never returned."""
         return streaming_topk(self.query(inputs), self.candidates(), k, exclude=exclude,
                               padding_idx=0, **self.score_offsets(inputs))

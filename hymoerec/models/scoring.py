@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hymoe_kernels.linear_cross_entropy import linear_cross_entropy, listed_items_mask
+from hymoe_kernels.cross_entropy import linear_cross_entropy
+from hymoe_kernels.cross_entropy.score_chunks import listed_items_mask
 
 
 def seen_items(inputs: Tensor, targets: Tensor) -> Tensor:

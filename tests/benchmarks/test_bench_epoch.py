@@ -60,8 +60,9 @@ def test_bad_flags(tmp_path, capsys, argv, message):
 def test_triton_path_reaches_the_layers_triton_backend(monkeypatch):
     """triton_path binds path= of the function the HyMoE layer calls for backend "triton"
     (here a stand-in that records it and computes with the torch backend)."""
-    from hymoe_kernels import HyMoEFFN, function, hymoe_torch
+    from hymoe_kernels import HyMoEFFN, hymoe_torch
     from hymoe_kernels.backend import INTERPRETING
+    from hymoe_kernels.hymoe_op import triton_backend
     if not (torch.cuda.is_available() or INTERPRETING):
         pytest.skip("backend 'triton' needs CUDA or TRITON_INTERPRET=1")
     seen = []
@@ -69,7 +70,7 @@ def test_triton_path_reaches_the_layers_triton_backend(monkeypatch):
     def stand_in(*args, path="auto"):
         seen.append(path)
         return hymoe_torch(*args)
-    monkeypatch.setattr(function, "hymoe_triton", stand_in)
+    monkeypatch.setattr(triton_backend, "hymoe_triton", stand_in)
     layer = HyMoEFFN(16, 32, num_experts=4, top_k=2, backend="triton")
     x = torch.randn(3, 5, 16)
     for path in ("fused", "grouped"):

@@ -92,7 +92,7 @@ def routing_robust_rows(x: torch.Tensor, weights: HyMoEWeights, top_k: int) -> t
     """(N,) bool: the tokens of x (N, D) that are not near-ties (:func:`near_tie_tokens`)
     of the router logits in float64; tests drop the others before comparing a layer with the
     reference."""
-    from hymoe_kernels.reference import router_logits
+    from hymoe_kernels.hymoe_op.reference import router_logits
     with torch.no_grad():
         logits = router_logits(x.double(), *(w.double() for w in weights.router))
     return ~near_tie_tokens(logits, top_k)

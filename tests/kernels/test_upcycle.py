@@ -67,7 +67,7 @@ def test_from_dense_preserves_function_at_step_zero(backend, path, expert_init, 
     layer = HyMoEFFN.from_dense(up, down, expert_init=expert_init, backend=backend,
                                 noise_std=0.01)
     if path is not None:
-        from hymoe_kernels.function import hymoe_triton
+        from hymoe_kernels.hymoe_op.triton_backend import hymoe_triton
         y = hymoe_triton(x.reshape(-1, 8), None, layer.weights(), layer.alpha_param,
                          layer.ramp(), layer.top_k, path=path)[0]
         assert_preserved(y.reshape(x.shape), want, truth)

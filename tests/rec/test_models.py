@@ -19,8 +19,8 @@ def small_model(ffn="hymoe", n_items=40, **overrides):
 @pytest.mark.parametrize("fused", [True, False])
 def test_full_softmax_loss_is_cross_entropy_over_the_real_items(fused):
     """Both paths (the fused linear_cross_entropy, tested against F.cross_entropy in
-    tests/kernels/test_linear_cross_entropy.py, and the plain one) score the items 1..V, never the
-    padding row 0, which gets no gradient."""
+    tests/kernels/cross_entropy/test_lce_dispatch.py, and the plain one) score the items
+    1..V, never the padding row 0, which gets no gradient."""
     torch.manual_seed(0)
     hidden = torch.randn(600, 8, requires_grad=True)   # > one row chunk
     emb = torch.randn(31, 8, requires_grad=True)
@@ -127,7 +127,7 @@ def test_head_skip_adds_the_last_block_output_back():
 
 @pytest.mark.parametrize("exclude", [False, True])
 def test_streamed_ranks_equal_ranks_of_full_scores(exclude):
-    from hymoerec.metrics import target_ranks
+    from hymoe_kernels.cross_entropy import target_ranks
     model = small_model(n_items=300)
     inputs = torch.tensor([[3, 7, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]])
     targets = torch.tensor([12, 5, 250])
@@ -193,7 +193,7 @@ def test_seen_offset_loss_adds_the_offset_to_the_items_seen_up_to_each_position(
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_seen_bias_scores_the_input_items_by_the_learned_offset(name):
-    from hymoerec.metrics import target_ranks
+    from hymoe_kernels.cross_entropy import target_ranks
     torch.manual_seed(0)
     config = ModelConfig(max_len=6, d_model=16, n_heads=2, ffn="dense", dropout=0.0,
                          seen_bias=True, n_layers=1)

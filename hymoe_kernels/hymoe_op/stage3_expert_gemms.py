@@ -4,11 +4,12 @@ Two kernel templates cover every matrix product of the layer, forward and backwa
 
 * :func:`row_gemm` -- ``out[m] = epilogue(prologue(A)[m] @ W[g])``, one output row per input
   row. With ``routing`` the rows are the padded, expert-sorted slot layout built by
-  :mod:`.permute` (group g = expert of the tile; tiles past the last group exit early) and
-  A rows may be *gathered* from token rows through the permutation (no permuted copy of x is
-  ever written) and scaled by ``alpha * gate``. Prologue: optional exact GELU on A.
+  :mod:`.stage2_permutation` (group g = expert of the tile; tiles past the last group exit
+  early) and A rows may be *gathered* from token rows through the permutation (no permuted
+  copy of x is ever written) and scaled by ``alpha * gate``. Prologue: optional exact GELU
+  on A.
   Epilogue: bias, GELU'(pre) multiply (backward), residual add, and the combine gather of
-  :mod:`.combine`. One launch covers all experts; padding rows are written as zeros.
+  :mod:`.stage4_combine`. One launch covers all experts; padding rows are written as zeros.
 * :func:`weight_grad` -- ``dW[g] = prologue(A_g)^T @ prologue(B_g)`` and ``db[g] = sum_rows B_g``
   reduced over the rows of each group, split into a shape-determined number of row chunks
   whose fp32 partials are summed afterwards (deterministic: no atomics).
@@ -33,10 +34,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import INTERPRETING
-from . import MAX_PARTIAL_ELEMENTS, launch_params
-from .combine import combine_gathered_rows
-from .device_math import cast_to, dot_precision, gelu, gelu_and_grad, mma
-from .permute import GROUP_PAD, Routing
+from ..device_math import cast_to, dot_precision, gelu, gelu_and_grad, mma
+from ..kernel_launch import MAX_PARTIAL_ELEMENTS, launch_params
+from .stage2_permutation import GROUP_PAD, Routing
+from .stage4_combine import combine_gathered_rows
 
 
 class RowGemmConfig(NamedTuple):
@@ -61,7 +62,7 @@ class WeightGradConfig(NamedTuple):
 
 # Each compiles for sm_90 with no register spills under Triton 3.6 and 3.9 in every variant
 # the host launches (benchmarks/results/h200_resource_card.md). With 2 stages instead of 3
-# (and 8 warps for the 64x64 row tile) ptxas spilled a few values rather than exceed 72-96
+# (and 8 warps for the 64x64 row tile) ptxas spills a few values rather than exceed 72-96
 # registers, mostly in fp32 FMA ("ieee") variants.
 ROW_GEMM_CONFIGS = (
     RowGemmConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2),

@@ -1,6 +1,6 @@
-"""Fast pure-PyTorch HyMoE: same function as :func:`hymoe_kernels.reference.hymoe_reference`.
+"""Fast pure-PyTorch HyMoE: same function as :func:`.reference.hymoe_reference`.
 
-How it differs from the reference (each choice measured with ``benchmarks/``):
+How it differs from the reference (``benchmarks/test_bench_layer.py`` times this path):
 
 * The N*k (token, slot) pairs are sorted once by expert (a stable sort of the flat top-k
   ids), so each expert owns a contiguous slice of the gathered rows; no loop over tokens.
@@ -8,7 +8,7 @@ How it differs from the reference (each choice measured with ``benchmarks/``):
   slice, in chunks of rows small enough for the cache, addmm -> GELU -> addmm. Only the
   pre-activations are kept for the backward, which recomputes the GELU per chunk; the
   (chunk, F) work buffers are reused, so no other full-size temporaries are allocated (on
-  CPU, fresh large buffers cost page faults that rivalled the GELUs). The dense FFN is
+  CPU, fresh large buffers cost page faults comparable to the GELUs). The dense FFN is
   the same op with one "expert" that owns every token. As a custom op it is a single
   node for torch.compile (``fullgraph=True`` works).
 * Rows move between token order and expert order with gathers whose backward is a gather
@@ -17,10 +17,10 @@ How it differs from the reference (each choice measured with ``benchmarks/``):
 * The router's (H, E) output layer runs as F.linear with a contiguous (E, H) weight, the
   orientation in which its skinny matmuls are fast.
 
-Measured and dropped: one matmul for the dense and router first layers (x @ [dense_w1 |
-router_w1]) lost to the chunked dense FFN; torch's grouped_mm (no fp32 under
-torch.compile, and no faster than per-expert addmm on CPU); the experts' first-layer bias
-as an extra all-ones input column.
+Not used, as they are no faster: one matmul for the dense and router first layers
+(x @ [dense_w1 | router_w1]), slower than the chunked dense FFN; torch's grouped_mm (no
+fp32 under torch.compile, and no faster than per-expert addmm on CPU); the experts'
+first-layer bias as an extra all-ones input column.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .weights import HyMoEWeights
+from ..weights import HyMoEWeights
 
 
 def _sum_slots(per_token: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -195,7 +195,7 @@ expert_ffn.register_autograd(_expert_ffn_grad, setup_context=_expert_ffn_setup)
 def hymoe_torch(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_param: Tensor,
                 ramp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """HyMoE forward on a flat batch of tokens; arguments, shapes, dtype rules and returns
-    exactly as :func:`hymoe_kernels.reference.hymoe_reference` (weights cast to x's dtype;
+    exactly as :func:`.reference.hymoe_reference` (weights cast to x's dtype;
     y (N, D) in the compute dtype of x, prob_sum (E,) float32, load (E,) int64; padding
     excluded from prob_sum and load by selection)."""
     num_tokens = x.shape[0]

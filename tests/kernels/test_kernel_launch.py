@@ -16,11 +16,11 @@ import warnings
 import pytest
 import torch
 
-from hymoe_kernels import (HyMoEWeights, function, hymoe_reference, hymoe_triton,
-                           linear_cross_entropy)
+from hymoe_kernels import HyMoEWeights, hymoe_reference, hymoe_triton, linear_cross_entropy
 from hymoe_kernels.backend import INTERPRETING
-from hymoe_kernels.kernels import on_device_of
-from hymoe_kernels.kernels import linear_cross_entropy as lce
+from hymoe_kernels.cross_entropy import lce_triton_kernels as lce
+from hymoe_kernels.hymoe_op import triton_backend
+from hymoe_kernels.kernel_launch import on_device_of
 from kernel_cases import DEVICE, make_weights, rel_err
 
 
@@ -60,7 +60,7 @@ def test_every_launch_is_inside_a_guard_of_its_inputs_device(monkeypatch):
         launches.append((self.fn.__name__, list(guards)))
         return real_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(function, "on_device_of", watched_guard)
+    monkeypatch.setattr(triton_backend, "on_device_of", watched_guard)
     monkeypatch.setattr(lce, "on_device_of", watched_guard)
     monkeypatch.setattr(InterpretedFunction, "run", watched_run)
     x, weights, alpha_param, ramp = layer_inputs(DEVICE)

@@ -1,12 +1,6 @@
-"""Triton kernels of the HyMoE layer.
-
-* :mod:`.router` -- top-k softmax routing, full-softmax sums, loads; and backward.
-* :mod:`.permute` -- on-device counting sort of token slots by expert (padded groups).
-* :mod:`.grouped_gemm` -- gather-fused grouped GEMMs with fused epilogues, weight gradients.
-* :mod:`.combine` -- the combine epilogue y = y_dense + alpha * sum_j g_j f_j and its backward.
-* :mod:`.fused_tile` -- the small-D path: one kernel per token tile from router to combine.
-* :mod:`.linear_cross_entropy` -- the full-catalog cross-entropy without stored scores.
-* :mod:`.device_math` -- device functions the kernels share (dot, rounding cast, GELU, top-k).
+"""Host helpers of the package's Triton launches: the device guard, the
+choice of a block configuration by padded width and dtype, a configuration's launch
+parameters, and the size bound of per-split partial weight gradients.
 """
 import contextlib
 

@@ -1,12 +1,12 @@
-"""Counting sort of token slots by expert (kernels/permute.py)."""
+"""Counting sort of token slots by expert (hymoe_op/stage2_permutation.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.permute import (GROUP_PAD, PERMUTE_CONFIGS, padded_rows,
-                                           sort_slots_by_expert)
+from hymoe_kernels.hymoe_op.stage2_permutation import (GROUP_PAD, PERMUTE_CONFIGS, padded_rows,
+                                                      sort_slots_by_expert)
 from kernel_cases import DEVICE, poisoned_outputs, random_ids
 
 # Token counts of the sort sweep: 0 and 1 tokens, block edges; on a GPU also the sizes where

@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_step,
+                           without_nan)
+from ..kernel_launch import MAX_PARTIAL_ELEMENTS, launch_params, pick_width_config
 from ..weights import HyMoEWeights, check_kernel_inputs
-from . import MAX_PARTIAL_ELEMENTS, launch_params, pick_width_config
-from .device_math import (cast_to, fp16_range_scale, gelu_and_grad, mma, top_k_step,
-                          without_nan)
 
 MAX_FUSED_D = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}   # see TileConfig
 MAX_FUSED_E = 16           # selected experts are kept as a bitmask in one int32 per token
@@ -108,8 +108,8 @@ def fused_tile_supported(D: int, F: int, E: int, H: int, top_k: int, dtype: torc
 
 # fp32 operands: "tf32x3" (three TF32 tensor-core products: hi*hi + hi*lo + lo*hi, the
 # dropped lo*lo term is ~2^-22 relative, so about fp32 accuracy). "ieee" lowers to FMA dots
-# that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90 (measured
-# with benchmarks/gpu/compile_card.py).
+# that hold whole K = BLOCK_D rows per thread and spill at BLOCK_D >= 64 on sm_90
+# (benchmarks/gpu/compile_card.py shows the spills).
 FP32_DOT_PRECISION = tl.constexpr("tf32x3")
 
 

@@ -1,4 +1,4 @@
-"""Combine epilogue and gate/alpha gradients (kernels/combine.py) against PyTorch."""
+"""Combine epilogue and gate/alpha gradients (hymoe_op/stage4_combine.py) against PyTorch."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.combine import GATE_GRAD_CONFIGS, gate_grads
-from hymoe_kernels.kernels.grouped_gemm import ROW_GEMM_CONFIGS, row_gemm
-from hymoe_kernels.kernels.permute import sort_slots_by_expert
+from hymoe_kernels.hymoe_op.stage2_permutation import sort_slots_by_expert
+from hymoe_kernels.hymoe_op.stage3_expert_gemms import ROW_GEMM_CONFIGS, row_gemm
+from hymoe_kernels.hymoe_op.stage4_combine import GATE_GRAD_CONFIGS, gate_grads
 from kernel_cases import DEVICE, TOL, poisoned_outputs, random_ids, rel_err
 
 

@@ -2,7 +2,7 @@
 :func:`hymoe_triton`, the functional API.
 
 :func:`hymoe_triton` has the signature and returns of
-:func:`hymoe_kernels.reference.hymoe_reference`. It calls one of two custom ops,
+:func:`.reference.hymoe_reference`. It calls one of two custom ops,
 ``hymoe::forward`` (the grouped path) or ``hymoe::fused_tile_forward``, each registered with
 a fake implementation (so torch.compile traces it) and with autograd, whose backward is the
 matching op ``hymoe::backward`` / ``hymoe::fused_tile_backward``. The ops take the twelve
@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import on_device_of
-from .kernels.combine import gate_grads
-from .kernels.fused_tile import fused_tile_backward, fused_tile_forward, fused_tile_supported
-from .kernels.grouped_gemm import (dense_down_and_combine, expert_down, expert_up, linear,
-                                   row_gemm, weight_grad)
-from .kernels.permute import Routing, padded_rows, sort_slots_by_expert
-from .kernels.router import router_backward, router_topk
-from .weights import HyMoEWeights, check_kernel_inputs
+from ..kernel_launch import on_device_of
+from ..weights import HyMoEWeights, check_kernel_inputs
+from .fused_tile import fused_tile_backward, fused_tile_forward, fused_tile_supported
+from .stage1_router import router_backward, router_topk
+from .stage2_permutation import Routing, padded_rows, sort_slots_by_expert
+from .stage3_expert_gemms import (dense_down_and_combine, expert_down, expert_up, linear,
+                                  row_gemm, weight_grad)
+from .stage4_combine import gate_grads
 
 PATHS = ("auto", "grouped", "fused")
 
@@ -248,10 +248,14 @@ torch.library.register_autograd("hymoe::fused_tile_forward", _fused_tile_backwar
 # --------------------------------------------------------------------------------------
 
 def pick_path(x: Tensor, weights: HyMoEWeights, top_k: int) -> str:
-    """"fused" when the fused token-tile kernels support the shape and evaluating every
-    expert for a tile costs at most 4x the chosen experts (E <= 4k), else "grouped".
+    """"fused" when the fused token-tile kernels support the shape (small D, see
+    ``fused_tile_supported``) and E <= 4k, else "grouped".
 
-    benchmarks/gpu/run.sh times both paths per shape (bench_layer.md)."""
+    The fused tile evaluates all E experts of a token instead of its k chosen ones (E / k
+    times the expert FLOPs) but needs no permutation, no per-stage launches and no
+    expert-sorted intermediates; at the widths it supports, the layer is bound by memory
+    traffic and launches rather than FLOPs, so up to 4x the expert FLOPs is taken to cost
+    less than those. ``benchmarks/gpu/bench_layer.py`` times both paths per shape."""
     D, H, E, F = weights.sizes()
     supported = fused_tile_supported(D, F, E, H, top_k, x.dtype)
     return "fused" if supported and E <= 4 * top_k else "grouped"

@@ -3,7 +3,7 @@ against an independent dense formulation (every expert on every token, unchosen 
 import pytest
 import torch
 
-from hymoe_kernels.reference import ffn, hymoe_reference, router_logits
+from hymoe_kernels.hymoe_op.reference import ffn, hymoe_reference, router_logits
 from hymoe_kernels.weights import HyMoEWeights
 
 

@@ -1,8 +1,8 @@
 """Combine y = y_dense + alpha * sum_j g_j f_j(x), fused into a GEMM epilogue, and its backward.
 
 The forward combine is not a separate pass: :func:`combine_gathered_rows` is called in the
-epilogue of the dense FFN's down-projection (:func:`.grouped_gemm.dense_down_and_combine`,
-a :func:`.grouped_gemm.row_gemm`), which for
+epilogue of the dense FFN's down-projection (:func:`.stage3_expert_gemms.dense_down_and_combine`,
+a :func:`.stage3_expert_gemms.row_gemm`), which for
 each token row gathers the k expert outputs from the expert-sorted rows through
 ``slot_row`` and adds them, so y is written exactly once and no float atomics are used.
 The same epilogue (unit coefficients) sums the k expert input-gradients into dx.
@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import INTERPRETING
-from . import launch_params
+from ..kernel_launch import launch_params
 
 
 class GateGradConfig(NamedTuple):

@@ -1,5 +1,5 @@
 """Triton kernels of the fused linear + cross-entropy loss (see
-:mod:`hymoe_kernels.linear_cross_entropy`).
+:mod:`.lce_dispatch`).
 
 For compacted rows h (N, D), item embeddings W (V, D) and targets t (N,), with scores
 z = h @ W.T that are only ever held one (BLOCK_M, BLOCK_V) tile at a time (with HAS_OFFSET,
@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import launch_params, on_device_of, pick_width_config
-from .device_math import mma
+from ..device_math import mma
+from ..kernel_launch import launch_params, on_device_of, pick_width_config
 
 
 class LceConfig(NamedTuple):
@@ -261,7 +261,7 @@ def _launch_setup(hidden: Tensor) -> tuple[int, LceConfig, bool, int]:
 
 def listed_bitset(ids: Tensor, n_items: int) -> Tensor:
     """(N, cdiv(n_items, 8)) uint8 bitset of each row's items: bit v % 8 of byte v // 8 is
-    item v. ``ids`` (N, L) int64 are :func:`~hymoe_kernels.linear_cross_entropy.distinct_items`
+    item v. ``ids`` (N, L) int64 are :func:`~.score_chunks.distinct_items`
     (each item at most once a row, -1 = none)."""
     present = ids.clamp(min=0)
     bits = torch.zeros(ids.shape[0], triton.cdiv(n_items, 8), dtype=torch.int32,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import INTERPRETING
+from .backend import INTERPRETING
 
 _INTERPRETER_BF16_FIXES = tl.constexpr(INTERPRETING)
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 from hymoe_kernels import HyMoEFFN, HyMoEWeights, hymoe, hymoe_reference, hymoe_triton
 from hymoe_kernels import backend
 from hymoe_kernels.backend import Backend, resolve
+from hymoe_kernels.hymoe_op.reference import ffn
 from hymoe_kernels.layer import hymoe_function
-from hymoe_kernels.reference import ffn
 from kernel_cases import (DEVICE, TOL, make_weights, poisoned_outputs, rel_err,
                           routing_robust_rows)
 
@@ -169,7 +169,7 @@ def test_custom_op_registration():
 
 
 def test_path_choice():
-    from hymoe_kernels.function import pick_path
+    from hymoe_kernels.hymoe_op.triton_backend import pick_path
     x = torch.randn(4, 64, device=DEVICE)
     small, wide = make_weights(64, 64, 4, 256), make_weights(64, 64, 16, 256)
     assert pick_path(x, small, 2) == "fused"     # E=4 <= 4k

@@ -1,14 +1,11 @@
 """linear_cross_entropy (chunked torch and Triton-interpreter paths) against the dense
 F.cross_entropy of the full score matrix it replaces."""
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.linear_cross_entropy import MAX_SPLIT, pick_split
-from hymoe_kernels.linear_cross_entropy import linear_cross_entropy
+from hymoe_kernels.cross_entropy import linear_cross_entropy, score_chunks
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-2, atol=2e-3),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-3)}
@@ -58,9 +55,8 @@ def test_matches_cross_entropy(backend, chunk_size, dtype):
 
 
 def test_torch_path_row_blocks(monkeypatch):
-    """Several row blocks and item chunks (block budget shrunk to 128 scores)."""
-    module = importlib.import_module("hymoe_kernels.linear_cross_entropy")
-    monkeypatch.setattr(module, "_TORCH_BLOCK_ELEMENTS", 128)
+    """Several row blocks and item chunks (block budget shrunk to 128 scores a thread)."""
+    monkeypatch.setattr(score_chunks, "BLOCK_ELEMENTS_PER_CPU_THREAD", 128)
     hidden, weight, target = make_inputs(70, 45, 8, torch.float32, seed=2, ignore_every=3)
     assert_matches_dense(hidden, weight, target, TOL[torch.float32], chunk_size=16,
                          backend="torch")
@@ -86,17 +82,6 @@ def test_triton_path_wide_features():
     hidden, weight, target = make_inputs(20, 75, 130, torch.float32, seed=17, ignore_every=3)
     with pytest.raises(ValueError, match="D <= 64 in torch.float32"):
         linear_cross_entropy(hidden, weight, target, backend="triton")
-
-
-@settings(max_examples=50, deadline=None)
-@given(n_tiles=st.integers(1, 3000), n_streamed=st.integers(1, 3000),
-       target=st.integers(1, 2000))
-def test_pick_split_covers_the_streamed_tiles(n_tiles, n_streamed, target):
-    n_split, per_split = pick_split(n_tiles, n_streamed, target)
-    assert (n_split - 1) * per_split < n_streamed <= n_split * per_split  # none empty
-    # enough programs: the split wanted, capped, is met up to rounding to whole tiles
-    wanted = min(MAX_SPLIT, n_streamed, -(-target // n_tiles))
-    assert wanted / 2 <= n_split <= wanted
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -257,14 +242,3 @@ def test_triton_offset_matches_the_offset_scores(dtype):
                           torch.autograd.grad(want, leaves)):
         assert g.dtype == w.dtype, name
         torch.testing.assert_close(g.float(), w.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
-
-
-def test_distinct_items_and_their_bitset_hold_each_listed_item_once():
-    from hymoe_kernels.kernels.linear_cross_entropy import listed_bitset
-    from hymoe_kernels.linear_cross_entropy import distinct_items
-    items = torch.tensor([[0, 7, 8, 8, -1, 19], [3, 3, 3, 20, 25, -1]])
-    ids = distinct_items(items, 20)
-    assert ids.tolist() == [[-1, 0, 7, 8, -1, 19], [-1, -1, -1, 3, -1, -1]]
-    bits = listed_bitset(ids, 20)
-    assert bits.dtype == torch.uint8 and bits.shape == (2, 3)
-    assert bits.tolist() == [[0b10000001, 0b00000001, 0b00001000], [0b00001000, 0, 0]]

@@ -1,4 +1,5 @@
-"""Grouped / gathered GEMMs and weight gradients (kernels/grouped_gemm.py) against PyTorch."""
+"""Grouped / gathered GEMMs and weight gradients (hymoe_op/stage3_expert_gemms.py) against
+PyTorch."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.grouped_gemm import (ROW_GEMM_CONFIGS, WEIGHT_GRAD_CONFIGS, row_gemm,
-                                                weight_grad)
-from hymoe_kernels.kernels.permute import sort_slots_by_expert
+from hymoe_kernels.hymoe_op.stage2_permutation import sort_slots_by_expert
+from hymoe_kernels.hymoe_op.stage3_expert_gemms import (ROW_GEMM_CONFIGS, WEIGHT_GRAD_CONFIGS,
+                                                       row_gemm, weight_grad)
 from kernel_cases import DEVICE, TOL, poisoned_outputs, random_ids, rel_err
 
 

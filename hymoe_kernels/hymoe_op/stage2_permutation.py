@@ -22,10 +22,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import INTERPRETING
-from . import launch_params
+from ..kernel_launch import launch_params
 
 # Expert groups start at multiples of GROUP_PAD rows, so that a tile of the grouped GEMMs
-# (:mod:`.grouped_gemm`, whose row tiles divide it) lies inside one expert's group.
+# (:mod:`.stage3_expert_gemms`, whose row tiles divide it) lies inside one expert's group.
 GROUP_PAD = 64
 
 

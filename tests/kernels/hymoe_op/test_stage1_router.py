@@ -1,4 +1,4 @@
-"""Router top-k kernel and its backward (kernels/router.py) against PyTorch."""
+"""Router top-k kernel and its backward (hymoe_op/stage1_router.py) against PyTorch."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from hymoe_kernels.kernels.router import (ROUTER_BACKWARD_CONFIGS, ROUTER_CONFIGS,
-                                          router_backward, router_topk)
+from hymoe_kernels.hymoe_op.stage1_router import (ROUTER_BACKWARD_CONFIGS, ROUTER_CONFIGS,
+                                                 router_backward, router_topk)
 from kernel_cases import DEVICE, TOL, near_tie_tokens, poisoned_outputs, rel_err
 
 

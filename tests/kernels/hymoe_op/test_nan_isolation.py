@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from hymoe_kernels import hymoe_reference, hymoe_torch, hymoe_triton
-from hymoe_kernels.function import hymoe_forward_op
-from hymoe_kernels.kernels.fused_tile import fused_tile_forward
+from hymoe_kernels.hymoe_op.fused_tile import fused_tile_forward
+from hymoe_kernels.hymoe_op.triton_backend import hymoe_forward_op
 from hymoe_kernels.weights import HyMoEWeights
 from kernel_cases import DEVICE, make_weights
 

@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hymoe_kernels import HyMoEFFN, HyMoEWeights, hymoe_reference
-from hymoe_kernels import torch_backend
 from hymoe_kernels.backend import Backend, resolve
+from hymoe_kernels.hymoe_op import torch_backend
+from hymoe_kernels.hymoe_op.torch_backend import expert_ffn, hymoe_torch
 from hymoe_kernels.layer import hymoe_function
-from hymoe_kernels.torch_backend import expert_ffn, hymoe_torch
 
 PARAM_NAMES = (*HyMoEWeights._fields, "alpha_param")
 

@@ -1,7 +1,7 @@
 """Router: second linear layer, top-k softmax gates, full-softmax sums and loads; and backward.
 
 Forward (:func:`router_topk`), per block of tokens, from the router's hidden pre-activation
-h_pre = x @ router_w1 + router_b1 (computed by :func:`.grouped_gemm.row_gemm`):
+h_pre = x @ router_w1 + router_b1 (computed by :func:`.stage3_expert_gemms.row_gemm`):
 logits = GELU(h_pre) @ router_w2 + router_b2 (fp32 accumulation, kept in fp32), the top_k
 experts (ties to the lower index; NaN logits rank below every number, so every id is a
 valid expert, distinct within a token), gates = softmax over the kept logits, and over real
@@ -21,8 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import INTERPRETING
-from . import launch_params
-from .device_math import cast_to, dot_precision, gelu, mma, top_k_step, without_nan
+from ..device_math import cast_to, dot_precision, gelu, mma, top_k_step, without_nan
+from ..kernel_launch import launch_params
 
 
 class RouterConfig(NamedTuple):

@@ -12,10 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hymoe_kernels.kernels import fused_tile
-from hymoe_kernels.kernels.fused_tile import (fused_tile_backward, fused_tile_forward,
+from hymoe_kernels.hymoe_op import fused_tile
+from hymoe_kernels.hymoe_op.fused_tile import (fused_tile_backward, fused_tile_forward,
                                               fused_tile_supported)
-from hymoe_kernels.reference import hymoe_reference
+from hymoe_kernels.hymoe_op.reference import hymoe_reference
 from hymoe_kernels.weights import HyMoEWeights
 from kernel_cases import routing_robust_rows
 
