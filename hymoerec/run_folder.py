@@ -7,13 +7,18 @@ to it, and reading / writing its JSON files.
     best.pt       the model of the best validation epoch
     summary.json  final metrics (valid JSON: NaN is written as null)
     curves.png    learning curves (when matplotlib is installed)
+
+Every file here is written whole or not at all (a temp file in the same folder, then
+os.replace), so a crash never leaves half a file.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .data import check_writable
 
@@ -87,8 +92,28 @@ def json_text(value) -> str:
     return json.dumps(clean(value), indent=2, allow_nan=False) + "\n"
 
 
-def write_json(path: Path, value) -> None:
-    """Write :func:`json_text` of ``value`` to ``path`` through a temp file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json_text(value), encoding="utf-8")
-    os.replace(tmp, path)
+@contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp file path beside ``path`` (``<name>.<pid>.tmp``: one per process) to
+    write; when the block ends without an error, os.replace moves it onto ``path`` (so
+    readers see the old file or the whole new one, never a part), else it is removed and
+    ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`replaced_atomically`)."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    """Write :func:`json_text` of ``value`` to ``path`` atomically."""
+    write_text_atomically(path, json_text(value))

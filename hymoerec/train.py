@@ -36,7 +36,8 @@ from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches,
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import MODELS, ConfigError, ModelConfig, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
-from hymoerec.run_folder import RunFolderError, prepare_run_folder, read_log, write_json
+from hymoerec.run_folder import (RunFolderError, prepare_run_folder, read_log, write_json,
+                                 write_text_atomically)
 from hymoerec.settings import add_model_arguments, data_defaults, load_data, model_config, pick_device
 
 CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", "best_metric",
@@ -405,7 +406,7 @@ class Trainer:
         # keep only the log records of the epochs the checkpoint holds
         if self.dist.is_main:
             records = [r for r in read_log(self.log_path) if r["epoch"] <= self.epoch]
-            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            write_text_atomically(self.log_path, "".join(json.dumps(r) + "\n" for r in records))
 
     # --------------------------------------------------------------------- training
     def evaluate(self, stage: str, exclude_history: bool | None = None) -> dict:
