@@ -29,28 +29,43 @@ class RunFolderError(RuntimeError):
     """A run folder that cannot be used as asked; the message names it."""
 
 
-def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check ``run_dir`` before a run writes to it, and make it.
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool,
+                     init_from: str | os.PathLike | None = None) -> None:
+    """Raise RunFolderError unless a run may start in ``run_dir`` as asked, or
+    NotWritableError if the folder cannot be written (it is made for that check; nothing
+    else is written or removed here).
 
-    A resumed run needs its ``last.pt``. A new run takes a missing or empty folder; a folder
-    with files is refused (an earlier run, or a folder of the user's) unless ``overwrite``,
-    which removes the earlier run's files (RUN_FILES) and leaves any others. Raises
-    RunFolderError, or NotWritableError if the folder cannot be written."""
-    last = run_dir / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise RunFolderError(f"--resume: {run_dir} holds no run to continue (no last.pt)")
-    elif run_dir.exists():
+    A resumed run needs its ``last.pt``. A new run takes a missing or empty folder; a
+    folder with files is refused (an earlier run, or a folder of the user's) unless
+    ``overwrite``, which may not replace the run that ``init_from`` (a run folder or a
+    checkpoint in one) starts from."""
+    if resume and not (run_dir / "last.pt").is_file():
+        raise RunFolderError(f"--resume: {run_dir} holds no run to continue (no last.pt)")
+    if not resume and run_dir.exists():
         if not run_dir.is_dir():
             raise RunFolderError(f"run folder {run_dir} is a file, not a folder")
+        if overwrite and init_from is not None:
+            source = Path(init_from).resolve()
+            if run_dir.resolve() in (source, source.parent):
+                raise RunFolderError(f"--overwrite would remove the run in {run_dir} that "
+                                     f"--init-from {init_from} starts from; choose another "
+                                     f"--run-dir")
         if any(run_dir.iterdir()) and not overwrite:
-            held = ("a run; pass --resume to continue it," if last.is_file()
+            held = ("a run; pass --resume to continue it," if (run_dir / "last.pt").is_file()
                     else "files but no run of ours (no last.pt);")
             raise RunFolderError(f"run folder {run_dir} already holds {held} choose another "
                                  f"--run-dir, or pass --overwrite to replace its run files")
-        for name in RUN_FILES if overwrite else ():
-            (run_dir / name).unlink(missing_ok=True)
     check_writable(run_dir, "run folder")
+
+
+def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool,
+                       init_from: str | os.PathLike | None = None) -> None:
+    """Check ``run_dir`` (:func:`check_run_folder`) and make it; with ``overwrite``, remove
+    the earlier run's files (RUN_FILES; any others stay). Raises RunFolderError, or
+    NotWritableError if the folder cannot be written."""
+    check_run_folder(run_dir, resume, overwrite, init_from)
+    for name in RUN_FILES if overwrite else ():
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def read_log(path: Path) -> list[dict]:

@@ -36,8 +36,8 @@ from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches,
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import MODELS, ConfigError, ModelConfig, build_model
 from hymoerec.models.upcycle import upcycle_to_hymoe
-from hymoerec.run_folder import (RunFolderError, prepare_run_folder, read_log, write_json,
-                                 write_text_atomically)
+from hymoerec.run_folder import (RunFolderError, check_run_folder, prepare_run_folder, read_log,
+                                 write_json, write_text_atomically)
 from hymoerec.settings import add_model_arguments, data_defaults, load_data, model_config, pick_device
 
 CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", "best_metric",
@@ -293,7 +293,7 @@ class Trainer:
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
         self.log_path = self.run_dir / "log.jsonl"
         if self.dist.is_main:  # distributed: only rank 0 writes files
-            prepare_run_folder(self.run_dir, args.resume, args.overwrite)
+            check_run_folder(self.run_dir, args.resume, args.overwrite, args.init_from)
 
         torch.manual_seed(args.seed)
         with self.dist.main_first("loading the data"):  # distributed: one download
@@ -329,6 +329,10 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0
         self.commits = [git_commit()]  # code of this process (and of earlier ones on resume)
+        # last, once everything the run reads (the --init-from run too) has been read: clear
+        # the folder for --overwrite
+        if self.dist.is_main:  # distributed: only rank 0 writes files
+            prepare_run_folder(self.run_dir, args.resume, args.overwrite, args.init_from)
 
     def model_from_run(self, source: Path) -> torch.nn.Module:
         """--init-from: the best model of run ``source`` (a run folder or a checkpoint),
