@@ -7,6 +7,8 @@ to it, and reading / writing its JSON files.
     best.pt       the model of the best validation epoch
     summary.json  final metrics (valid JSON: NaN is written as null)
     curves.png    learning curves (when matplotlib is installed)
+    run.lock      the OS lock (flock) that the training process holds for the life of the run
+    run.pid       the process id of that process, while it holds the lock
 
 Every file here is written whole or not at all (a temp file in the same folder, then
 os.replace), so a crash never leaves half a file.
@@ -20,9 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock, Timeout
+
 from .data import check_writable
 
 RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "summary.json", "curves.png")
+LOCK_FILE, HOLDER_FILE = "run.lock", "run.pid"
 
 
 class RunFolderError(RuntimeError):
@@ -30,15 +35,19 @@ class RunFolderError(RuntimeError):
 
 
 def check_run_folder(run_dir: Path, resume: bool, overwrite: bool,
-                     init_from: str | os.PathLike | None = None) -> None:
+                     init_from: str | os.PathLike | None = None, locked: bool = False) -> None:
     """Raise RunFolderError unless a run may start in ``run_dir`` as asked, or
     NotWritableError if the folder cannot be written (it is made for that check; nothing
     else is written or removed here).
 
-    A resumed run needs its ``last.pt``. A new run takes a missing or empty folder; a
-    folder with files is refused (an earlier run, or a folder of the user's) unless
-    ``overwrite``, which may not replace the run that ``init_from`` (a run folder or a
-    checkpoint in one) starts from."""
+    Unless this process holds the folder's lock (``locked``), a folder that another
+    process has locked is refused first, naming that process. A resumed run needs its
+    ``last.pt``. A new run takes a missing or empty
+    folder (the lock files of an earlier run do not count); a folder with files is refused
+    (an earlier run, or a folder of the user's) unless ``overwrite``, which may not replace
+    the run that ``init_from`` (a run folder or a checkpoint in one) starts from."""
+    if not locked and (run_dir / LOCK_FILE).is_file():
+        RunFolderLock(run_dir).check_free()
     if resume and not (run_dir / "last.pt").is_file():
         raise RunFolderError(f"--resume: {run_dir} holds no run to continue (no last.pt)")
     if not resume and run_dir.exists():
@@ -50,7 +59,8 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool,
                 raise RunFolderError(f"--overwrite would remove the run in {run_dir} that "
                                      f"--init-from {init_from} starts from; choose another "
                                      f"--run-dir")
-        if any(run_dir.iterdir()) and not overwrite:
+        held_files = [p for p in run_dir.iterdir() if p.name not in (LOCK_FILE, HOLDER_FILE)]
+        if held_files and not overwrite:
             held = ("a run; pass --resume to continue it," if (run_dir / "last.pt").is_file()
                     else "files but no run of ours (no last.pt);")
             raise RunFolderError(f"run folder {run_dir} already holds {held} choose another "
@@ -58,14 +68,72 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool,
     check_writable(run_dir, "run folder")
 
 
+class RunFolderLock:
+    """An exclusive OS lock (flock, through ``filelock``) on a run folder, held by the one
+    process that trains in it: the folder's LOCK_FILE, with the holder's pid in its
+    HOLDER_FILE. The operating system releases it when the process ends, however it ends
+    (a SIGKILL too)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.lock = FileLock(run_dir / LOCK_FILE)
+
+    def acquire(self) -> "RunFolderLock":
+        """Make the folder and take its lock at once, or raise RunFolderError naming the
+        folder and the pid of the process that holds it."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.take()
+        write_text_atomically(self.run_dir / HOLDER_FILE, f"{os.getpid()}\n")
+        return self
+
+    def check_free(self) -> None:
+        """Raise RunFolderError (as :meth:`acquire`) if another process holds the lock;
+        else take it and give it back at once."""
+        self.take()
+        self.lock.release()
+
+    def take(self) -> None:
+        """Take the lock without waiting, or raise RunFolderError naming the holder."""
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            raise RunFolderError(f"run folder {self.run_dir} is in use by "
+                                 f"{self.holder()}: wait for that run to end, or choose "
+                                 f"another --run-dir") from None
+
+    def holder(self) -> str:
+        """'process <pid>' of the holder, as it wrote itself in HOLDER_FILE."""
+        try:
+            pid = (self.run_dir / HOLDER_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            pid = ""
+        return f"process {pid}" if pid.isdigit() else "another process (its pid is not yet written)"
+
+    def release(self) -> None:
+        """Give the lock back (removing HOLDER_FILE first); a no-op when not held."""
+        if self.lock.is_locked:
+            (self.run_dir / HOLDER_FILE).unlink(missing_ok=True)
+            self.lock.release()
+
+
 def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool,
-                       init_from: str | os.PathLike | None = None) -> None:
-    """Check ``run_dir`` (:func:`check_run_folder`) and make it; with ``overwrite``, remove
-    the earlier run's files (RUN_FILES; any others stay). Raises RunFolderError, or
-    NotWritableError if the folder cannot be written."""
+                       init_from: str | os.PathLike | None = None) -> RunFolderLock:
+    """Check ``run_dir`` (:func:`check_run_folder`), make it and take its lock, check it
+    again under the lock (another process may have started a run there meanwhile), and with
+    ``overwrite`` remove the earlier run's files (RUN_FILES; any others stay). Returns the
+    held :class:`RunFolderLock`, to release when the run ends. Raises RunFolderError, or
+    NotWritableError if the folder cannot be written; nothing is written for a refused run
+    except the lock files in a folder that did not exist."""
     check_run_folder(run_dir, resume, overwrite, init_from)
+    lock = RunFolderLock(run_dir).acquire()
+    try:
+        check_run_folder(run_dir, resume, overwrite, init_from, locked=True)
+    except BaseException:
+        lock.release()
+        raise
     for name in RUN_FILES if overwrite else ():
         (run_dir / name).unlink(missing_ok=True)
+    return lock
 
 
 def read_log(path: Path) -> list[dict]:

@@ -277,8 +277,9 @@ def routing_stats(model) -> dict:
 
 
 class Trainer:
-    """Owns data, model, optimizer and the run folder; ``fit()`` trains with early stopping
-    and returns the summary dict (also written to summary.json)."""
+    """Owns data, model, optimizer and the run folder (whose lock it holds from the end of
+    ``__init__`` until ``close()``); ``fit()`` trains with early stopping and returns the
+    summary dict (also written to summary.json)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -329,10 +330,15 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0
         self.commits = [git_commit()]  # code of this process (and of earlier ones on resume)
-        # last, once everything the run reads (the --init-from run too) has been read: clear
-        # the folder for --overwrite
-        if self.dist.is_main:  # distributed: only rank 0 writes files
-            prepare_run_folder(self.run_dir, args.resume, args.overwrite, args.init_from)
+        # last, once everything the run reads (the --init-from run too) has been read: lock
+        # the folder for the life of the run and clear it for --overwrite
+        self.folder_lock = (prepare_run_folder(self.run_dir, args.resume, args.overwrite,
+                                               args.init_from) if self.dist.is_main else None)
+
+    def close(self) -> None:
+        """Release the run folder's lock (held from the end of __init__)."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     def model_from_run(self, source: Path) -> torch.nn.Module:
         """--init-from: the best model of run ``source`` (a run folder or a checkpoint),
@@ -624,6 +630,7 @@ USER_ERRORS = (CheckpointError, DataFormatError, RunFolderError,
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    trainer = None
     try:
         trainer = Trainer(args)
         summary = trainer.fit()
@@ -632,6 +639,8 @@ def main(argv: list[str] | None = None) -> dict:
     except USER_ERRORS as err:
         raise fail(str(err), 2) from None
     finally:
+        if trainer is not None:
+            trainer.close()
         distributed.shutdown()  # distributed
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}; test metrics "
           f"({'history excluded' if args.exclude_history else 'history kept'}, "

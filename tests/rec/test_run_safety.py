@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from hymoerec import evaluate, train
-from hymoerec.run_folder import replaced_atomically, write_json
+from hymoerec.run_folder import (HOLDER_FILE, LOCK_FILE, RunFolderError, RunFolderLock,
+                                 replaced_atomically, write_json)
 from test_cli_errors import user_error
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
@@ -22,6 +23,22 @@ REPO = Path(__file__).resolve().parents[2]
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file of ``folder`` by name, with its bytes."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def train_process(run_dir: Path, *extra, **popen) -> subprocess.Popen:
+    """``python hymoerec/train.py`` on the tiny synthetic data into ``run_dir``, started."""
+    return subprocess.Popen([sys.executable, "hymoerec/train.py", *TINY, "--run-dir",
+                             str(run_dir), *extra], cwd=REPO, text=True, **popen)
+
+
+def wait_for_first_epoch(run_dir: Path, process: subprocess.Popen) -> None:
+    """Wait until ``process`` has locked ``run_dir`` (its pid in the holder file) and saved
+    its first epoch's last.pt."""
+    holder = run_dir / HOLDER_FILE
+    while not ((run_dir / "last.pt").is_file() and holder.is_file()
+               and holder.read_text().strip() == str(process.pid)):
+        assert process.poll() is None, f"the first run ended ({process.returncode}) first"
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------- --init-from and --overwrite
@@ -52,6 +69,67 @@ def test_init_from_is_read_before_an_overwrite_clears_the_run_folder(tmp_path, c
                                  str(tmp_path / "b"), "--overwrite", "--epochs", "1"])
     assert summary["started_from"]["run"] == str(tmp_path / "dense" / "best.pt")
     assert [json.loads(line)["epoch"] for line in (tmp_path / "b" / "log.jsonl").open()] == [1]
+
+
+# ---------------------------------------------------------------- one process per folder
+
+def test_a_second_writer_and_a_resume_of_a_running_run_are_refused_naming_the_holder(
+        tmp_path, capsys):
+    folder = tmp_path / "s"
+    first = train_process(folder, "--epochs", "100000", "--patience", "100000",
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_first_epoch(folder, first)
+        for extra in (["--overwrite"], ["--resume"]):
+            err = user_error(train.main, TINY + ["--run-dir", str(folder), "--epochs", "1",
+                                                 *extra], capsys)
+            assert f"run folder {folder} is in use by process {first.pid}" in err
+        assert first.poll() is None       # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the operating system released a killed holder's lock: the folder can be used again
+    summary = train.main(TINY + ["--run-dir", str(folder), "--epochs", "1", "--overwrite"])
+    assert summary["epochs_run"] == 1 and not (folder / HOLDER_FILE).exists()
+
+
+def test_two_runs_started_together_in_one_folder_give_one_run(tmp_path):
+    folder = tmp_path / "s"
+    runs = [train_process(folder, "--epochs", "3", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in runs]
+    codes = sorted(p.returncode for p in runs)
+    assert codes == [0, 2], outputs
+    refused = outputs[[p.returncode for p in runs].index(2)][1]
+    assert len(refused.strip().splitlines()) == 1 and str(folder) in refused, refused
+    assert "in use by process" in refused or "already holds a run" in refused
+    log = [json.loads(line)["epoch"] for line in (folder / "log.jsonl").open()]
+    assert log == [1, 2, 3]
+
+
+def test_the_lock_is_given_back_when_a_run_ends_or_fails(tmp_path, capsys):
+    run(tmp_path, "a", "--epochs", "1")
+    lock = RunFolderLock(tmp_path / "a").acquire()      # nobody holds it after the run
+    assert (tmp_path / "a" / HOLDER_FILE).read_text().strip() == str(os.getpid())
+    with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}"):
+        RunFolderLock(tmp_path / "a").acquire()
+    lock.release()
+    last = tmp_path / "a" / "last.pt"
+    good = last.read_bytes()
+    last.write_bytes(b"not a checkpoint")              # found after the folder is locked
+    resume = ["--resume", "--run-dir", str(tmp_path / "a"), "--epochs", "2"]
+    assert "is corrupt" in user_error(train.main, resume, capsys)
+    last.write_bytes(good)
+    assert train.main(resume)["epochs_run"] == 2
+    RunFolderLock(tmp_path / "a").acquire().release()
+
+
+def test_lock_files_alone_do_not_make_a_folder_hold_a_run(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text("")
+    (folder / HOLDER_FILE).write_text("12345\n")    # left by a killed run
+    assert run(tmp_path, "a", "--epochs", "1")["epochs_run"] == 1
 
 
 # -------------------------------------------------------------------------- output paths
