@@ -56,6 +56,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         torch.save({"format": FORMAT, "sha256": state_digest(state), **state}, tmp)
 
 
+def checkpoint_path(path: str | os.PathLike, which: str = "best") -> Path:
+    """A checkpoint file, or ``<run dir>/<which>.pt`` for a run folder."""
+    path = Path(path)
+    return path / f"{which}.pt" if path.is_dir() else path
+
+
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model", "config"),
                     map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; a missing, corrupt (unreadable

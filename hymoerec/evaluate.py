@@ -23,19 +23,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 
-from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from hymoerec.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model_state
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import DataFormatError, Segments, last_items, leave_one_out, pad_right
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
-from hymoerec.run_folder import write_json
+from hymoerec.run_folder import RunFolderError, check_output_path, write_json
 from hymoerec.settings import load_data, model_config, pick_device
-
-
-def checkpoint_path(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint file, or ``<run dir>/<which>.pt`` for a run folder."""
-    path = Path(path)
-    return path / f"{which}.pt" if path.is_dir() else path
 
 
 class Recommender:
@@ -151,15 +145,21 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
     p.add_argument("--seen-items", action="store_true",
                    help="also report how many of each test user's top -k items (history kept) "
                         "the user has already seen")
-    p.add_argument("--json", help="also write the metrics to this JSON file (its folder must "
-                                  "exist)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the metrics to this JSON file (its folder must exist; it "
+                        "may not be a file of a run or the checkpoint read)")
     args = p.parse_args(argv)
     for name in ("batch_size", "k"):
         if getattr(args, name) < 1:
             p.error(f"{'-k' if name == 'k' else '--batch-size'} must be >= 1, got "
                     f"{getattr(args, name)}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        p.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
+    if args.json:
+        if not Path(args.json).resolve().parent.is_dir():
+            p.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
+        try:
+            check_output_path(args.json, "--json", (checkpoint_path(args.checkpoint),))
+        except RunFolderError as err:
+            p.error(str(err))
     try:
         if args.recommend:
             rec = Recommender.from_checkpoint(args.checkpoint, args.device)

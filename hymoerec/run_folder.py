@@ -136,6 +136,26 @@ def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool,
     return lock
 
 
+def check_output_path(path: str | os.PathLike, flag: str,
+                      inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """``path`` as an output file of a command, or RunFolderError naming ``flag`` when
+    writing it would replace a run's own file (a file of RUN_FILES or the lock files in a
+    folder holding a run) or one of the command's ``inputs`` (e.g. the checkpoint it
+    reads)."""
+    path = Path(path)
+    target = path.resolve()
+    folder = target.parent
+    holds_run = any((folder / name).is_file() for name in ("last.pt", "best.pt", "config.json"))
+    if holds_run and target.name in (*RUN_FILES, LOCK_FILE, HOLDER_FILE):
+        raise RunFolderError(f"{flag} {path} would replace a file of the run in {folder}; "
+                             f"write it elsewhere")
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise RunFolderError(f"{flag} {path} would replace {source}, which this command "
+                                 f"reads; write it elsewhere")
+    return path
+
+
 def read_log(path: Path) -> list[dict]:
     """The epoch records of a ``log.jsonl`` (none if it is missing). A last line cut short
     (a run killed while writing it) is dropped; any other line that is not a JSON record

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from hymoe_kernels import backend
 from hymoe_kernels.layer import EXPERT_INITS
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
-from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from hymoerec.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint,
+                                 load_model_state, save_checkpoint)
 from hymoerec.cli import ArgumentParser, fail
 from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
                            leave_one_out, training_windows)
@@ -345,7 +346,7 @@ class Trainer:
         upcycled to HyMoE when it is dense and this run's --ffn is hymoe. Raises
         CheckpointError when it was trained on other data, another backbone, or settings
         this run cannot start from."""
-        best = source / "best.pt" if source.is_dir() else source
+        best = checkpoint_path(source)
         state = load_checkpoint(best, ("model", "config", "item_ids", "epoch"))
         if state["item_ids"] != self.data.item_ids:
             raise CheckpointError(f"--init-from {best} was trained on different data (its item "

@@ -134,6 +134,27 @@ def test_lock_files_alone_do_not_make_a_folder_hold_a_run(tmp_path):
 
 # -------------------------------------------------------------------------- output paths
 
+@pytest.mark.parametrize("name", ["best.pt", "summary.json", "log.jsonl", "config.json"])
+def test_evaluate_never_writes_over_a_file_of_the_run(tmp_path, name, capsys):
+    run(tmp_path, "a", "--epochs", "1")
+    before = folder_bytes(tmp_path / "a")
+    err = user_error(evaluate.main, [str(tmp_path / "a"), "--json",
+                                     str(tmp_path / "a" / name)], capsys)
+    assert f"--json {tmp_path / 'a' / name} would replace a file of the run" in err
+    assert folder_bytes(tmp_path / "a") == before
+
+
+def test_evaluate_never_writes_over_the_checkpoint_it_reads(tmp_path, capsys):
+    run(tmp_path, "a", "--epochs", "1")
+    model = tmp_path / "model.pt"
+    model.write_bytes((tmp_path / "a" / "best.pt").read_bytes())
+    err = user_error(evaluate.main, [str(model), "--json", str(model)], capsys)
+    assert "which this command reads" in err
+    assert model.read_bytes() == (tmp_path / "a" / "best.pt").read_bytes()
+    metrics = evaluate.main([str(model), "--json", str(tmp_path / "a" / "metrics.json")])
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["test"] == metrics["test"]
+
+
 def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
     path = tmp_path / "summary.json"
     write_json(path, {"old": 1})
