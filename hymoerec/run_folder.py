@@ -42,10 +42,13 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool,
 
     Unless this process holds the folder's lock (``locked``), a folder that another
     process has locked is refused first, naming that process. A resumed run needs its
-    ``last.pt``. A new run takes a missing or empty
+    ``last.pt``, and cannot also be an ``overwrite``. A new run takes a missing or empty
     folder (the lock files of an earlier run do not count); a folder with files is refused
     (an earlier run, or a folder of the user's) unless ``overwrite``, which may not replace
     the run that ``init_from`` (a run folder or a checkpoint in one) starts from."""
+    if resume and overwrite:
+        raise RunFolderError(f"--resume continues the run in {run_dir} and --overwrite "
+                             f"replaces it: pass one of them")
     if not locked and (run_dir / LOCK_FILE).is_file():
         RunFolderLock(run_dir).check_free()
     if resume and not (run_dir / "last.pt").is_file():

@@ -165,3 +165,14 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
     assert json.loads(path.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
+
+# ---------------------------------------------------------------------------- smaller
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    run(tmp_path, "a", "--epochs", "1")
+    before = folder_bytes(tmp_path / "a")
+    err = user_error(train.main, ["--resume", "--overwrite", "--run-dir",
+                                  str(tmp_path / "a"), "--epochs", "2"], capsys)
+    assert "--resume" in err and "--overwrite" in err and "pass one of them" in err
+    assert folder_bytes(tmp_path / "a") == before
+
