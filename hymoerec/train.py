@@ -166,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         saved = saved or str(Path(args.run_dir) / "config.json")
     elif args.init_from:
         source = Path(args.init_from)
+        if not source.exists():
+            parser.error(f"--init-from {args.init_from}: no such run folder or checkpoint")
         saved = saved or str((source if source.is_dir() else source.parent) / "config.json")
     config = {}
     if saved:

@@ -168,6 +168,12 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
 
 # ---------------------------------------------------------------------------- smaller
 
+def test_init_from_a_missing_run_names_it(tmp_path, capsys):
+    err = user_error(train.main, TINY + ["--init-from", "nope", "--run-dir",
+                                         str(tmp_path / "a")], capsys)
+    assert "--init-from nope" in err and not (tmp_path / "a").exists()
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     run(tmp_path, "a", "--epochs", "1")
     before = folder_bytes(tmp_path / "a")
