@@ -302,6 +302,9 @@ class Trainer:
         torch.manual_seed(args.seed)
         with self.dist.main_first("loading the data"):  # distributed: one download
             self.data = load_data(args)
+        if self.data.n_items < 2:
+            raise DataFormatError(f"{self.data.describe()}: ranking needs at least 2 items "
+                                  f"(with one, every metric is 1.0 whatever the model)")
         for name, value in data_defaults(self.data).items():
             if getattr(args, name) is None:  # not set by a flag, a config or the model's paper
                 setattr(args, name, value)

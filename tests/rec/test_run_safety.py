@@ -182,3 +182,11 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     assert "--resume" in err and "--overwrite" in err and "pass one of them" in err
     assert folder_bytes(tmp_path / "a") == before
 
+
+def test_a_catalog_of_one_item_is_refused_naming_the_data(tmp_path, capsys):
+    data = tmp_path / "one.txt"
+    data.write_text("".join(f"u{u} only only only only\n" for u in range(20)))
+    err = user_error(train.main, ["--data-file", str(data), "--d-model", "16", "--no-progress",
+                                  "--threads", "1", "--run-dir", str(tmp_path / "a")], capsys)
+    assert "one.txt: 20 users, 1 items" in err and "at least 2 items" in err
+
