@@ -190,3 +190,18 @@ def test_a_catalog_of_one_item_is_refused_naming_the_data(tmp_path, capsys):
                                   "--threads", "1", "--run-dir", str(tmp_path / "a")], capsys)
     assert "one.txt: 20 users, 1 items" in err and "at least 2 items" in err
 
+
+def test_recommend_and_metrics_write_json_to_a_file_or_stdout(tmp_path, capsys):
+    run(tmp_path, "a", "--epochs", "1")
+    capsys.readouterr()
+    items = evaluate.main([str(tmp_path / "a"), "--recommend", "3", "7", "-k", "4", "--json",
+                           "-"])
+    assert json.loads(capsys.readouterr().out) == items and len(items) == 4
+    out = tmp_path / "rec.json"
+    again = evaluate.main([str(tmp_path / "a"), "--recommend", "3", "7", "-k", "4", "--json",
+                           str(out)])
+    assert json.loads(out.read_text()) == again == items
+    assert capsys.readouterr().out.split() == items     # the text goes on as before
+    metrics = evaluate.main([str(tmp_path / "a"), "--json", "-"])
+    assert json.loads(capsys.readouterr().out)["test"] == metrics["test"]
+
