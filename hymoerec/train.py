@@ -31,7 +31,7 @@ from hymoe_kernels.layer import EXPERT_INITS
 from hymoerec import distributed  # multi-process hooks are marked "# distributed"
 from hymoerec.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint,
                                  load_model_state, save_checkpoint)
-from hymoerec.cli import ArgumentParser, fail
+from hymoerec.cli import ArgumentParser, fail, interactive
 from hymoerec.data import (DATASETS, FORMATS, DataFormatError, bucketed_batches, collate_windows,
                            leave_one_out, training_windows)
 from hymoerec.metrics import NonFiniteScoresError, evaluate_ranking, format_metrics, head_items
@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in a --run-dir that already holds files, replacing "
                         "an earlier run's files there")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bar (there is none either when stdout or stderr is "
+                        "not a terminal, e.g. redirected to a file; the per-epoch line is "
+                        "printed always)")
     g = p.add_argument_group("starting from a trained run")
     g.add_argument("--init-from", metavar="RUN_DIR",
                    help="start from this finished run's best checkpoint (same data and "
@@ -470,7 +473,8 @@ class Trainer:
         n_targets = 0
         load_sum = None
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
-                   disable=self.args.no_progress or not self.dist.is_main, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.dist.is_main or not interactive(),
+                   dynamic_ncols=True)
         for batch in bar:
             batch, stand_in = self.dist.share(batch)  # distributed: this rank's share
             inputs, targets = collate_windows([self.windows[i] for i in batch])

@@ -205,3 +205,14 @@ def test_recommend_and_metrics_write_json_to_a_file_or_stdout(tmp_path, capsys):
     metrics = evaluate.main([str(tmp_path / "a"), "--json", "-"])
     assert json.loads(capsys.readouterr().out)["test"] == metrics["test"]
 
+
+def test_a_run_with_output_to_a_file_writes_no_progress_bar(tmp_path):
+    log = tmp_path / "run.log"
+    flags = [flag for flag in TINY if flag != "--no-progress"]
+    with open(log, "w") as out:
+        code = subprocess.run([sys.executable, "hymoerec/train.py", *flags, "--epochs", "2",
+                               "--run-dir", str(tmp_path / "a")], cwd=REPO, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=600).returncode
+    text = log.read_bytes().decode()    # as written: read_text would turn each \r into \n
+    assert code == 0 and "\r" not in text, text
+    assert "epoch 1: loss" in text and "epoch 2: loss" in text
