@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hymoerec.cli import ArgumentParser
 from hymoerec.data import DATASETS, FORMATS, leave_one_out
 from hymoerec.evaluate import Recommender
 from hymoerec.metrics import ndcg_gains, rank_metrics, rank_targets
-from hymoerec.run_folder import read_log
+from hymoerec.run_folder import (RunFolderError, check_output_path, read_log,
+                                 replaced_atomically, write_text_atomically)
 from hymoerec.settings import load_data
 from hymoerec.train import parse_args
 from hymoerec.train import main as train_main
@@ -390,7 +392,7 @@ def paper_dataset(opts: Namespace) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train every baseline and HyMoERec on one split and write the comparison "
                     "table. Unknown flags are passed to every training run (see "
                     "python -m hymoerec.train --help).")
@@ -431,7 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     opts, passthrough = parser.parse_known_args(argv)
     if opts.render:
-        return render_saved(Path(opts.render), Path(opts.out) if opts.out else None)
+        out = Path(opts.out) if opts.out else Path(opts.render).with_suffix(".md")
+        check_outputs(parser, [out], [opts.render])
+        return render_saved(Path(opts.render), out)
     if opts.seeds < 1:
         parser.error("--seeds must be >= 1")
     data_flags = (["--data-file", opts.data_file, "--format", opts.format] if opts.data_file
@@ -444,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
     paper_key = paper_dataset(opts)
     run_root = Path(opts.run_root or Path("runs") / f"reproduce-{data_name}")
     out = Path(opts.out) if opts.out else run_root / "table.md"
+    check_outputs(parser, [out, out.with_suffix(".json"), ranks_path(out.with_suffix(".json"))],
+                  [opts.keep_runs] if opts.keep_runs else [])
     entries = [e for e in ENTRIES if not opts.models or e.label in opts.models or e.model in opts.models]
 
     data = load_data(train_args)
@@ -499,22 +505,30 @@ def main(argv: list[str] | None = None) -> dict:
               "data": data.describe(), "results": raw, "significance": tests,
               "independent_reference": INDEPENDENT.get(paper_key or "", {})}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    np.savez_compressed(ranks_path(out.with_suffix(".json")),
-                        **{name: r.astype(np.int32) for name, r in ranks_by_run.items()})
+    write_text_atomically(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    with replaced_atomically(ranks_path(out.with_suffix(".json"))) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **{name: r.astype(np.int32) for name, r in ranks_by_run.items()})
     table = render(report)
-    out.write_text(table)
+    write_text_atomically(out, table)
     print(table)
     print(f"[reproduce] wrote {out} and {out.with_suffix('.json')}")
     return {"results": results, "significance": tests, "table": out}
 
 
-def render_saved(report_path: Path, out: Path | None) -> dict:
-    """``--render``: the Markdown of a saved report, written to ``out`` (default: the .md
-    next to the JSON); nothing is trained."""
+def check_outputs(parser: argparse.ArgumentParser, outputs: list[Path], inputs: list[str]) -> None:
+    """parser.error (exit 2) when an output file would replace a file of a run folder or one
+    of the ``inputs`` this invocation reads (run_folder.check_output_path)."""
+    for path in outputs:
+        try:
+            check_output_path(path, "--out", tuple(inputs))
+        except RunFolderError as err:
+            parser.error(str(err))
+
+
+def render_saved(report_path: Path, out: Path) -> dict:
+    """``--render``: the Markdown of a saved report, written to ``out``; nothing is trained."""
     report = json.loads(report_path.read_text())
-    out = out or report_path.with_suffix(".md")
-    out.write_text(render(report))
+    write_text_atomically(out, render(report))
     print(f"[reproduce] rendered {report_path} to {out}")
     return {"results": report["results"], "significance": report["significance"], "table": out}
 

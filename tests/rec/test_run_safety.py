@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hymoerec import evaluate, train
+from hymoerec import evaluate, reproduce, train
 from hymoerec.run_folder import (HOLDER_FILE, LOCK_FILE, RunFolderError, RunFolderLock,
                                  replaced_atomically, write_json)
 from test_cli_errors import user_error
@@ -153,6 +153,18 @@ def test_evaluate_never_writes_over_the_checkpoint_it_reads(tmp_path, capsys):
     assert model.read_bytes() == (tmp_path / "a" / "best.pt").read_bytes()
     metrics = evaluate.main([str(model), "--json", str(tmp_path / "a" / "metrics.json")])
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["test"] == metrics["test"]
+
+
+def test_reproduce_never_writes_over_its_input_or_a_run_file(tmp_path, capsys):
+    report = tmp_path / "table.json"
+    report.write_text('{"results": {}}')
+    err = user_error(reproduce.main, ["--render", str(report), "--out", str(report)], capsys)
+    assert "which this command reads" in err and report.read_text() == '{"results": {}}'
+    run(tmp_path, "a", "--epochs", "1")
+    before = folder_bytes(tmp_path / "a")
+    err = user_error(reproduce.main, ["--no-train", "--run-root", str(tmp_path), "--out",
+                                      str(tmp_path / "a" / "summary.md")], capsys)
+    assert "would replace a file of the run" in err and folder_bytes(tmp_path / "a") == before
 
 
 def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
