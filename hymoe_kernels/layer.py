@@ -69,7 +69,9 @@ class HyMoEFFN(nn.Module):
     (an fp32 layer given bf16 input computes in bf16, as under autocast; gradients reach
     the fp32 parameters through the cast), with the routing math in at least float32.
     After a training forward, ``aux_loss`` holds the load-balance term (a scalar with
-    grad) to add to the task loss.
+    grad) to add to the task loss. The layer can be deep-copied and pickled at any point
+    (EMA, SWA, keep-the-best-model code); a copy holds no ``aux_loss`` (None) until its
+    own training forward.
 
     :meth:`from_dense` builds the layer around a trained dense FFN (sparse upcycling).
     """
@@ -267,6 +269,12 @@ class HyMoEFFN(nn.Module):
         self._stats = {"alpha": alpha, "gbar": gbar.detach(),
                        "load": load.float() / load.sum().clamp(min=1)}
         return self.dropout(y).to(x.dtype).reshape(x.shape)
+
+    def __getstate__(self) -> dict:
+        """The state copy.deepcopy and pickle take: nn.Module's, with ``aux_loss`` None, as
+        that term holds its forward's autograd graph, which cannot be copied and belongs to
+        the original layer's parameters."""
+        return {**super().__getstate__(), "aux_loss": None}
 
     @torch.no_grad()
     def stats(self) -> dict[str, float | list[float]]:
