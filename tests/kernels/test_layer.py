@@ -311,3 +311,33 @@ def test_deepcopy_pickle_and_swa_after_a_training_forward(backend, backward):
     swa.update_parameters(model)
     torch.testing.assert_close(swa.module.ffn.dense_w1, model.ffn.dense_w1)
 
+
+def test_float64_routes_in_float64_and_passes_gradcheck_on_the_torch_backend():
+    """A float64 input is routed in float64 on the torch backend as on the reference (not
+    in float32), so gradcheck passes through the whole layer, load-balance term included."""
+    torch.manual_seed(3)
+    layer = HyMoEFFN(4, 6, num_experts=3, top_k=2, warmup_steps=0, backend="torch").double()
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def f(x, *weights):
+        y = torch.func.functional_call(layer, dict(zip(names, weights)), (x,))
+        return (y * probe).sum() + layer.aux_loss
+
+    weights = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *weights), eps=1e-6, atol=1e-6)
+    assert layer.aux_loss.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks triton only on CUDA")
+def test_auto_runs_float64_on_cuda_on_the_torch_backend():
+    """The kernels take fp32 / bf16 / fp16: auto runs a float64 CUDA input on torch (in
+    float64) rather than refusing it."""
+    layer = make_layer(backend="auto").double().to("cuda")
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = layer(x.to("cuda"))
+    reference = copy.deepcopy(layer).cpu()
+    reference.backend = "reference"
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y.cpu(), reference(x), rtol=1e-12, atol=1e-12)
