@@ -58,7 +58,7 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool,
             raise RunFolderError(f"run folder {run_dir} is a file, not a folder")
         if overwrite and init_from is not None:
             source = Path(init_from).resolve()
-            if run_dir.resolve() in (source, source.parent):
+            if run_dir.resolve() == (source if source.is_dir() else source.parent):
                 raise RunFolderError(f"--overwrite would remove the run in {run_dir} that "
                                      f"--init-from {init_from} starts from; choose another "
                                      f"--run-dir")
@@ -125,8 +125,8 @@ def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool,
     again under the lock (another process may have started a run there meanwhile), and with
     ``overwrite`` remove the earlier run's files (RUN_FILES; any others stay). Returns the
     held :class:`RunFolderLock`, to release when the run ends. Raises RunFolderError, or
-    NotWritableError if the folder cannot be written; nothing is written for a refused run
-    except the lock files in a folder that did not exist."""
+    NotWritableError if the folder cannot be written. A refused run writes nothing, except
+    the lock file when another process started a run in the folder meanwhile."""
     check_run_folder(run_dir, resume, overwrite, init_from)
     lock = RunFolderLock(run_dir).acquire()
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from hymoerec import evaluate, reproduce, train
 from hymoerec.run_folder import (HOLDER_FILE, LOCK_FILE, RunFolderError, RunFolderLock,
-                                 replaced_atomically, write_json)
+                                 check_run_folder, replaced_atomically, write_json)
 from test_cli_errors import user_error
 from train_cases import TINY, keep_thread_count, run  # noqa: F401 (fixture)
 
@@ -55,6 +55,14 @@ def test_overwrite_of_the_run_init_from_starts_from_is_refused(tmp_path, source,
                      capsys)
     assert "--overwrite would remove the run" in err and "--init-from" in err
     assert folder_bytes(tmp_path / "a") == before
+
+
+def test_overwrite_of_the_folder_above_the_init_from_run_is_not_refused(tmp_path):
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "best.pt").write_bytes(b"")
+    check_run_folder(tmp_path / "runs", False, True, tmp_path / "runs" / "a")
+    with pytest.raises(RunFolderError, match="--overwrite would remove the run"):
+        check_run_folder(tmp_path / "runs" / "a", False, True, tmp_path / "runs" / "a" / "best.pt")
 
 
 def test_init_from_is_read_before_an_overwrite_clears_the_run_folder(tmp_path, capsys):
