@@ -638,6 +638,17 @@ USER_ERRORS = (CheckpointError, DataFormatError, RunFolderError,
                distributed.DistributedError)  # distributed
 
 
+def interrupted(trainer: Trainer | None) -> str:
+    """Ctrl-C's one line: where the run stopped and how to go on from there."""
+    if trainer is None:
+        return "interrupted before training began"
+    if not trainer.last_path.is_file():
+        return (f"interrupted before the first epoch was saved; nothing to resume in "
+                f"{trainer.run_dir} (start again with --overwrite)")
+    return (f"interrupted after {trainer.epoch} finished epoch(s); --resume --run-dir "
+            f"{trainer.run_dir} goes on from the last one saved in {trainer.last_path}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     trainer = None
@@ -648,6 +659,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise fail(str(err), 1) from None
     except USER_ERRORS as err:
         raise fail(str(err), 2) from None
+    except KeyboardInterrupt:
+        raise fail(interrupted(trainer), 130) from None
     finally:
         if trainer is not None:
             trainer.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hymoerec import evaluate, reproduce, train
+from hymoerec.checkpoint import load_checkpoint
 from hymoerec.run_folder import (HOLDER_FILE, LOCK_FILE, RunFolderError, RunFolderLock,
                                  check_run_folder, replaced_atomically, write_json)
 from test_cli_errors import user_error
@@ -113,6 +114,21 @@ def test_two_runs_started_together_in_one_folder_give_one_run(tmp_path):
     assert "in use by process" in refused or "already holds a run" in refused
     log = [json.loads(line)["epoch"] for line in (folder / "log.jsonl").open()]
     assert log == [1, 2, 3]
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume_and_resume_goes_on(tmp_path, capsys):
+    folder = tmp_path / "s"
+    first = train_process(folder, "--epochs", "100000", "--patience", "100000",
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_first_epoch(folder, first)
+    first.send_signal(signal.SIGINT)
+    err = first.communicate(timeout=600)[1]
+    assert first.returncode == 130 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"--resume --run-dir {folder} goes on from the last one saved in" in err
+    saved = load_checkpoint(folder / "last.pt", ("epoch",))["epoch"]
+    summary = train.main(["--resume", "--run-dir", str(folder), "--epochs", str(saved + 1)])
+    assert summary["epochs_run"] == saved + 1
 
 
 def test_the_lock_is_given_back_when_a_run_ends_or_fails(tmp_path, capsys):
