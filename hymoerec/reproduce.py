@@ -498,6 +498,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 "is_hymoerec": entry.is_hymoerec, "runs": runs,
                                 "ndcg10_per_user": np.mean(ndcg, axis=0)}
 
+    if not results:
+        parser.error(f"--no-train: no run in {run_root} has a summary.json, so there is no "
+                     f"table to make")
     tests = significance_tests(results)
     raw = {label: {k: v for k, v in r.items() if k != "ndcg10_per_user"} for label, r in results.items()}
     report = {"command": ["python", "-m", "hymoerec.reproduce"]
