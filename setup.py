@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "filelock",      # the run folder's lock (hymoerec.run_folder)
         "numpy",
         "pyarrow>=14",   # the columnar readers (hymoerec.readers)
         "tqdm",

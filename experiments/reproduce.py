@@ -41,7 +41,9 @@ from hymoerec.data import leave_one_out
 from hymoerec.evaluate import Recommender
 from hymoerec.metrics import ndcg_gains, rank_metrics, rank_targets
 from hymoerec.options import add_data_arguments, data_flags, parse_args
-from hymoerec.run_folder import LAST_CHECKPOINT, LOG_FILE, SUMMARY_FILE, read_log
+from hymoerec.atomic_write import replaced_atomically, write_text_atomically
+from hymoerec.run_folder import (LAST_CHECKPOINT, LOG_FILE, SUMMARY_FILE, RunFolderError,
+                                 check_output_path, read_log)
 from hymoerec.settings import load_data
 
 METRICS = ("HR@5", "HR@10", "NDCG@5", "NDCG@10")
@@ -376,7 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     opts, passthrough = parser.parse_known_args(argv)
     if opts.render:
-        return render_saved(Path(opts.render), Path(opts.out) if opts.out else None)
+        out = Path(opts.out) if opts.out else Path(opts.render).with_suffix(".md")
+        check_outputs(parser, [out], [opts.render])
+        return render_saved(Path(opts.render), out)
     if opts.seeds < 1:
         parser.error("--seeds must be >= 1")
     if opts.dataset == "synthetic" and not opts.data_file and opts.synthetic_seed is None:
@@ -387,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     paper_key = paper_dataset(opts)
     run_root = Path(opts.run_root or Path("runs") / f"reproduce-{data_name}")
     out = Path(opts.out) if opts.out else run_root / "table.md"
+    check_outputs(parser, [out, out.with_suffix(".json"), ranks_path(out.with_suffix(".json"))],
+                  [opts.keep_runs] if opts.keep_runs else [])
     entries = [e for e in ENTRIES if not opts.models or e.label in opts.models or e.model in opts.models]
 
     data = load_data(train_args)
@@ -435,6 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 "is_hymoerec": entry.is_hymoerec, "runs": runs,
                                 "ndcg10_per_user": np.mean(ndcg, axis=0)}
 
+    if not results:
+        parser.error(f"--no-train: no run in {run_root} has a {SUMMARY_FILE}, so there is no "
+                     f"table to make")
     tests = significance_tests(results)
     raw = {label: {k: v for k, v in r.items() if k != "ndcg10_per_user"} for label, r in results.items()}
     report = {"command": ["python", "-m", "experiments.reproduce"]
@@ -442,22 +451,30 @@ def main(argv: list[str] | None = None) -> dict:
               "data": data.describe(), "results": raw, "significance": tests,
               "independent_reference": INDEPENDENT.get(paper_key or "", {})}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    np.savez_compressed(ranks_path(out.with_suffix(".json")),
-                        **{name: r.astype(np.int32) for name, r in ranks_by_run.items()})
+    write_text_atomically(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    with replaced_atomically(ranks_path(out.with_suffix(".json"))) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **{name: r.astype(np.int32) for name, r in ranks_by_run.items()})
     table = render(report)
-    out.write_text(table)
+    write_text_atomically(out, table)
     print(table)
     print(f"[reproduce] wrote {out} and {out.with_suffix('.json')}")
     return {"results": results, "significance": tests, "table": out}
 
 
-def render_saved(report_path: Path, out: Path | None) -> dict:
-    """``--render``: the Markdown of a saved report, written to ``out`` (default: the .md
-    next to the JSON); nothing is trained."""
+def check_outputs(parser: argparse.ArgumentParser, outputs: list[Path], inputs: list[str]) -> None:
+    """parser.error (exit 2) when an output file would replace a file of a run folder or one
+    of the ``inputs`` this invocation reads (run_folder.check_output_path)."""
+    for path in outputs:
+        try:
+            check_output_path(path, "--out", tuple(inputs))
+        except RunFolderError as err:
+            parser.error(str(err))
+
+
+def render_saved(report_path: Path, out: Path) -> dict:
+    """``--render``: the Markdown of a saved report, written to ``out``; nothing is trained."""
     report = json.loads(report_path.read_text())
-    out = out or report_path.with_suffix(".md")
-    out.write_text(render(report))
+    write_text_atomically(out, render(report))
     print(f"[reproduce] rendered {report_path} to {out}")
     return {"results": report["results"], "significance": report["significance"], "table": out}
 

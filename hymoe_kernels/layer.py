@@ -19,7 +19,7 @@ from .backend import BACKENDS, Backend, resolve
 from .config import HYMOE_DEFAULTS
 from .hymoe_op.reference import hymoe_reference
 from .hymoe_op.torch_backend import hymoe_torch
-from .weights import HyMoEWeights
+from .weights import KERNEL_DTYPES, HyMoEWeights
 
 EXPERT_INITS = ("copy", "drop", "random")
 
@@ -59,7 +59,8 @@ class HyMoEFFN(nn.Module):
         lb_weight: lambda_lb of the load-balance term sum_e gbar_e log gbar_e.
         dropout: dropout on the layer's output (training only).
         backend: "triton" (the Triton kernels), "torch" (fast PyTorch), "reference" (the
-            readable spec) or "auto" ("triton" on CUDA tensors, "torch" otherwise).
+            readable spec) or "auto" ("triton" on CUDA tensors of the kernels' dtypes, fp32 /
+            bf16 / fp16; "torch" otherwise, float64 included).
         router_hidden: width of the router's hidden layer (default d_model).
 
     The defaults of num_experts, top_k, warmup_steps and lb_weight are
@@ -72,9 +73,11 @@ class HyMoEFFN(nn.Module):
     outputs, the router statistics, ``aux_loss`` or any gradient; a padded token's output
     is that of a zero token. The layer computes in x's dtype whatever its parameters'
     (an fp32 layer given bf16 input computes in bf16, as under autocast; gradients reach
-    the fp32 parameters through the cast), with the routing math in at least float32.
-    After a training forward, ``aux_loss`` holds the load-balance term (a scalar with
-    grad) to add to the task loss.
+    the fp32 parameters through the cast), with the routing math in x's precision and in
+    at least float32. After a training forward, ``aux_loss`` holds the load-balance term
+    (a scalar with grad) to add to the task loss. The layer can be deep-copied and pickled
+    at any point (EMA, SWA, keep-the-best-model code); a copy holds no ``aux_loss`` (None)
+    until its own training forward.
 
     :meth:`from_dense` builds the layer around a trained dense FFN (sparse upcycling).
     """
@@ -265,7 +268,9 @@ class HyMoEFFN(nn.Module):
         x2 = x.reshape(-1, self.d_model)
         if flat_mask is not None:
             x2 = torch.where(flat_mask.unsqueeze(-1), x2, 0.0)
-        fn = hymoe_function(resolve(self.backend, x2))
+        # auto: the kernels take fp32 / bf16 / fp16; float64 runs (and routes) on torch
+        fn = hymoe_function(resolve(self.backend, x2,
+                                    triton_fits=lambda: x2.dtype in KERNEL_DTYPES))
         ramp = self.ramp()
         y, prob_sum, load = fn(x2, flat_mask, self.weights(), self.alpha_param, ramp, self.top_k)
 
@@ -279,6 +284,12 @@ class HyMoEFFN(nn.Module):
         self._stats = {"alpha": alpha, "gbar": gbar.detach(),
                        "load": load.float() / load.sum().clamp(min=1)}
         return self.dropout(y).to(x.dtype).reshape(x.shape)
+
+    def __getstate__(self) -> dict:
+        """The state copy.deepcopy and pickle take: nn.Module's, with ``aux_loss`` None, as
+        that term holds its forward's autograd graph, which cannot be copied and belongs to
+        the original layer's parameters."""
+        return {**super().__getstate__(), "aux_loss": None}
 
     @torch.no_grad()
     def stats(self) -> dict[str, float | list[float]]:

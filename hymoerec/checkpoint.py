@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic_write import replaced_atomically
+
 FORMAT = "hymoerec-checkpoint-v2"
 UNCHECKED_FORMATS = ("hymoerec-checkpoint-v1",)  # written before digests; loaded unchecked
 
@@ -50,10 +52,8 @@ def state_digest(state) -> str:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write ``state`` (plus a format tag and its digest) to ``path`` via a temp file and
     os.replace, so a crash never leaves a half-written checkpoint behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "sha256": state_digest(state), **state}, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        torch.save({"format": FORMAT, "sha256": state_digest(state), **state}, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model", "config"),

@@ -3,6 +3,7 @@
     python hymoerec/evaluate.py runs/X                     # test metrics of runs/X/best.pt
     python hymoerec/evaluate.py runs/X --exclude-history   # S3-Rec protocol
     python hymoerec/evaluate.py runs/X --recommend 12 40 7 -k 5
+    python hymoerec/evaluate.py runs/X --recommend 12 40 7 --json -   # ["3", "9", ...]
     python hymoerec/evaluate.py runs/X --seen-items        # how much of the top 10 was seen
 
     from hymoerec.evaluate import Recommender
@@ -30,14 +31,9 @@ from hymoerec.data import DataFormatError, Segments, last_items, leave_one_out, 
 from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.options import HelpFormatter, add_device_argument, add_eval_batch_size_argument
-from hymoerec.run_folder import BEST_CHECKPOINT, write_json
+from hymoerec.run_folder import (BEST_CHECKPOINT, RunFolderError, check_output_path,
+                                 checkpoint_path, json_text, write_json)
 from hymoerec.settings import load_data, model_config, pick_device
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or the best checkpoint of a run folder."""
-    path = Path(path)
-    return path / BEST_CHECKPOINT if path.is_dir() else path
 
 
 class Recommender:
@@ -148,15 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
                    help="remove users' earlier items from the ranking (default: as trained)")
     p.add_argument("--recommend", nargs="+", metavar="ITEM",
-                   help="print the top -k items after this history of original item ids")
+                   help="print the top -k items (ids separated by spaces; see --json) after "
+                        "this history of original item ids")
     p.add_argument("-k", type=int, default=10, help="how many items --recommend returns")
     add_device_argument(p)
     add_eval_batch_size_argument(p)
     p.add_argument("--seen-items", action="store_true",
                    help="also report how many of each test user's top -k items (history kept) "
                         "the user has already seen")
-    p.add_argument("--json", help="also write the metrics to this JSON file (its folder must "
-                                  "exist)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the result as JSON to PATH ('-': to stdout, in place of "
+                        "the text): the metrics, or with --recommend one JSON list of the "
+                        "recommended original item ids, best first (unambiguous where ids "
+                        "hold spaces). PATH's folder must exist, and PATH may not be a file of "
+                        "a run or the checkpoint read")
     return p
 
 
@@ -167,32 +168,47 @@ def main(argv: list[str] | None = None) -> dict | list[str]:
         if getattr(args, name) < 1:
             p.error(f"{'-k' if name == 'k' else '--eval-batch-size'} must be >= 1, got "
                     f"{getattr(args, name)}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        p.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
+    if args.json not in (None, "-"):
+        if not Path(args.json).resolve().parent.is_dir():
+            p.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
+        try:
+            check_output_path(args.json, "--json", (checkpoint_path(args.checkpoint),))
+        except RunFolderError as err:
+            p.error(str(err))
     try:
         if args.recommend:
             rec = Recommender.from_checkpoint(args.checkpoint, args.device)
-            items = rec.recommend(args.recommend, args.k, bool(args.exclude_history))
-            print(" ".join(items))
-            return items
-        metrics = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
-                                      args.eval_batch_size, args.k if args.seen_items else None)
+            result = rec.recommend(args.recommend, args.k, bool(args.exclude_history))
+        else:
+            result = evaluate_checkpoint(args.checkpoint, args.exclude_history, args.device,
+                                         args.eval_batch_size, args.k if args.seen_items else None)
     except (CheckpointError, DataFormatError, NonFiniteScoresError, ValueError) as err:
         raise fail(str(err)) from None
+    if args.json == "-":
+        print(json_text(result), end="")
+    elif args.recommend:
+        print(" ".join(result))
+    else:
+        print_metrics(result)
+    if args.json not in (None, "-"):
+        try:
+            write_json(args.json, result)
+        except OSError as err:
+            raise fail(f"--json: cannot write {args.json} ({err.strerror or err})") from None
+    return result
+
+
+def print_metrics(metrics: dict) -> None:
+    """The text of :func:`evaluate_checkpoint`'s metrics: validation, test, and the seen-items
+    line when they hold it."""
     for stage in ("valid", "test"):
         print(f"{stage}:\n{format_metrics(metrics[stage])}")
-    if args.seen_items:
+    if "test_seen_items" in metrics:
         seen = metrics["test_seen_items"]
         print(f"test, history kept: of each user's top {seen['k']}, {seen['seen_in_input']:.2f} "
               f"items on average are in the model's input and {seen['seen_in_history']:.2f} in "
               f"the user's history; the most recent item is ranked first for "
               f"{100 * seen['last_item_first']:.1f}% of users")
-    if args.json:
-        try:
-            write_json(Path(args.json), metrics)
-        except OSError as err:
-            raise fail(f"--json: cannot write {args.json} ({err.strerror or err})") from None
-    return metrics
 
 
 if __name__ == "__main__":

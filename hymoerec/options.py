@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in a --run-dir that already holds files, replacing "
                         "an earlier run's files there")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bar (there is none either when stdout or stderr is "
+                        "not a terminal, e.g. redirected to a file; the per-epoch line is "
+                        "printed always)")
     g = p.add_argument_group("starting from a trained run")
     g.add_argument("--init-from", metavar="RUN_DIR",
                    help="start from this finished run's best checkpoint (same data and "
@@ -194,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         saved = saved or str(Path(args.run_dir) / CONFIG_FILE)
     elif args.init_from:
         source = Path(args.init_from)
+        if not source.exists():
+            parser.error(f"--init-from {args.init_from}: no such run folder or checkpoint")
         saved = saved or str((source if source.is_dir() else source.parent) / CONFIG_FILE)
     config = {}
     if saved:

@@ -28,14 +28,14 @@ from tqdm import tqdm
 from hymoe_kernels.cross_entropy import NonFiniteScoresError
 from hymoerec import distributed
 from hymoerec.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from hymoerec.cli import fail
+from hymoerec.cli import fail, interactive
 from hymoerec.data import (DataFormatError, bucketed_batches, collate_windows, leave_one_out,
                            training_prefixes, training_windows)
 from hymoerec.metrics import evaluate_ranking, format_metrics, head_items
 from hymoerec.models import build_model
 from hymoerec.models.upcycling import upcycle_to_hymoe
 from hymoerec.options import TRANSIENT_SETTINGS, changed_settings, parse_args
-from hymoerec.run_folder import BEST_CHECKPOINT, RunFolder, RunFolderError, git_commit
+from hymoerec.run_folder import RunFolder, RunFolderError, checkpoint_path, git_commit
 from hymoerec.settings import data_defaults, load_data, model_config, pick_device
 
 CHECKPOINT_KEYS = ("model", "config", "item_ids", "optimizer", "epoch", "step", "best_metric",
@@ -54,8 +54,9 @@ def routing_stats(model) -> dict:
 
 
 class Trainer:
-    """Owns data, model, optimizer and the run folder; ``fit()`` trains with early stopping
-    and returns the summary dict (also written to the run folder)."""
+    """Owns data, model, optimizer and the run folder (whose lock it holds from the end of
+    ``__init__`` until ``close()``); ``fit()`` trains with early stopping and returns the
+    summary dict (also written to the run folder)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -67,11 +68,14 @@ class Trainer:
             f"{Path(args.data_file).stem if args.data_file else args.dataset}-{args.model}-"
             f"{args.ffn}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")), "run folder")
         self.folder = RunFolder(run_dir, writes=self.dist.is_main)
-        self.folder.prepare(args.resume, args.overwrite)
+        self.folder.check(args.resume, args.overwrite, args.init_from)
 
         torch.manual_seed(args.seed)
         with self.dist.main_first("loading the data"):  # one download into the shared cache
             self.data = load_data(args)
+        if self.data.n_items < 2:
+            raise DataFormatError(f"{self.data.describe()}: ranking needs at least 2 items "
+                                  f"(with one, every metric is 1.0 whatever the model)")
         for name, value in data_defaults(self.data).items():
             if getattr(args, name) is None:  # not set by a flag, a config or the model's paper
                 setattr(args, name, value)
@@ -102,6 +106,13 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0
         self.commits = [git_commit()]  # code of this process (and of earlier ones on resume)
+        # last, once everything the run reads (the --init-from run too) has been read: lock
+        # the folder for the life of the run and clear it for --overwrite
+        self.folder.prepare(args.resume, args.overwrite, args.init_from)
+
+    def close(self) -> None:
+        """Release the run folder's lock (held from the end of __init__)."""
+        self.folder.close()
 
     # --------------------------------------------------------------------- training
     def fit(self) -> dict:
@@ -173,7 +184,8 @@ class Trainer:
         n_targets = 0
         load_sum = None
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
-                   disable=self.args.no_progress or not self.dist.is_main, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.dist.is_main or not interactive(),
+                   dynamic_ncols=True)
         for batch in bar:
             batch, stand_in = self.dist.share(batch)  # this process's windows of the batch
             inputs, targets = collate_windows([self.windows[i] for i in batch],
@@ -322,7 +334,7 @@ class Trainer:
         upcycled to HyMoE when it is dense and this run's --ffn is hymoe. Raises
         CheckpointError when it was trained on other data, another backbone, or settings
         this run cannot start from."""
-        best = source / BEST_CHECKPOINT if source.is_dir() else source
+        best = checkpoint_path(source)
         state = load_checkpoint(best, ("model", "config", "item_ids", "epoch"))
         if state["item_ids"] != self.data.item_ids:
             raise CheckpointError(f"--init-from {best} was trained on different data (its item "
@@ -358,8 +370,21 @@ class Trainer:
 USER_ERRORS = (CheckpointError, DataFormatError, RunFolderError, distributed.DistributedError)
 
 
+def interrupted(trainer: Trainer | None) -> str:
+    """Ctrl-C's one line: where the run stopped and how to go on from there."""
+    if trainer is None:
+        return "interrupted before training began"
+    folder = trainer.folder
+    if not folder.last_path.is_file():
+        return (f"interrupted before the first epoch was saved; nothing to resume in "
+                f"{folder.path} (start again with --overwrite)")
+    return (f"interrupted after {trainer.epoch} finished epoch(s); --resume --run-dir "
+            f"{folder.path} goes on from the last one saved in {folder.last_path}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    trainer = None
     try:
         trainer = Trainer(args)
         summary = trainer.fit()
@@ -367,7 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise fail(str(err), 1) from None
     except USER_ERRORS as err:
         raise fail(str(err), 2) from None
+    except KeyboardInterrupt:
+        raise fail(interrupted(trainer), 130) from None
     finally:
+        if trainer is not None:
+            trainer.close()
         distributed.shutdown()
     print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}; test metrics "
           f"({'history excluded' if args.exclude_history else 'history kept'}, "

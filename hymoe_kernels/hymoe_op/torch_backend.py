@@ -196,8 +196,9 @@ def hymoe_torch(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_par
                 ramp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """HyMoE forward on a flat batch of tokens; arguments, shapes, dtype rules and returns
     exactly as :func:`.reference.hymoe_reference` (weights cast to x's dtype;
-    y (N, D) in the compute dtype of x, prob_sum (E,) float32, load (E,) int64; padding
-    excluded from prob_sum and load by selection)."""
+    routing math in at least float32; y (N, D) in the compute dtype of x, prob_sum (E,)
+    float32 (float64 for float64 inputs), load (E,) int64; padding excluded from prob_sum
+    and load by selection)."""
     num_tokens = x.shape[0]
     num_experts = weights.expert_w1.shape[0]
     device = x.device
@@ -205,13 +206,14 @@ def hymoe_torch(x: Tensor, mask: Tensor | None, weights: HyMoEWeights, alpha_par
     router_act = F.gelu(torch.addmm(weights.router_b1.to(x.dtype), x,
                                     weights.router_w1.to(x.dtype)))
     compute_dtype = router_act.dtype                   # x's dtype, or autocast's
+    acc_dtype = torch.promote_types(compute_dtype, torch.float32)     # routing math in >= fp32
     # F.linear with a contiguous (E, H) weight: the orientation in which the skinny
     # (N, H) x (H, E) matmuls are fast, forward and backward.
     logits = F.linear(router_act, weights.router_w2.to(compute_dtype).t().contiguous(),
-                      weights.router_b2.to(compute_dtype)).float()
+                      weights.router_b2.to(compute_dtype)).to(acc_dtype)
     top_logits, top_ids = logits.topk(top_k, dim=-1)                  # (N, k)
-    alpha = torch.sigmoid(alpha_param.float()) * ramp
-    slot_scale = top_logits.softmax(dim=-1) * alpha                    # (N, k) float32
+    alpha = torch.sigmoid(alpha_param.to(acc_dtype)) * ramp
+    slot_scale = top_logits.softmax(dim=-1) * alpha                    # (N, k) acc_dtype
 
     # Sort the N*k slots by expert: expert e owns rows [ends[e-1], ends[e]).
     flat_ids = top_ids.reshape(-1)

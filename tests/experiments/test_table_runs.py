@@ -3,6 +3,8 @@ run skipped on the next call, and --no-train tabling what it left."""
 import json
 import subprocess
 
+import pytest
+
 from experiments import reproduce
 from study_cases import REPO, write_sequences
 
@@ -25,3 +27,15 @@ def test_slots_train_resume_and_feed_the_table(tmp_path):
                              "--run-root", str(out), "--out", str(tmp_path / "t.md"),
                              "--d-model", "16", "--epochs", "1"])
     assert set(result["results"]) == {"GRU4Rec", "NARM", "SASRec (dense FFN)"}
+
+
+@pytest.mark.parametrize("root", ["empty", "missing"])
+def test_no_train_without_finished_runs_is_one_line(tmp_path, root, capsys):
+    if root == "empty":
+        (tmp_path / root).mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--no-train", "--seeds", "1", "--run-root", str(tmp_path / root)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"no run in {tmp_path / root} has a summary.json" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["empty"] if root == "empty" else [])

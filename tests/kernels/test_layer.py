@@ -1,9 +1,13 @@
 """HyMoEFFN: schedule, statistics, invariances, padding, state, errors, dtypes, torch.compile."""
 import copy
+import io
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from hymoe_kernels import HyMoEFFN
 from kernel_cases import DEVICE
@@ -264,3 +268,76 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.aux_loss, eager.aux_loss, rtol=1e-4, atol=1e-6)
     assert int(layer.step) == 2
+
+
+class TwoLayerModel(nn.Module):
+    """A model holding a HyMoEFFN, as users' models do: embedding -> HyMoE -> linear."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.ffn = HyMoEFFN(16, 32, warmup_steps=0, backend=backend)
+
+    def forward(self, x):
+        return self.head(self.ffn(self.embed(x)))
+
+
+@pytest.mark.parametrize("backward", [True, False])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_deepcopy_pickle_and_swa_after_a_training_forward(backend, backward):
+    """EMA / SWA / keep-the-best code copies the model between training steps: the copy
+    works (with or without the step's backward), equals the original in every parameter and
+    output, is independent of it, and holds no aux_loss until its own training forward,
+    while the original's aux_loss keeps its graph."""
+    model = TwoLayerModel(backend).train()
+    x = torch.randn(4, 5, 8)
+    loss = model(x).square().mean() + model.ffn.aux_loss
+    if backward:
+        loss.backward()
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.ffn.aux_loss is None and model.ffn.aux_loss.grad_fn is not None
+        assert copied.ffn.stats() == model.ffn.stats()
+        for (name, p), q in zip(model.state_dict().items(), copied.state_dict().values()):
+            assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+        torch.testing.assert_close(copied.eval()(x), model.eval()(x), rtol=0, atol=0)
+        model.train()
+        copied.train()(x).sum().backward()
+        assert copied.ffn.aux_loss.grad_fn is not None and int(copied.ffn.step) == 2
+    buffer = io.BytesIO()
+    torch.save(model, buffer)           # whole-model save, as torch.save(model) users do
+    swa = AveragedModel(model)
+    model(x).square().mean().backward()
+    swa.update_parameters(model)
+    torch.testing.assert_close(swa.module.ffn.dense_w1, model.ffn.dense_w1)
+
+
+def test_float64_routes_in_float64_and_passes_gradcheck_on_the_torch_backend():
+    """A float64 input is routed in float64 on the torch backend as on the reference (not
+    in float32), so gradcheck passes through the whole layer, load-balance term included."""
+    torch.manual_seed(3)
+    layer = HyMoEFFN(4, 6, num_experts=3, top_k=2, warmup_steps=0, backend="torch").double()
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def f(x, *weights):
+        y = torch.func.functional_call(layer, dict(zip(names, weights)), (x,))
+        return (y * probe).sum() + layer.aux_loss
+
+    weights = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *weights), eps=1e-6, atol=1e-6)
+    assert layer.aux_loss.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks triton only on CUDA")
+def test_auto_runs_float64_on_cuda_on_the_torch_backend():
+    """The kernels take fp32 / bf16 / fp16: auto runs a float64 CUDA input on torch (in
+    float64) rather than refusing it."""
+    layer = make_layer(backend="auto").double().to("cuda")
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = layer(x.to("cuda"))
+    reference = copy.deepcopy(layer).cpu()
+    reference.backend = "reference"
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y.cpu(), reference(x), rtol=1e-12, atol=1e-12)

@@ -1,7 +1,10 @@
 """Loss / scoring primitives, the SASRec backbone (causality, padding masking) and the registry."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 
 from hymoerec.models import (MODELS, ModelConfig, build_model, full_item_scores,
                              full_softmax_loss, register)
@@ -80,6 +83,19 @@ def test_loss_ignores_padding_targets_and_includes_aux_loss():
     assert aux.item() < 0  # lb * sum gbar log gbar is negative
     _, dense_aux = small_model("dense").train().loss(inputs, targets)
     assert dense_aux.item() == 0
+
+
+def test_a_recommender_is_copied_and_averaged_between_training_steps():
+    """Keep-the-best and SWA copies of a HyMoE recommender work after a training step; the
+    copy scores like the original."""
+    model = small_model("hymoe").train()
+    inputs, targets = torch.tensor([[3, 7, 9, 0]]), torch.tensor([[7, 9, 4, 0]])
+    sum(model.loss(inputs, targets)).backward()
+    best, swa = copy.deepcopy(model), AveragedModel(model)
+    swa.update_parameters(model)
+    want = model.eval().encode(inputs)
+    torch.testing.assert_close(best.eval().encode(inputs), want, rtol=0, atol=0)
+    torch.testing.assert_close(swa.module.eval().encode(inputs), want, rtol=0, atol=0)
 
 
 def test_registry_and_config_validation():
